@@ -1,0 +1,80 @@
+"""Shared base configuration: every field jaxseg reads, with its meaning.
+
+Recipe files (unet.py, fcn.py, ...) start from `get_config()` here and change
+what their recipe needs. Any field can be overridden on the command line:
+`python run.py --config=configs/unet.py --config.batch_size=32`.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # ---- Model: which network and its shape (see jaxseg/models). ----
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'unet'          # 'unet' or 'fcn'.
+  # UNet fields (ignored by other models; a recipe keeps only its model's fields).
+  config.model.base_width = 64        # Channels at the first level; doubled at each down-step.
+  config.model.depth = 4              # Number of down-steps (the paper: 4). Inputs are padded to a multiple of 2**depth.
+  config.model.norm = 'batch'         # 'batch' (cross-replica BatchNorm), 'group' or 'none'.
+  config.model.upsample = 'transpose'  # 'transpose' (2x2 stride-2 up-conv, as the paper) or 'bilinear'.
+
+  # ---- Data (see jaxseg/data/datasets.py for the registry). ----
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'jaxseg_shapes'  # Registered preset ('jaxseg_shapes', 'folder', 'oxford_iiit_pet', ...) or any tfds name.
+  config.dataset.data_dir = placeholder(str)  # tfds data dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.dataset.path = placeholder(str)  # For name='folder': DIR with train/{images,masks}, val/{images,masks}.
+  config.dataset.num_classes = placeholder(int)  # None: the preset's value.
+  config.dataset.class_names = placeholder(tuple)  # None: the preset's names (or class_0, class_1, ...).
+  config.dataset.ignore_label = 255   # Label value that counts in neither loss nor metrics.
+  config.dataset.image_key = placeholder(str)  # tfds feature with the image; None: preset's.
+  config.dataset.label_key = placeholder(str)  # tfds feature with the mask; None: preset's.
+  config.dataset.label_offset = placeholder(int)  # Added to raw mask values (e.g. -1 for 1-based masks); None: preset's.
+  config.dataset.ignore_values = placeholder(tuple)  # Raw mask values mapped to ignore_label; None: preset's.
+  config.dataset.train_split = placeholder(str)  # None: preset's (usually 'train').
+  config.dataset.eval_split = placeholder(str)  # None: preset's (usually 'validation').
+  config.dataset.cache = True         # Keep the encoded dataset in memory after the first epoch (small datasets).
+  config.dataset.shuffle_buffer = 10_000  # Examples in the shuffle buffer (the whole split when it is smaller).
+
+  # ---- Input pipeline and augmentation (tf.data; see jaxseg/data/augment.py). ----
+  config.input = ml_collections.ConfigDict()
+  config.input.crop_size = (64, 64)   # Training crop (H, W); images smaller than it are padded (mask with ignore_label).
+  config.input.eval_size = (96, 96)   # Evaluation images are padded (or shrunk to fit) to this (H, W).
+  config.input.scale_range = (1.0, 1.0)  # Random rescale factor range before cropping; (1, 1) disables it.
+  config.input.hflip = True           # Random horizontal flip.
+  config.input.photometric = False    # Random brightness, contrast, saturation and hue.
+  config.input.prefetch_to_device = 2  # Batches staged on the devices ahead of the step.
+
+  # ---- Loss. ----
+  config.loss = ml_collections.ConfigDict()
+  config.loss.class_weights = placeholder(tuple)  # Per-class weights (K values) for cross-entropy; None: unweighted.
+  config.loss.class_weighting = 'none'  # 'none', or 'median_frequency': weights computed from the training split.
+  config.loss.dice_weight = 0.0       # Weight of the soft-Dice loss added to cross-entropy (0 disables it).
+
+  # ---- Optimiser (see jaxseg/optim.py). ----
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'sgd'       # Only SGD with momentum, as the papers.
+  config.optimizer.learning_rate = 0.05  # Peak learning rate for the global batch.
+  config.optimizer.momentum = 0.9     # SGD momentum (0 disables it).
+  config.optimizer.nesterov = False   # Nesterov momentum.
+  config.optimizer.weight_decay = 1e-4  # L2 on kernels (not biases or norm scales).
+  config.optimizer.schedule = 'cosine'  # 'constant', 'cosine' or 'poly'.
+  config.optimizer.warmup_steps = 100  # Linear warmup from 0 over this many steps.
+  config.optimizer.end_learning_rate = 0.0  # Learning rate at the end of the decay.
+  config.optimizer.poly_power = 0.9   # Exponent of the 'poly' schedule.
+
+  # ---- Training loop. ----
+  config.seed = 0                     # Seeds parameters, data order and augmentation.
+  config.batch_size = 16              # Global batch over all devices of all hosts.
+  config.eval_batch_size = 32         # Global evaluation batch; the last one is padded and masked.
+  config.num_train_steps = 1000       # Length of training.
+  config.log_every_steps = 50         # Progress line, TensorBoard and metrics.jsonl point every N steps.
+  config.eval_every_steps = 500       # Evaluate (and keep the checkpoint if best) every N steps and at the end.
+  config.checkpoint_every_steps = 500  # Save a checkpoint every N steps and at the end.
+  config.keep_checkpoints = 2         # Keep the last K checkpoints (plus the best by validation mean IoU).
+  config.half_precision = False       # Compute in bfloat16 with float32 parameters and loss.
+  config.on_nonfinite_loss = 'stop'   # A NaN/inf loss: 'stop' with an error naming the step, or 'skip' that update.
+
+  return config

@@ -1,0 +1,30 @@
+"""What run.py's flags call: one function per mode, user errors printed without a traceback."""
+
+import os
+import sys
+
+from jaxseg.errors import CheckpointError, ConfigError, DataError
+
+MODES = ['train', 'eval']
+
+
+def default_workdir(config_path: str) -> str:
+  """workdirs/<config file stem>, e.g. configs/unet.py -> workdirs/unet."""
+  stem = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
+  return os.path.join('workdirs', stem)
+
+
+def run(mode: str, config, workdir: str, *, checkpoint: str = 'best') -> None:
+  from jaxseg import distributed  # pylint: disable=g-import-not-at-top
+  from jaxseg import train  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize()
+    if mode == 'train':
+      train.train_and_evaluate(config, workdir)
+    elif mode == 'eval':
+      train.evaluate(config, workdir, checkpoint=checkpoint)
+    else:
+      raise ConfigError(f'--mode={mode!r}; choose one of {MODES}')
+  except (ConfigError, DataError, CheckpointError, train.NonFiniteLossError) as e:
+    print(f'jaxseg: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -1,0 +1,63 @@
+"""Checks on the config and the workdir, done before any expensive work starts."""
+
+import json
+import os
+
+from jaxseg.errors import ConfigError
+
+NONFINITE_POLICIES = ('stop', 'skip')
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the field for values that cannot work (cheap checks, no data access)."""
+  from jaxseg import models  # pylint: disable=g-import-not-at-top
+  if config.model.name not in models.MODELS:
+    raise ConfigError(f'config.model.name={config.model.name!r} is not a known model; choose one of '
+                      f'{sorted(models.MODELS)}')
+  num_classes = config.dataset.get('num_classes')
+  if num_classes is not None and num_classes < 2:
+    raise ConfigError(f'config.dataset.num_classes must be >= 2 (a binary task has 2: background and '
+                      f'foreground), got {num_classes}')
+  for field in ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints'):
+    value = config[field]
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f'config.{field} must be a positive integer, got {value!r}')
+  for field in ('crop_size', 'eval_size'):
+    size = tuple(config.input[field])
+    if len(size) != 2 or any(not isinstance(v, int) or v < 1 for v in size):
+      raise ConfigError(f'config.input.{field} must be (height, width) in pixels, got {size!r}')
+  if config.on_nonfinite_loss not in NONFINITE_POLICIES:
+    raise ConfigError(f'config.on_nonfinite_loss must be one of {NONFINITE_POLICIES}, got '
+                      f'{config.on_nonfinite_loss!r}')
+  if config.loss.class_weighting not in ('none', 'median_frequency'):
+    raise ConfigError(f"config.loss.class_weighting must be 'none' or 'median_frequency', got "
+                      f'{config.loss.class_weighting!r}')
+  if config.optimizer.learning_rate <= 0:
+    raise ConfigError(f'config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}')
+
+
+def check_batch(config, device_count: int, process_count: int) -> None:
+  """The global batches must split evenly over all devices."""
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    if value % device_count:
+      raise ConfigError(f'config.{field}={value} is not divisible by the number of devices ({device_count}); '
+                        f'use a multiple of {device_count}')
+  del process_count  # Devices per process are equal, so divisibility by devices covers processes.
+
+
+def prepare_workdir(workdir: str, config, *, write: bool) -> None:
+  """Creates the workdir, checks it is writable (now, not after an hour of training), saves the config."""
+  if not write:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'the workdir {workdir} cannot be written: {e.strerror or e}') from None
+  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=2))

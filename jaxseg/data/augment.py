@@ -1,0 +1,359 @@
+"""Per-example augmentation for semantic segmentation, written in TensorFlow.
+
+Every function here is graph-mode safe and meant to run inside
+`tf.data.Dataset.map`. Geometric transforms are applied identically to the
+image and its label; photometric ones touch the image only.
+
+All randomness comes from TF *stateless* random ops driven by an explicit
+`seed` tensor of shape [2] (int32 or int64). The output of `train_augment` is
+therefore a pure function of (example, seed): the input pipeline derives the
+seed from (config seed, global example index), which makes training exactly
+reproducible and resumable from any step.
+
+Conventions:
+  * image: float32 [H, W, 3] in [0, 255] (not yet normalised; uint8 is accepted
+    and cast).
+  * label: int32 [H, W] class indices, `ignore_label` marks "don't care"
+    pixels ([H, W, 1] and other integer dtypes are accepted and converted).
+  * H and W may be dynamic.
+"""
+
+from typing import Sequence
+
+import tensorflow as tf
+
+from jaxseg.errors import ConfigError
+
+# ImageNet statistics in 0-255 units (RGB), the same values as mmsegmentation.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# Fixed number of sub-seeds split off the example seed. It never depends on
+# which augmentations are enabled, so turning e.g. photometric distortion on
+# or off does not change the crops and flips a given seed produces.
+_NUM_SUBSEEDS = 8
+(_SEED_SCALE, _SEED_CROP, _SEED_COINS, _SEED_BRIGHTNESS, _SEED_CONTRAST,
+ _SEED_SATURATION, _SEED_HUE, _SEED_RESERVED) = range(_NUM_SUBSEEDS)
+# Indices into the vector of uniform "coins" drawn from _SEED_COINS.
+(_COIN_FLIP, _COIN_BRIGHTNESS, _COIN_CONTRAST_MODE, _COIN_CONTRAST,
+ _COIN_SATURATION, _COIN_HUE) = range(6)
+_NUM_COINS = 6
+
+
+def _check_size(name: str, size: Sequence[int]) -> tuple[int, int]:
+  """Validates a static (height, width) pair of positive ints."""
+  try:
+    h, w = (int(s) for s in size)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(
+        f"{name} must be a (height, width) pair of ints, got {size!r}") from e
+  if h <= 0 or w <= 0 or (h, w) != tuple(size):
+    raise ConfigError(
+        f"{name} must be a (height, width) pair of positive ints, got "
+        f"{size!r}")
+  return h, w
+
+
+def _check_range(name: str, value: Sequence[float], lowest: float) -> tuple[
+    float, float]:
+  """Validates a static (low, high) float range with lowest <= low <= high."""
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(
+        f"{name} must be a (low, high) pair of floats, got {value!r}") from e
+  if not lowest <= lo <= hi:
+    raise ConfigError(
+        f"{name} must satisfy {lowest} <= low <= high, got {value!r}")
+  return lo, hi
+
+
+def _as_image(image) -> tf.Tensor:
+  image = tf.convert_to_tensor(image)
+  if image.dtype != tf.float32:
+    # Plain cast (not convert_image_dtype): keep the 0-255 value range.
+    image = tf.cast(image, tf.float32)
+  return image
+
+
+def _as_label(label) -> tf.Tensor:
+  label = tf.convert_to_tensor(label)
+  # tfds segmentation masks are often [H, W, 1]; the rank is static in
+  # practice, so this is a trace-time decision.
+  if label.shape.rank == 3:
+    label = tf.squeeze(label, axis=-1)
+  if label.dtype != tf.int32:
+    label = tf.cast(label, tf.int32)
+  return label
+
+
+def _as_seed(seed) -> tf.Tensor:
+  # Always split as int64 so that the same seed values give the same
+  # augmentation whether the caller passes int32 or int64.
+  seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+  return tf.ensure_shape(seed, [2])
+
+
+def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tensor:
+  """Normalises an image with per-channel statistics.
+
+  Args:
+    image: [..., 3] image in 0-255 units (any real dtype).
+    mean: per-channel mean, 0-255 units.
+    std: per-channel standard deviation, 0-255 units.
+
+  Returns:
+    float32 tensor `(image - mean) / std`.
+  """
+  image = _as_image(image)
+  mean = tf.constant(mean, tf.float32)
+  std = tf.constant(std, tf.float32)
+  return (image - mean) / std
+
+
+def _pad_bottom_right(image, label, pad_h, pad_w, ignore_label):
+  """Pads image with 0 and label with `ignore_label` at the bottom/right."""
+  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
+  label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=ignore_label)
+  return image, label
+
+
+def pad_to_size(image, label, size: tuple[int, int], *,
+                ignore_label: int = 255):
+  """Pads an evaluation example to exactly `size`.
+
+  Padding goes at the bottom/right, so pixel (0, 0) stays put and predictions
+  can be cropped back with a plain slice. Padded label pixels are
+  `ignore_label`, so they never count towards metrics.
+
+  Args:
+    image: float32 [H, W, 3] in [0, 255].
+    label: int32 [H, W].
+    size: static (height, width) to pad to.
+    ignore_label: label value written into the padding.
+
+  Returns:
+    (image float32 [size_h, size_w, 3], label int32 [size_h, size_w]) with
+    static shapes.
+
+  Raises:
+    tf.errors.InvalidArgumentError: if the image is larger than `size` in
+      either dimension; raised at trace time when the shape is static, else
+      when the op runs.
+  """
+  size_h, size_w = _check_size("size", size)
+  image = _as_image(image)
+  label = _as_label(label)
+  message = (f"pad_to_size: image [height, width] must be <= target size "
+             f"[{size_h}, {size_w}]; resize it first (e.g. resize_to_fit)")
+  static_hw = image.shape[:2]
+  if any(d is not None and d > s for d, s in zip(static_hw, (size_h, size_w))):
+    # Statically too large: tf.pad's shape inference would otherwise fail at
+    # trace time with a bare "Paddings must be non-negative" ValueError.
+    # Raise the same error type the run-time assert raises.
+    raise tf.errors.InvalidArgumentError(
+        None, None, f"{message}; got image shape {image.shape}")
+  hw = tf.shape(image)[:2]
+  check = tf.debugging.assert_less_equal(
+      hw, tf.constant([size_h, size_w], tf.int32), message=message)
+  # Explicit control dependency: without it a tf.data map function could
+  # prune the assert, and tf.pad would fail later with an opaque
+  # "negative paddings" error instead.
+  with tf.control_dependencies([check] if check is not None else []):
+    pad_h = size_h - hw[0]
+    pad_w = size_w - hw[1]
+  image, label = _pad_bottom_right(image, label, pad_h, pad_w, ignore_label)
+  image = tf.ensure_shape(image, [size_h, size_w, 3])
+  label = tf.ensure_shape(label, [size_h, size_w])
+  return image, label
+
+
+def _scaled_hw(hw, scale) -> tf.Tensor:
+  """Rounds hw * scale to int32, with every side at least 1 pixel."""
+  new_hw = tf.round(tf.cast(hw, tf.float32) * scale)
+  return tf.maximum(tf.cast(new_hw, tf.int32), 1)
+
+
+def resize_to_fit(image, size: tuple[int, int]):
+  """Scales an image, aspect ratio kept, to fit inside `size`.
+
+  The image is scaled up or down (like mmseg's keep_ratio Resize) until one
+  side touches `size`. Bilinear without antialiasing, the same as the
+  training-time random scale, so train and eval see the same resampling.
+  The label is NOT resized: scoring happens at the label's own resolution,
+  so predictions must be resized back to the returned original size.
+
+  Args:
+    image: float32 [H, W, 3] in [0, 255].
+    size: static (height, width) bound.
+
+  Returns:
+    (resized image float32 [h', w', 3] with h' <= size_h and w' <= size_w,
+    original [H, W] as an int32 tensor of shape [2]).
+  """
+  size_h, size_w = _check_size("size", size)
+  image = _as_image(image)
+  hw = tf.shape(image)[:2]
+  hw_f = tf.cast(hw, tf.float32)
+  scale = tf.minimum(size_h / hw_f[0], size_w / hw_f[1])
+  # Clamp: float rounding could otherwise overshoot the bound by one pixel.
+  new_hw = tf.minimum(_scaled_hw(hw, scale),
+                      tf.constant([size_h, size_w], tf.int32))
+  resized = tf.image.resize(image, new_hw, method="bilinear")
+  return resized, hw
+
+
+def _random_scale(image, label, seed, lo, hi):
+  """Resizes image (bilinear) and label (nearest) by one U(lo, hi) factor."""
+  scale = tf.random.stateless_uniform([], seed, minval=lo, maxval=hi)
+  new_hw = _scaled_hw(tf.shape(image)[:2], scale)
+  image = tf.image.resize(image, new_hw, method="bilinear")
+  # Nearest-neighbour keeps class indices valid (no blending of ids) and
+  # returns the input dtype (int32).
+  label = tf.image.resize(label[..., None], new_hw, method="nearest")[..., 0]
+  return image, label
+
+
+def _random_crop(image, label, seed, crop_h, crop_w):
+  """Crops the same uniformly random window out of image and label."""
+  hw = tf.shape(image)[:2]
+  # The int op only takes scalar bounds, so draw from [0, 2^31 - 1) and
+  # reduce to 0 .. H - crop_h (inclusive) per axis; the modulo bias is
+  # below 1e-5 for any realistic image size.
+  offset = tf.random.stateless_uniform(
+      [2], seed, minval=0, maxval=tf.int32.max, dtype=tf.int32)
+  offset = offset % (hw - tf.constant([crop_h, crop_w]) + 1)
+  image = tf.slice(image, [offset[0], offset[1], 0], [crop_h, crop_w, 3])
+  label = tf.slice(label, [offset[0], offset[1]], [crop_h, crop_w])
+  return image, label
+
+
+def _maybe(coin, fn, image):
+  """Applies `fn` to `image` when the uniform `coin` is below 0.5."""
+  return tf.cond(coin < 0.5, lambda: fn(image), lambda: image)
+
+
+def _photometric(image, seeds, coins, brightness, contrast, saturation, hue):
+  """mmseg's PhotoMetricDistortion, on a float image in [0, 255].
+
+  Order: brightness, contrast (mode 0), saturation, hue, contrast (mode 1);
+  each transform is applied with probability 0.5 and the image is clipped to
+  [0, 255] after each, as mmseg does. Unlike mmseg, intermediate values are
+  not truncated to uint8 and the hue delta is continuous.
+  """
+  def clip(x):
+    return tf.clip_by_value(x, 0.0, 255.0)
+
+  delta = tf.random.stateless_uniform(
+      [], seeds[_SEED_BRIGHTNESS], minval=-brightness, maxval=brightness)
+  alpha_c = tf.random.stateless_uniform(
+      [], seeds[_SEED_CONTRAST], minval=contrast[0], maxval=contrast[1])
+  alpha_s = tf.random.stateless_uniform(
+      [], seeds[_SEED_SATURATION], minval=saturation[0], maxval=saturation[1])
+  delta_h = tf.random.stateless_uniform(
+      [], seeds[_SEED_HUE], minval=-hue, maxval=hue)
+
+  # mmseg's "contrast" is a plain multiplicative scale of pixel values (cv2
+  # convert with alpha), not tf.image.adjust_contrast's scaling about the
+  # mean; we follow mmseg so hyper-parameters transfer.
+  def apply_contrast(x):
+    return _maybe(coins[_COIN_CONTRAST], lambda y: clip(y * alpha_c), x)
+
+  contrast_first = coins[_COIN_CONTRAST_MODE] < 0.5
+
+  image = _maybe(coins[_COIN_BRIGHTNESS], lambda x: clip(x + delta), image)
+  image = tf.cond(contrast_first, lambda: apply_contrast(image),
+                  lambda: image)
+  # The HSV kernels behind adjust_saturation / adjust_hue are invariant to
+  # the value scale, so they work on [0, 255] floats directly.
+  image = _maybe(coins[_COIN_SATURATION],
+                 lambda x: clip(tf.image.adjust_saturation(x, alpha_s)), image)
+  image = _maybe(coins[_COIN_HUE],
+                 lambda x: clip(tf.image.adjust_hue(x, delta_h)), image)
+  image = tf.cond(contrast_first, lambda: image,
+                  lambda: apply_contrast(image))
+  return image
+
+
+def train_augment(image, label, seed, *, crop_size: tuple[int, int],
+                  scale_range: tuple[float, float] = (1.0, 1.0),
+                  hflip: bool = True, photometric: bool = False,
+                  brightness: float = 32.0,
+                  contrast: tuple[float, float] = (0.5, 1.5),
+                  saturation: tuple[float, float] = (0.5, 1.5),
+                  hue: float = 18.0 / 360.0 * 2,
+                  ignore_label: int = 255):
+  """Training-time augmentation of one example (mmseg-style pipeline).
+
+  Steps, in order:
+    1. random scale by a factor ~ U(scale_range) (image bilinear, label
+       nearest; skipped when the range is (1, 1));
+    2. pad bottom/right to at least `crop_size` (image 0, label
+       `ignore_label`);
+    3. random crop of `crop_size` at a uniform offset (same for both);
+    4. horizontal flip with probability 0.5 when `hflip`;
+    5. photometric distortion of the image when `photometric` (see
+       `_photometric`), clipped back to [0, 255].
+
+  Args:
+    image: float32 [H, W, 3] in [0, 255]; H and W may be dynamic.
+    label: int32 [H, W] class indices.
+    seed: int32/int64 tensor of shape [2]; the output is a pure function of
+      (image, label, seed).
+    crop_size: static (height, width) of the output.
+    scale_range: (low, high) range of the random scale factor.
+    hflip: whether to flip horizontally with probability 0.5.
+    photometric: whether to apply photometric distortion.
+    brightness: maximum absolute brightness delta, 0-255 units.
+    contrast: (low, high) range of the multiplicative contrast factor.
+    saturation: (low, high) range of the saturation factor.
+    hue: maximum absolute hue delta as a fraction of the hue circle; the
+      default 0.1 equals mmseg's hue_delta=18 on OpenCV's 0-180 hue scale.
+    ignore_label: label value used for padding.
+
+  Returns:
+    (image float32 [crop_h, crop_w, 3] in [0, 255], label int32
+    [crop_h, crop_w]) with static shapes.
+
+  Raises:
+    ConfigError: if a static argument is invalid.
+  """
+  crop_h, crop_w = _check_size("crop_size", crop_size)
+  scale_lo, scale_hi = _check_range("scale_range", scale_range, 1e-6)
+  if photometric:
+    contrast = _check_range("contrast", contrast, 0.0)
+    saturation = _check_range("saturation", saturation, 0.0)
+    if brightness < 0 or not 0 <= hue <= 0.5:
+      raise ConfigError(
+          f"brightness must be >= 0 and hue in [0, 0.5], got "
+          f"brightness={brightness!r}, hue={hue!r}")
+
+  image = _as_image(image)
+  label = _as_label(label)
+  seeds = tf.random.experimental.stateless_split(_as_seed(seed),
+                                                 num=_NUM_SUBSEEDS)
+  coins = tf.random.stateless_uniform([_NUM_COINS], seeds[_SEED_COINS])
+
+  if (scale_lo, scale_hi) != (1.0, 1.0):
+    image, label = _random_scale(image, label, seeds[_SEED_SCALE], scale_lo,
+                                 scale_hi)
+
+  hw = tf.shape(image)[:2]
+  pad_h = tf.maximum(crop_h - hw[0], 0)
+  pad_w = tf.maximum(crop_w - hw[1], 0)
+  image, label = _pad_bottom_right(image, label, pad_h, pad_w, ignore_label)
+
+  image, label = _random_crop(image, label, seeds[_SEED_CROP], crop_h, crop_w)
+
+  if hflip:
+    flip = coins[_COIN_FLIP] < 0.5
+    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    label = tf.cond(flip, lambda: tf.reverse(label, axis=[1]), lambda: label)
+
+  if photometric:
+    image = _photometric(image, seeds, coins, brightness, contrast,
+                         saturation, hue)
+
+  image = tf.ensure_shape(image, [crop_h, crop_w, 3])
+  label = tf.ensure_shape(label, [crop_h, crop_w])
+  return image, label

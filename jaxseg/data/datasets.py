@@ -1,0 +1,144 @@
+"""Dataset registry: `config.dataset` -> a resolved DatasetSpec and a prepared tfds builder.
+
+Every dataset reaches the pipeline as a tfds builder whose examples hold an
+encoded image and an encoded mask. A preset gives a dataset's defaults (which
+features, how mask values map to classes, class names); any field set in
+`config.dataset` overrides them, and a tfds name with no preset works when
+the config names its features and classes.
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import tensorflow_datasets as tfds
+
+from jaxseg.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """A dataset as the pipeline sees it. Mask value v becomes class v + label_offset."""
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  ignore_label: int
+  image_key: str
+  label_key: str
+  label_offset: int
+  ignore_values: tuple[int, ...]  # Raw mask values that become ignore_label.
+  train_split: str
+  eval_split: str
+  # Builds the prepared builder; set by the preset (catalog datasets use tfds.builder).
+  open_builder: Callable[['DatasetSpec', Any], tfds.core.DatasetBuilder] = dataclasses.field(repr=False,
+                                                                                             compare=False,
+                                                                                             default=None)
+
+
+def _data_dir(dataset_config) -> Optional[str]:
+  return dataset_config.get('data_dir') or os.environ.get('TFDS_DATA_DIR') or None
+
+
+def _open_catalog(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
+  """A tfds catalog dataset: prepared already, or downloaded and prepared now (needs the network)."""
+  try:
+    builder = tfds.builder(spec.name, data_dir=_data_dir(dataset_config))
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ConfigError(f'config.dataset.name={spec.name!r} is neither a jaxseg preset ({sorted(PRESETS)}) '
+                      f'nor a tfds dataset: {e}') from None
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # Network, manual-download and disk errors all land here.
+      raise DataError(f'tfds dataset {spec.name!r} is not prepared in {builder.data_dir} and preparing it failed: '
+                      f'{type(e).__name__}: {e}\nPrepare it first, e.g. `tfds build {spec.name} '
+                      f'--data_dir=DIR` (see README: Datasets).') from e
+  return builder
+
+
+def _open_shapes(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
+  from jaxseg.data import shapes  # pylint: disable=g-import-not-at-top  # Registers the builder.
+  del shapes
+  builder = tfds.builder('jaxseg_shapes', data_dir=_data_dir(dataset_config))
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  return builder
+
+
+def _open_folder(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
+  from jaxseg.data import folder  # pylint: disable=g-import-not-at-top
+  if not dataset_config.get('path'):
+    raise ConfigError("config.dataset.name='folder' needs config.dataset.path=DIR "
+                      '(DIR holds train/images, train/masks, val/images, val/masks)')
+  data_dir = _data_dir(dataset_config) or os.path.expanduser('~/tensorflow_datasets')
+  return folder.prepare_folder_dataset(dataset_config.path, num_classes=spec.num_classes, data_dir=data_dir,
+                                       ignore_label=spec.ignore_label)
+
+
+# Defaults per dataset; every key may be overridden by the config field of the same name.
+PRESETS: dict[str, dict[str, Any]] = {
+    'jaxseg_shapes': dict(
+        num_classes=4, class_names=('background', 'disc', 'square', 'triangle'),
+        image_key='image', label_key='segmentation_mask', label_offset=0, ignore_values=(),
+        train_split='train', eval_split='validation', open_builder=_open_shapes),
+    'folder': dict(
+        num_classes=None, class_names=None,
+        image_key='image', label_key='segmentation_mask', label_offset=0, ignore_values=(),
+        train_split='train', eval_split='validation', open_builder=_open_folder),
+}
+
+
+def register_dataset(name: str, **preset) -> None:
+  """Adds a preset so that `config.dataset.name = name` resolves with these defaults."""
+  PRESETS[name] = preset
+
+
+def resolve_spec(dataset_config) -> DatasetSpec:
+  """Merges the preset named by `dataset_config.name` with the fields set in the config, and checks them."""
+  name = dataset_config.name
+  preset = dict(PRESETS.get(name, dict(
+      num_classes=None, class_names=None, image_key='image', label_key='segmentation_mask', label_offset=0,
+      ignore_values=(), train_split='train', eval_split='validation', open_builder=_open_catalog)))
+  for key in ('num_classes', 'class_names', 'image_key', 'label_key', 'label_offset', 'ignore_values',
+              'train_split', 'eval_split'):
+    value = dataset_config.get(key)
+    if value is not None:
+      preset[key] = value
+  num_classes = preset['num_classes']
+  if num_classes is None:
+    raise ConfigError(f'config.dataset.num_classes must be set for dataset {name!r}')
+  if not isinstance(num_classes, int) or num_classes < 2:
+    raise ConfigError(f'config.dataset.num_classes must be an integer >= 2 (a binary task has 2: background '
+                      f'and foreground), got {num_classes!r}')
+  ignore_label = dataset_config.get('ignore_label', 255)
+  if not 0 <= ignore_label <= 255 or ignore_label < num_classes:
+    raise ConfigError(f'config.dataset.ignore_label must be in [num_classes, 255] = [{num_classes}, 255] '
+                      f'(labels travel as uint8), got {ignore_label}')
+  class_names = preset['class_names']
+  if class_names is None:
+    class_names = tuple(f'class_{i}' for i in range(num_classes))
+  if len(class_names) != num_classes:
+    raise ConfigError(f'config.dataset.class_names has {len(class_names)} names but num_classes is {num_classes}')
+  return DatasetSpec(name=name, num_classes=num_classes, class_names=tuple(class_names), ignore_label=ignore_label,
+                     image_key=preset['image_key'], label_key=preset['label_key'],
+                     label_offset=int(preset['label_offset']), ignore_values=tuple(preset['ignore_values']),
+                     train_split=preset['train_split'], eval_split=preset['eval_split'],
+                     open_builder=preset['open_builder'])
+
+
+def open_dataset(dataset_config) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
+  """Resolves the spec and returns it with its prepared builder, checking the splits exist and are not empty."""
+  spec = resolve_spec(dataset_config)
+  builder = spec.open_builder(spec, dataset_config)
+  features = builder.info.features
+  for key, field in ((spec.image_key, 'image_key'), (spec.label_key, 'label_key')):
+    if key not in features:
+      raise ConfigError(f'config.dataset.{field}={key!r} is not a feature of {spec.name!r}; it has {list(features)}')
+  for split, field in ((spec.train_split, 'train_split'), (spec.eval_split, 'eval_split')):
+    try:
+      n = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+      raise ConfigError(f'config.dataset.{field}={split!r} is not a split of {spec.name!r}: {e}') from None
+    if n == 0:
+      raise DataError(f'split {split!r} of dataset {spec.name!r} ({builder.data_dir}) is empty')
+  return spec, builder

@@ -1,0 +1,630 @@
+"""Users' own image folders as a prepared tfds dataset.
+
+A folder dataset is a directory laid out as::
+
+  DIR/train/images/*.{png,jpg,jpeg}   DIR/train/masks/*.png
+  DIR/val/images/*.{png,jpg,jpeg}     DIR/val/masks/*.png
+
+Each mask has the same file stem as its image and holds one class index per
+pixel (`ignore_label`, 255 by default, marks pixels to ignore). The folder is
+validated completely, then written once into a tfds dataset under `data_dir`
+whose config name is a fingerprint of the folder's contents, so an unchanged
+folder is reused and a changed one is prepared again.
+
+Typical use::
+
+  builder = prepare_folder_dataset(DIR, num_classes=5, data_dir=TFDS_DIR)
+  ds = builder.as_dataset(split='train')  # or 'validation'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+from etils import epath
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+import tqdm
+
+from jaxseg.errors import ConfigError
+from jaxseg.errors import DataError
+
+_log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+MASK_EXTENSION = '.png'
+
+# tfds split name -> folder name on disk.
+SPLIT_DIRS = {'train': 'train', 'validation': 'val'}
+
+
+class Pair(NamedTuple):
+  """One validated (image, mask) pair of a folder dataset."""
+
+  image: str  # Absolute path of the image.
+  mask: str  # Absolute path of the mask.
+  file_name: str  # Image path relative to the dataset folder, '/'-separated.
+
+
+# ---------------------------------------------------------------------------
+# Reading single files (shared with inference code).
+# ---------------------------------------------------------------------------
+
+
+def _open_loaded(path: str, what: str) -> Image.Image:
+  """Opens and fully decodes an image file, raising DataError if it fails.
+
+  `.load()` is what decodes the pixel data; calling it here is what catches
+  truncated files (PIL's `open` only parses the header).
+  """
+  try:
+    img = Image.open(path)
+    img.load()
+  except FileNotFoundError as e:
+    raise DataError(f'{what} file {path} does not exist.') from e
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL reports corruption with OSError, SyntaxError, ValueError, zlib and
+    # struct errors, depending on where the file breaks.
+    raise DataError(
+        f'{what} file {path} is unreadable or corrupt '
+        f'({type(e).__name__}: {e}).'
+    ) from e
+  return img
+
+
+def _sixteen_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
+  """Scales 16-bit (or 32-bit int) gray pixel values to uint8 by range."""
+  arr = arr.astype(np.int64)
+  # 16-bit PNGs load as 'I;16' or 'I'; scale 0..65535 to 0..255. Data in
+  # 0..255 stored as 16-bit is unlikely enough not to special-case.
+  arr = np.clip(arr, 0, 65535)
+  return ((arr * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads an image file as an RGB uint8 array.
+
+  Grayscale, gray+alpha, RGBA, palette, CMYK and 16-bit images are converted
+  to RGB; alpha is dropped (not composited). EXIF orientation is not applied,
+  so the pixels stay aligned with a mask drawn on the stored pixel grid.
+
+  Args:
+    path: Path of a png/jpg (or any PIL-readable) image.
+
+  Returns:
+    Array of shape (height, width, 3) and dtype uint8.
+
+  Raises:
+    DataError: The file is missing, unreadable or corrupt; names the file.
+  """
+  img = _open_loaded(path, 'Image')
+  if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'):
+    gray = _sixteen_bit_to_uint8(np.asarray(img))
+    return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
+  if img.mode == 'F':
+    raise DataError(
+        f'Image file {path} has floating-point pixels (mode F); save it as an '
+        '8-bit RGB or grayscale png/jpg.'
+    )
+  if img.mode != 'RGB':
+    try:
+      img = img.convert('RGB')
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(
+          f'Image file {path} has mode {img.mode}, which cannot be converted '
+          f'to RGB ({e}).'
+      ) from e
+  return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def read_mask(path: str) -> np.ndarray:
+  """Reads a segmentation mask as a 2-D uint8 array of class indices.
+
+  Palette ("P") masks are read as their palette indices, not their colours;
+  grayscale ("L") masks as their values. A mask whose three colour channels
+  are identical is read as its first channel; an RGB colour mask (differing
+  channels) is an error, since masks must hold class indices.
+
+  Args:
+    path: Path of the mask (a png for folder datasets).
+
+  Returns:
+    Array of shape (height, width) and dtype uint8.
+
+  Raises:
+    DataError: The file is missing, corrupt, a colour mask, or holds values
+      outside 0..255; the message names the file.
+  """
+  img = _open_loaded(path, 'Mask')
+  mode = img.mode
+  if mode in ('P', 'L', '1'):
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+  if mode in ('PA', 'LA'):
+    # The alpha channel carries no class information.
+    return np.ascontiguousarray(np.asarray(img)[..., 0].astype(np.uint8))
+  if mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'):
+    arr = np.asarray(img).astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+      bad = np.unique(arr[(arr < 0) | (arr > 255)])[:10].tolist()
+      raise DataError(
+          f'Mask file {path} is a {mode} image with values {bad} outside '
+          '0..255; mask pixels must be class indices (255 = ignore).'
+      )
+    return np.ascontiguousarray(arr.astype(np.uint8))
+  if mode in ('RGB', 'RGBA'):
+    arr = np.asarray(img)[..., :3]
+    if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(
+        arr[..., 0], arr[..., 2]
+    ):
+      return np.ascontiguousarray(arr[..., 0].astype(np.uint8))
+    raise DataError(
+        f'Mask file {path} is an {mode} colour image with differing '
+        'channels. Masks must hold class indices: one value per pixel '
+        '(0..num_classes-1, 255 = ignore), saved as a single-channel (L) or '
+        'palette (P) png. Convert colour-coded masks to index masks first.'
+    )
+  raise DataError(
+      f'Mask file {path} has unsupported mode {mode}; save it as a '
+      'single-channel (L) or palette (P) png of class indices.'
+  )
+
+
+# ---------------------------------------------------------------------------
+# Folder checks and fingerprint.
+# ---------------------------------------------------------------------------
+
+
+def _check_params(num_classes: int, ignore_label: int) -> None:
+  """Raises ConfigError for out-of-range num_classes / ignore_label."""
+  if (
+      isinstance(num_classes, bool)
+      or not isinstance(num_classes, (int, np.integer))
+      or not 2 <= num_classes <= 255
+  ):
+    raise ConfigError(
+        f'dataset.num_classes={num_classes!r} must be an integer in 2..255 '
+        '(masks are uint8 and 255 is reserved for ignore).'
+    )
+  if (
+      isinstance(ignore_label, bool)
+      or not isinstance(ignore_label, (int, np.integer))
+      or not 0 <= ignore_label <= 255
+  ):
+    raise ConfigError(
+        f'dataset.ignore_label={ignore_label!r} must be an integer in 0..255.'
+    )
+  if ignore_label < num_classes:
+    # Otherwise a class index would silently be ignored.
+    raise ConfigError(
+        f'dataset.ignore_label={ignore_label} must be >= '
+        f'dataset.num_classes={num_classes}; it would collide with a class '
+        'index.'
+    )
+
+
+def _check_layout(path: str) -> str:
+  """Checks the folder and its four subfolders exist; returns its abspath."""
+  root = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not os.path.isdir(root):
+    what = 'is not a directory' if os.path.exists(root) else 'does not exist'
+    raise DataError(f'Dataset folder {root} {what} (dataset.path).')
+  for split_dir in SPLIT_DIRS.values():
+    for sub in ('images', 'masks'):
+      sub_path = os.path.join(root, split_dir, sub)
+      if not os.path.isdir(sub_path):
+        raise DataError(
+            f'Dataset folder {root} is missing the required subfolder '
+            f'{sub_path}; expected train/images, train/masks, val/images '
+            'and val/masks.'
+        )
+  return root
+
+
+def folder_fingerprint(path: str, num_classes: int, ignore_label: int) -> str:
+  """Fingerprints a folder dataset's contents and label settings.
+
+  The fingerprint is a sha1 over the sorted relative paths, sizes and
+  modification times (ns) of all files under `train/` and `val/`, plus
+  `num_classes` and `ignore_label`. It changes when any file is added,
+  removed, resized or touched, which makes it a cheap cache key (no file is
+  read).
+
+  Args:
+    path: The dataset folder.
+    num_classes: Number of classes.
+    ignore_label: Mask value meaning "ignore".
+
+  Returns:
+    40 hex characters.
+
+  Raises:
+    DataError: The folder does not exist.
+  """
+  root = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not os.path.isdir(root):
+    raise DataError(f'Dataset folder {root} does not exist (dataset.path).')
+  entries = []
+  for split_dir in sorted(SPLIT_DIRS.values()):
+    top = os.path.join(root, split_dir)
+    for dirpath, dirnames, filenames in os.walk(top):
+      dirnames.sort()
+      for name in filenames:
+        full = os.path.join(dirpath, name)
+        try:
+          st = os.stat(full)
+        except OSError:
+          continue  # Dangling symlink; validation reports it if it matters.
+        rel = os.path.relpath(full, root).replace(os.sep, '/')
+        entries.append((rel, st.st_size, st.st_mtime_ns))
+  h = hashlib.sha1()
+  h.update(f'num_classes={int(num_classes)}\n'.encode())
+  h.update(f'ignore_label={int(ignore_label)}\n'.encode())
+  for rel, size, mtime in sorted(entries):
+    h.update(f'{rel}\0{size}\0{mtime}\n'.encode('utf-8', 'surrogateescape'))
+  return h.hexdigest()
+
+
+def _list_files(folder: str) -> List[str]:
+  """Names of the regular, non-hidden files in `folder`, sorted."""
+  return sorted(
+      n
+      for n in os.listdir(folder)
+      if not n.startswith('.') and os.path.isfile(os.path.join(folder, n))
+  )
+
+
+def _match_split(root: str, split_dir: str) -> List[Tuple[str, str]]:
+  """Pairs images with masks by file stem for one split folder.
+
+  Returns:
+    Sorted (image path, mask path) tuples.
+
+  Raises:
+    DataError: No images, duplicate stems, or an image without a mask.
+  """
+  images_dir = os.path.join(root, split_dir, 'images')
+  masks_dir = os.path.join(root, split_dir, 'masks')
+
+  images: Dict[str, str] = {}
+  skipped = []
+  for name in _list_files(images_dir):
+    stem, ext = os.path.splitext(name)
+    if ext.lower() not in IMAGE_EXTENSIONS:
+      skipped.append(name)
+      continue
+    if stem in images:
+      raise DataError(
+          f'Images {os.path.join(images_dir, images[stem])} and '
+          f'{os.path.join(images_dir, name)} share the stem {stem!r}, so '
+          'their mask would be ambiguous; rename one.'
+      )
+    images[stem] = name
+  if skipped:
+    _log.warning(
+        'Ignoring %d file(s) in %s that are not png/jpg/jpeg: %s',
+        len(skipped), images_dir, ', '.join(skipped[:5]),
+    )
+  if not images:
+    raise DataError(
+        f'Split folder {images_dir} holds no images (png, jpg or jpeg); '
+        'every split needs at least one image.'
+    )
+
+  masks: Dict[str, str] = {}
+  other_masks: Dict[str, str] = {}  # Same stem, not a png: a likely mistake.
+  for name in _list_files(masks_dir):
+    stem, ext = os.path.splitext(name)
+    if ext.lower() == MASK_EXTENSION:
+      masks[stem] = name
+    else:
+      other_masks[stem] = name
+
+  pairs = []
+  for stem, name in sorted(images.items()):
+    image_path = os.path.join(images_dir, name)
+    if stem not in masks:
+      expected = os.path.join(masks_dir, stem + MASK_EXTENSION)
+      hint = ''
+      if stem in other_masks:
+        hint = (
+            f' Found {os.path.join(masks_dir, other_masks[stem])}, but masks '
+            'must be png (lossless).'
+        )
+      raise DataError(
+          f'Image {image_path} has no mask: expected {expected}.{hint}'
+      )
+    pairs.append((image_path, os.path.join(masks_dir, masks[stem])))
+
+  orphans = sorted(set(masks) - set(images))
+  if orphans:
+    _log.warning(
+        'Ignoring %d mask(s) in %s without an image of the same stem: %s',
+        len(orphans), masks_dir,
+        ', '.join(masks[s] for s in orphans[:5]),
+    )
+  return pairs
+
+
+def _image_size(path: str) -> Tuple[int, int]:
+  """Decodes an image fully (to catch corruption); returns (width, height)."""
+  img = _open_loaded(path, 'Image')
+  size = img.size
+  img.close()
+  return size
+
+
+def _check_pair(
+    image_path: str,
+    mask_path: str,
+    num_classes: int,
+    ignore_label: int,
+    image_size: Optional[Tuple[int, int]] = None,
+    mask: Optional[np.ndarray] = None,
+) -> None:
+  """Checks one pair's sizes and mask values; raises DataError if wrong."""
+  if image_size is None:
+    image_size = _image_size(image_path)
+  if mask is None:
+    mask = read_mask(mask_path)
+  w, h = image_size
+  if mask.shape != (h, w):
+    raise DataError(
+        f'Image {image_path} is {w}x{h} (width x height) but its mask '
+        f'{mask_path} is {mask.shape[1]}x{mask.shape[0]}; they must be the '
+        'same size.'
+    )
+  values = np.unique(mask)
+  bad = values[(values >= num_classes) & (values != ignore_label)]
+  if bad.size:
+    shown = bad[:10].tolist()
+    more = f' (and {bad.size - 10} more)' if bad.size > 10 else ''
+    raise DataError(
+        f'Mask {mask_path} has values {shown}{more} that are >= '
+        f'dataset.num_classes={num_classes}. Mask pixels must be class '
+        f'indices 0..{num_classes - 1}, and {ignore_label} means ignore.'
+    )
+
+
+def validate_folder(
+    path: str, *, num_classes: int, ignore_label: int = 255
+) -> Dict[str, List[Pair]]:
+  """Validates every (image, mask) pair of a folder dataset.
+
+  Args:
+    path: The dataset folder.
+    num_classes: Number of classes; mask values must be below it.
+    ignore_label: Mask value meaning "ignore" (allowed in masks).
+
+  Returns:
+    tfds split name ('train', 'validation') -> validated pairs.
+
+  Raises:
+    ConfigError: num_classes or ignore_label is out of range.
+    DataError: The folder or any file in it is bad; names the file.
+  """
+  _check_params(num_classes, ignore_label)
+  root = _check_layout(path)
+  matched = {
+      split: _match_split(root, split_dir)
+      for split, split_dir in SPLIT_DIRS.items()
+  }
+  total = sum(len(p) for p in matched.values())
+  result: Dict[str, List[Pair]] = {}
+  with tqdm.tqdm(
+      total=total, desc=f'Validating {root}', unit='pair', file=sys.stderr
+  ) as bar:
+    for split, pairs in matched.items():
+      result[split] = []
+      for image_path, mask_path in pairs:
+        _check_pair(image_path, mask_path, num_classes, ignore_label)
+        rel = os.path.relpath(image_path, root).replace(os.sep, '/')
+        result[split].append(Pair(image_path, mask_path, rel))
+        bar.update(1)
+  return result
+
+
+# ---------------------------------------------------------------------------
+# The tfds builder.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class FolderConfig(tfds.core.BuilderConfig):
+  """Config of one folder dataset; `name` is the folder's fingerprint.
+
+  Attributes:
+    path: The dataset folder (absolute).
+    num_classes: Number of classes.
+    ignore_label: Mask value meaning "ignore".
+  """
+
+  path: str = ''
+  num_classes: int = 0
+  ignore_label: int = 255
+
+
+class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
+  """A user's image/mask folder, prepared as tfds splits train/validation."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  # tfds 4.9.x's default `code_path` imports `importlib_resources`, which it
+  # only declares as a dependency for Python < 3.9, so preparing a builder
+  # defined outside tfds fails with ModuleNotFoundError. The path is only
+  # used to look for a (nonexistent) checksums file next to this module.
+  code_path = epath.Path(__file__)
+
+  def __init__(self, *args, **kwargs):
+    self._pairs: Optional[Dict[str, List[Pair]]] = None
+    super().__init__(*args, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Built directly (not via dataset_info_from_configs) so no metadata files
+    # are looked up next to this module.
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(
+            'Images and class-index masks from a user folder '
+            '(train/ -> train, val/ -> validation).'
+        ),
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(
+                shape=(None, None, 3), encoding_format='png'
+            ),
+            'segmentation_mask': tfds.features.Image(
+                shape=(None, None, 1), encoding_format='png'
+            ),
+            'file_name': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'segmentation_mask'),
+    )
+
+  def validate(self) -> Dict[str, List[Pair]]:
+    """Validates the folder once per builder and returns its pairs."""
+    if self._pairs is None:
+      cfg = self._folder_config()
+      self._pairs = validate_folder(
+          cfg.path, num_classes=cfg.num_classes, ignore_label=cfg.ignore_label
+      )
+    return self._pairs
+
+  def _folder_config(self) -> FolderConfig:
+    cfg = self.builder_config
+    if not isinstance(cfg, FolderConfig) or not cfg.path:
+      raise ValueError(
+          'JaxsegFolder can only prepare data with a FolderConfig; use '
+          'jaxseg.data.folder.prepare_folder_dataset.'
+      )
+    return cfg
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is local; nothing is downloaded.
+    pairs = self.validate()
+    return {
+        split: self._generate_examples(pairs[split]) for split in SPLIT_DIRS
+    }
+
+  def _generate_examples(self, pairs: List[Pair]) -> Iterator:
+    cfg = self._folder_config()
+    for pair in pairs:
+      # Re-read instead of caching decoded arrays from validation, to keep
+      # memory flat. Files may have changed since validation, so the cheap
+      # checks run again on the decoded arrays.
+      image = read_image(pair.image)
+      mask = read_mask(pair.mask)
+      _check_pair(
+          pair.image, pair.mask, cfg.num_classes, cfg.ignore_label,
+          image_size=(image.shape[1], image.shape[0]), mask=mask,
+      )
+      yield pair.file_name, {
+          'image': image,
+          'segmentation_mask': mask[..., None],
+          'file_name': pair.file_name,
+      }
+
+
+def _is_prepared(builder: JaxsegFolder) -> bool:
+  # Checking the folder first avoids tfds's warning about a missing
+  # dataset_info.json for every folder that is not prepared yet.
+  return os.path.isdir(builder.data_path) and builder.is_prepared()
+
+
+def _remove_empty_dirs(*dirs: str) -> None:
+  for d in dirs:
+    try:
+      os.rmdir(d)  # Only succeeds when empty, so shared folders survive.
+    except OSError:
+      pass
+
+
+def _clean_failed_prepare(builder: JaxsegFolder) -> None:
+  """Removes whatever a failed preparation left for this fingerprint.
+
+  tfds writes into `<config>/incomplete.XXXXXX_<version>/`, renames it on
+  success and deletes it on failure; this also covers a failure of that
+  clean-up, and removes the then-empty config and builder folders.
+  """
+  version_dir = os.fspath(builder.data_path)
+  config_dir = os.path.dirname(version_dir)
+  if os.path.isdir(config_dir):
+    for name in os.listdir(config_dir):
+      if name.startswith('incomplete.') or '.incomplete' in name:
+        shutil.rmtree(os.path.join(config_dir, name), ignore_errors=True)
+  if os.path.isdir(version_dir) and not builder.is_prepared():
+    shutil.rmtree(version_dir, ignore_errors=True)
+  _remove_empty_dirs(config_dir, os.path.dirname(config_dir))
+
+
+def prepare_folder_dataset(
+    path: str,
+    *,
+    num_classes: int,
+    data_dir: str,
+    ignore_label: int = 255,
+) -> tfds.core.DatasetBuilder:
+  """Validates a folder dataset and prepares it (once) as a tfds dataset.
+
+  The prepared data lives under `data_dir/jaxseg_folder/<fingerprint>/1.0.0`.
+  If that exists, it is reused without re-validating (the fingerprint covers
+  every file's size and mtime). Otherwise every pair is validated first, and
+  nothing is written under `data_dir` for this fingerprint unless all pass.
+
+  Args:
+    path: Folder with train/images, train/masks, val/images, val/masks.
+    num_classes: Number of classes (2..255); mask values must be below it.
+    data_dir: tfds data directory to write the prepared dataset to.
+    ignore_label: Mask value meaning "ignore".
+
+  Returns:
+    The prepared builder; read it with `builder.as_dataset(split='train')`
+    or `split='validation'`.
+
+  Raises:
+    ConfigError: num_classes or ignore_label is out of range (a ValueError).
+    DataError: The folder or a file in it is missing or malformed; the
+      message names the file.
+  """
+  _check_params(num_classes, ignore_label)
+  root = _check_layout(path)
+  config = FolderConfig(
+      name=folder_fingerprint(root, num_classes, ignore_label),
+      description=f'Folder dataset {root}',
+      path=root,
+      num_classes=int(num_classes),
+      ignore_label=int(ignore_label),
+  )
+  data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+  builder = JaxsegFolder(config=config, data_dir=data_dir)
+  if _is_prepared(builder):
+    return builder
+
+  builder.validate()  # Raises before anything is written.
+  # tfds creates (empty) download folders although nothing is downloaded.
+  download_dir = os.path.join(data_dir, 'downloads')
+  try:
+    builder.download_and_prepare(
+        download_dir=download_dir,
+        download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False,
+            compute_stats=tfds.download.ComputeStatsMode.SKIP,
+        ),
+    )
+    if not _is_prepared(builder):  # Defensive: tfds returned without data.
+      raise DataError(f'Preparing folder dataset {root} produced no dataset.')
+  except BaseException:
+    _clean_failed_prepare(builder)
+    raise
+  finally:
+    _remove_empty_dirs(
+        os.path.join(download_dir, 'extracted'),
+        os.path.join(download_dir, 'manual'),
+        download_dir,
+    )
+  return builder

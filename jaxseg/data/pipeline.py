@@ -1,0 +1,170 @@
+"""tf.data input pipelines: tfds examples -> device-shaped batches of uint8 images and labels.
+
+Batches are dicts of numpy arrays shaped for pmap:
+  'image': uint8 [local_devices, per_device_batch, H, W, 3]
+  'label': uint8 [local_devices, per_device_batch, H, W] (ignore_label where nothing counts)
+Normalisation happens on the device (uint8 moves a quarter of the bytes).
+
+Training order is a pure function of (seed, step), independent of the number
+of processes: one global stream of shuffled epochs is cut into global batches,
+and element k of the stream goes to process k % process_count. Resuming at
+step s rebuilds the stream from example s * global_batch, so an interrupted
+run continues exactly where it was.
+"""
+
+import math
+from typing import Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jaxseg.data import augment
+from jaxseg.data.datasets import DatasetSpec
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _skip_decoding(spec: DatasetSpec) -> dict:
+  return {spec.image_key: tfds.decode.SkipDecoding(), spec.label_key: tfds.decode.SkipDecoding()}
+
+
+def decode_example(example: dict, spec: DatasetSpec) -> tuple[tf.Tensor, tf.Tensor]:
+  """Encoded tfds example -> (image uint8 [H, W, 3], label int32 [H, W]) in jaxseg's class indices."""
+  image = tf.io.decode_image(example[spec.image_key], channels=3, expand_animations=False)
+  # Masks hold indices in their first channel (some catalog masks repeat it over 3 channels).
+  raw = tf.cast(tf.io.decode_image(example[spec.label_key], expand_animations=False)[..., 0], tf.int32)
+  return image, map_labels(raw, spec)
+
+
+def map_labels(raw: tf.Tensor, spec: DatasetSpec) -> tf.Tensor:
+  """Raw mask values -> class indices: ignore_label and `ignore_values` become ignore_label, the rest get the offset."""
+  ignore = tf.equal(raw, spec.ignore_label)
+  for v in spec.ignore_values:
+    ignore = tf.logical_or(ignore, tf.equal(raw, v))
+  return tf.where(ignore, spec.ignore_label, raw + spec.label_offset)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = 0
+  return options
+
+
+def _raw_split(builder, spec: DatasetSpec, split: str, cache: bool) -> tf.data.Dataset:
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding(spec),
+                          read_config=tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1))
+  ds = ds.map(lambda ex: {spec.image_key: ex[spec.image_key], spec.label_key: ex[spec.label_key]})
+  return ds.cache() if cache else ds
+
+
+def _to_device_shape(images, labels, local_devices: int):
+  shape = lambda x: tf.reshape(x, tf.concat([[local_devices, -1], tf.shape(x)[1:]], axis=0))
+  return {'image': shape(images), 'label': shape(labels)}
+
+
+def train_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, local_devices: int, seed: int,
+                  start_step: int, process_index: int, process_count: int, cache: bool = True,
+                  shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+  """Endless, augmented training batches for this process, starting at global step `start_step`."""
+  num_examples = builder.info.splits[spec.train_split].num_examples
+  raw = _raw_split(builder, spec, spec.train_split, cache)
+  buffer = min(num_examples, shuffle_buffer)
+  start = start_step * global_batch
+  first_epoch, offset = divmod(start, num_examples)
+
+  def epoch(e):
+    # A fixed permutation per epoch: the same on every process and every restart.
+    return raw.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
+
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+  ds = ds.skip(offset).enumerate(start=start)
+  ds = ds.shard(process_count, process_index)
+  crop_size = tuple(input_config.crop_size)
+
+  def preprocess(index, example):
+    image, label = decode_example(example, spec)
+    image, label = augment.train_augment(
+        tf.cast(image, tf.float32), label, tf.stack([tf.cast(seed, tf.int64), index]),
+        crop_size=crop_size, scale_range=tuple(input_config.scale_range), hflip=input_config.hflip,
+        photometric=input_config.photometric, ignore_label=spec.ignore_label)
+    return tf.cast(tf.round(image), tf.uint8), tf.cast(label, tf.uint8)
+
+  ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  ds = ds.map(lambda i, l: _to_device_shape(i, l, local_devices))
+  return ds.prefetch(AUTOTUNE).with_options(_options())
+
+
+def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, local_devices: int,
+                 process_index: int, process_count: int, cache: bool = True) -> tuple[tf.data.Dataset, int]:
+  """This process's share of the evaluation split, padded so all processes run the same number of batches.
+
+  Padding examples have every label pixel set to ignore_label, so they count
+  nowhere; each real pixel is in exactly one process's share.
+
+  Returns:
+    (dataset, number of batches it yields).
+  """
+  subsplits = tfds.even_splits(spec.eval_split, n=process_count, drop_remainder=False)
+  counts = [builder.info.splits[s].num_examples for s in subsplits]
+  local_batch = global_batch // process_count
+  num_batches = max(1, math.ceil(max(counts) / local_batch))
+  eval_size = tuple(input_config.eval_size)
+
+  def preprocess(example):
+    image, label = decode_example(example, spec)
+    image, label = fit_for_eval(image, label, eval_size, spec.ignore_label)
+    return image, tf.cast(label, tf.uint8)
+
+  ds = _raw_split(builder, spec, subsplits[process_index], cache=False)
+  ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  if cache:
+    ds = ds.cache()
+  padding = tf.data.Dataset.from_tensors((tf.zeros(eval_size + (3,), tf.uint8),
+                                          tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8)))).repeat()
+  ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
+  ds = ds.map(lambda i, l: _to_device_shape(i, l, local_devices))
+  return ds.prefetch(AUTOTUNE).with_options(_options()), num_batches
+
+
+def fit_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ignore_label: int):
+  """Pads image (0) and label (ignore) to `size`; an image larger than `size` is shrunk to fit first."""
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  too_big = tf.logical_or(h > size[0], w > size[1])
+
+  def shrink():
+    small, _ = augment.resize_to_fit(tf.cast(image, tf.float32), size)
+    small_label = tf.image.resize(label[..., None], tf.shape(small)[:2], method='nearest')[..., 0]
+    return tf.cast(tf.round(small), tf.uint8), small_label
+
+  image, label = tf.cond(too_big, shrink, lambda: (image, label))
+  image, label = augment.pad_to_size(tf.cast(image, tf.float32), label, size, ignore_label=ignore_label)
+  return tf.cast(image, tf.uint8), label
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
+  """Iterates a batched dataset as dicts of numpy arrays."""
+  return iter(tfds.as_numpy(ds))
+
+
+def hide_accelerators_from_tf() -> None:
+  """tf.data runs on the CPU; keep TensorFlow from claiming GPU memory that JAX needs."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'TPU')
+  except (RuntimeError, ValueError):
+    pass  # Already initialised, or no such device type: nothing to hide.
+
+
+def class_pixel_counts(builder, spec: DatasetSpec, max_examples: Optional[int] = None) -> np.ndarray:
+  """[K] pixel counts per class over the training split (for median-frequency class weights)."""
+  ds = _raw_split(builder, spec, spec.train_split, cache=False)
+  if max_examples:
+    ds = ds.take(max_examples)
+  k = spec.num_classes
+  ds = ds.map(lambda ex: tf.math.bincount(tf.reshape(decode_example(ex, spec)[1], [-1]), minlength=256,
+                                          maxlength=256, dtype=tf.int64), num_parallel_calls=AUTOTUNE)
+  counts = ds.reduce(tf.zeros([256], tf.int64), lambda a, b: a + b).numpy()
+  return counts[:k]

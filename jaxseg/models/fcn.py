@@ -1,0 +1,80 @@
+"""Fully convolutional networks (Long, Shelhamer & Darrell, 2015): FCN-32s, FCN-16s and FCN-8s on VGG16."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxseg.models import layers
+
+# VGG16: convolutions per block and their widths.
+VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
+VARIANTS = ('fcn32s', 'fcn16s', 'fcn8s')
+
+
+class FCN(nn.Module):
+  """FCN on a VGG16-style backbone: images [N, H, W, C] -> logits [N, H, W, num_classes].
+
+  Attributes:
+    num_classes: number of output classes.
+    variant: 'fcn32s', 'fcn16s' or 'fcn8s' (how many skip connections from
+      pool4 and pool3 refine the stride-32 scores).
+    width_multiplier: scales the VGG conv widths (1.0 = VGG16; smaller for CPU).
+    fc_width: channels of fc6/fc7 as convolutions (4096 in the paper).
+    fc6_kernel: spatial size of fc6 (7 in the paper).
+    dropout_rate: dropout after fc6 and fc7 (0.5 in the paper).
+    dtype: computation dtype; parameters stay float32.
+  Uses 'same' padding instead of the paper's pad-100-and-crop, so the score
+  maps align exactly; the input is zero-padded to a multiple of 32 and the
+  logits are cropped back. The 2x up-samplings between skips are learnable
+  transposed convs initialised to bilinear (as the paper); the final
+  up-sampling is a fixed bilinear resize.
+  """
+  num_classes: int
+  variant: str = 'fcn8s'
+  width_multiplier: float = 1.0
+  fc_width: int = 4096
+  fc6_kernel: int = 7
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    if self.variant not in VARIANTS:
+      raise ValueError(f'model.variant must be one of {VARIANTS}, got {self.variant!r}')
+    x, (h, w) = layers.pad_to_multiple(x, 32)
+    pools = []
+    for b, (n_convs, width) in enumerate(VGG16_BLOCKS):
+      feats = max(1, int(round(width * self.width_multiplier)))
+      for i in range(n_convs):
+        x = nn.relu(nn.Conv(feats, (3, 3), padding='SAME', dtype=self.dtype, name=f'conv{b + 1}_{i + 1}')(x))
+      x = layers.max_pool_2x2(x)
+      pools.append(x)
+    pool3, pool4 = pools[2], pools[3]
+    k = self.fc6_kernel
+    x = nn.relu(nn.Conv(self.fc_width, (k, k), padding='SAME', dtype=self.dtype, name='fc6')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.relu(nn.Conv(self.fc_width, (1, 1), dtype=self.dtype, name='fc7')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    score = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='score_fr')(x)
+
+    def up2(s, name):
+      return nn.ConvTranspose(self.num_classes, (4, 4), strides=(2, 2), padding='SAME', use_bias=False,
+                              kernel_init=layers.bilinear_kernel_init, dtype=self.dtype, name=name)(s)
+
+    def skip_score(feat, name):
+      # Zero-initialised so training starts from the coarser net's output (as in the paper).
+      return nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
+                     name=name)(feat)
+
+    stride = 32
+    if self.variant in ('fcn16s', 'fcn8s'):
+      score = up2(score, 'upscore2') + skip_score(pool4, 'score_pool4')
+      stride = 16
+    if self.variant == 'fcn8s':
+      score = up2(score, 'upscore_pool4') + skip_score(pool3, 'score_pool3')
+      stride = 8
+    n, sh, sw, c = score.shape
+    score = jax.image.resize(score, (n, sh * stride, sw * stride, c), 'bilinear')
+    return score[:, :h, :w, :]

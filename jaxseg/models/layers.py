@@ -1,0 +1,96 @@
+"""Layers shared by the segmentation models.
+
+The formulations here compute the same functions as the textbook layers but
+are chosen for speed under XLA (see benchmarks/NOTES.md for measurements).
+"""
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  """2x2 max pooling with stride 2 on NHWC input (H and W even).
+
+  Written as a reshape and a max over the two window axes: the same function
+  as `nn.max_pool(x, (2, 2), (2, 2))`, but its gradient is a cheap
+  elementwise select instead of XLA's generic select-and-scatter.
+  """
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def depth_to_space_2x2(x: jnp.ndarray, features: int) -> jnp.ndarray:
+  """[N, H, W, 2*2*F] -> [N, 2H, 2W, F], channel block (dy, dx) to pixel (2y+dy, 2x+dx)."""
+  n, h, w, _ = x.shape
+  x = x.reshape(n, h, w, 2, 2, features)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, 2 * h, 2 * w, features)
+
+
+class UpConv2x2(nn.Module):
+  """Transposed convolution with kernel 2 and stride 2 (the UNet up-convolution).
+
+  Kernel 2 with stride 2 means the output windows never overlap: each input
+  pixel writes its own 2x2 output block. That is a 1x1 convolution to 4*F
+  channels followed by depth-to-space, which XLA runs (forward and backward)
+  as one plain matrix product. Parameters have the layout and count of
+  `nn.ConvTranspose(F, (2, 2), strides=(2, 2))`: kernel [2, 2, C_in, F] and
+  bias [F].
+  """
+  features: int
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    in_features = x.shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (2, 2, in_features, self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # [C_in, dy, dx, F] flattened so that the output channel index is (dy, dx, f).
+    w = kernel.transpose(2, 0, 1, 3).reshape(in_features, 4 * self.features)
+    y = jnp.einsum('nhwc,cd->nhwd', x, w)
+    return depth_to_space_2x2(y, self.features) + bias
+
+
+def bilinear_kernel_init(key, shape, dtype=jnp.float32):
+  """Initialises a [k, k, C, C] transposed-conv kernel to bilinear up-sampling per channel (FCN paper)."""
+  del key
+  k, _, c_in, c_out = shape
+  factor = (k + 1) // 2
+  center = factor - 1 if k % 2 == 1 else factor - 0.5
+  og = jnp.arange(k, dtype=jnp.float32)
+  filt1d = 1 - jnp.abs(og - center) / factor
+  filt = filt1d[:, None] * filt1d[None, :]
+  eye = jnp.eye(c_in, c_out, dtype=jnp.float32)
+  return (filt[:, :, None, None] * eye[None, None]).astype(dtype)
+
+
+def make_norm(norm: str, *, train: bool, axis_name: Optional[str], dtype: Optional[Dtype]) -> Callable[..., nn.Module]:
+  """Returns a constructor for the configured normalisation layer ('batch', 'group' or 'none')."""
+  if norm == 'batch':
+    # Cross-replica statistics when axis_name is set: the same numbers as one
+    # big batch, whatever the number of devices.
+    return lambda name=None: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+        axis_name=axis_name if train else None, name=name)
+  if norm == 'group':
+    return lambda name=None: nn.GroupNorm(num_groups=None, group_size=8, dtype=dtype, name=name)
+  if norm == 'none':
+    return lambda name=None: (lambda x: x)
+  raise ValueError(f"model.norm must be 'batch', 'group' or 'none', got {norm!r}")
+
+
+def pad_to_multiple(x: jnp.ndarray, multiple: int) -> tuple[jnp.ndarray, tuple[int, int]]:
+  """Zero-pads NHWC input at the bottom/right to a multiple of `multiple`; returns it and the original (H, W)."""
+  _, h, w, _ = x.shape
+  ph, pw = (-h) % multiple, (-w) % multiple
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+  return x, (h, w)

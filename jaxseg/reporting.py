@@ -1,0 +1,126 @@
+"""Reporting: one writer fans out to the console, TensorBoard and WORKDIR/metrics.jsonl.
+
+Only process 0 writes; the other processes get a writer that does nothing,
+so callers never have to ask which process they are.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import numpy as np
+
+
+def format_duration(seconds: float) -> str:
+  """Seconds -> '1h02m03s' / '4m05s' / '6s' (the one place durations are formatted)."""
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  if h:
+    return f'{h}h{m:02d}m{s:02d}s'
+  return f'{m}m{s:02d}s' if m else f'{s}s'
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, (np.floating, np.integer)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, np.ndarray):
+    return [_jsonable(v) for v in value.tolist()]
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+class MetricWriter:
+  """Writes scalars (and images) for one workdir."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    """One point: a JSON line with step, split and the metrics; scalars to TensorBoard as split/name."""
+    if not self.enabled:
+      return
+    record = {'step': int(step), 'split': split, 'time': round(time.time(), 3)}
+    record.update({k: _jsonable(v) for k, v in metrics.items()})
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    with self._tb.as_default(step=int(step)):
+      for name, value in metrics.items():
+        if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+          self._tf.summary.scalar(f'{split}/{name}', float(value))
+        elif name == 'per_class_iou' and isinstance(value, (list, tuple)):
+          for i, v in enumerate(value):
+            if v is not None:
+              self._tf.summary.scalar(f'{split}/iou/class_{i}', float(v))
+    self._tb.flush()
+
+  def write_images(self, step: int, name: str, images: np.ndarray) -> None:
+    """uint8 images [N, H, W, 3] to TensorBoard."""
+    if not self.enabled:
+      return
+    with self._tb.as_default(step=int(step)):
+      self._tf.summary.image(name, images, max_outputs=len(images))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """Console progress line every log step: step/total, loss, learning rate, images/s, ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, global_batch: int, *, enabled: bool = True):
+    self.total = total_steps
+    self.global_batch = global_batch
+    self.enabled = enabled
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+    self._steady_start: Optional[tuple[int, float]] = None
+
+  def update(self, step: int, loss: float, learning_rate: float) -> float:
+    """Logs the line; returns images/s over the steps since the previous call."""
+    now = time.perf_counter()
+    steps = step - self._last_step
+    images_per_sec = steps * self.global_batch / max(now - self._last_time, 1e-9)
+    # The first interval includes compilation: the ETA uses the ones after it.
+    if self._steady_start is None:
+      self._steady_start = (step, now)
+      eta = float('nan')
+    else:
+      s0, t0 = self._steady_start
+      eta = (now - t0) / max(step - s0, 1) * (self.total - step)
+    self._last_step, self._last_time = step, now
+    if self.enabled:
+      logging.info('step %d/%d | loss %.4f | lr %.4g | %.1f img/s | ETA %s', step, self.total, loss,
+                   learning_rate, images_per_sec, format_duration(eta))
+    return images_per_sec
+
+
+def format_iou_table(per_class_iou, class_names, per_class_accuracy=None) -> str:
+  """A per-class table: class, IoU, accuracy (percent)."""
+  width = max([len('class')] + [len(n) for n in class_names])
+  lines = [f'{"class":<{width}}  {"IoU":>7}  {"Acc":>7}']
+  for i, name in enumerate(class_names):
+    iou = per_class_iou[i]
+    acc = per_class_accuracy[i] if per_class_accuracy else None
+    fmt = lambda v: '    n/a' if v is None else f'{100 * v:7.2f}'
+    lines.append(f'{name:<{width}}  {fmt(iou)}  {fmt(acc)}')
+  return '\n'.join(lines)

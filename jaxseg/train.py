@@ -1,0 +1,440 @@
+"""Training and evaluation: TrainState, the pmapped steps, and the loops.
+
+`train_and_evaluate(config, workdir)` is the whole training job; run.py,
+notebooks and tests call it the same way. The loop reads top to bottom in
+labelled sections. Device arrays are fetched to the host only at log,
+evaluation and checkpoint steps, never inside a plain training step.
+"""
+
+import functools
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+from flax import jax_utils
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxseg import checkpoint as checkpoint_lib
+from jaxseg import config_utils
+from jaxseg import losses
+from jaxseg import metrics as metrics_lib
+from jaxseg import models
+from jaxseg import optim
+from jaxseg import reporting
+from jaxseg.data import augment
+from jaxseg.data import datasets
+from jaxseg.data import pipeline
+from jaxseg.errors import CheckpointError
+
+AXIS = 'batch'  # The pmap axis: one entry per device of every host.
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, optimiser state and BatchNorm statistics, plus non-finite-loss bookkeeping."""
+  batch_stats: Any
+  skipped_updates: jnp.ndarray  # int32: updates dropped because the loss or a gradient was not finite.
+  first_nonfinite_step: jnp.ndarray  # int32: step of the first such update, -1 if none.
+
+
+# ---------------------------------------------------------------------------
+# Model and state.
+# ---------------------------------------------------------------------------
+
+
+def compute_dtype(config) -> Any:
+  return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+def build_model(config, num_classes: int, *, axis_name: Optional[str] = AXIS):
+  return models.create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config),
+                             axis_name=axis_name)
+
+
+def initial_variables(model, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
+  """Initialises the model on one dummy image (on the host, jitted)."""
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False))
+  return dict(init(rng))
+
+
+def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+                       image_shape: tuple[int, ...]) -> TrainState:
+  variables = initial_variables(model, rng, image_shape)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}), tx=tx,
+                           skipped_updates=jnp.zeros((), jnp.int32),
+                           first_nonfinite_step=-jnp.ones((), jnp.int32))
+
+
+def normalize_images(images: jnp.ndarray, dtype) -> jnp.ndarray:
+  """uint8 [.., H, W, 3] -> normalised float, on the device (see data/augment.py for the statistics)."""
+  mean = jnp.asarray(augment.IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(augment.IMAGENET_STD, jnp.float32)
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def _variables(state: TrainState, params=None) -> dict:
+  variables = {'params': state.params if params is None else params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  return variables
+
+
+# ---------------------------------------------------------------------------
+# Steps (run under pmap with axis AXIS).
+# ---------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, ignore_label: int,
+               class_weights: Optional[tuple[float, ...]], dice_weight: float, dtype,
+               learning_rate_fn: Callable) -> tuple[TrainState, dict]:
+  """One SGD step on this device's share of the global batch.
+
+  The loss is the mean over the non-ignored pixels of the *global* batch: each
+  device divides its pixel sum by the global pixel count and the gradients
+  are summed across devices, which is exactly the gradient of that mean.
+  """
+  images = normalize_images(batch['image'], dtype)
+  labels = batch['label'].astype(jnp.int32)
+  # Distinct dropout masks per device and step.
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    mutable = ['batch_stats'] if state.batch_stats else []
+    out = state.apply_fn(_variables(state, params), images, train=True, mutable=mutable, rngs={'dropout': rng})
+    logits, new_vars = out if mutable else (out, {})
+    ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label,
+                                                   class_weights=class_weights)
+    global_weight = lax.psum(lax.stop_gradient(weight_sum), AXIS)
+    loss = ce_sum / jnp.maximum(global_weight, 1.0)
+    reported = loss  # Summed over devices below: the global mean.
+    if dice_weight:
+      inter, card = losses.dice_terms(logits, labels, ignore_label=ignore_label)
+      # Global Dice; the gradient flows through this device's own terms only, so the
+      # gradients summed across devices are exactly the global Dice gradient.
+      g_inter = lax.psum(lax.stop_gradient(inter), AXIS) + inter - lax.stop_gradient(inter)
+      g_card = lax.psum(lax.stop_gradient(card), AXIS) + card - lax.stop_gradient(card)
+      classes = jnp.arange(1, logits.shape[-1]) if logits.shape[-1] == 2 else None
+      dice = losses.dice_loss_from_terms(g_inter, g_card, classes=classes)
+      loss = loss + dice_weight * dice
+      reported = reported + dice_weight * lax.stop_gradient(dice) / lax.psum(1, AXIS)
+    return loss, (reported, new_vars)
+
+  (_, (reported, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = lax.psum(grads, AXIS)
+  loss = lax.psum(reported, AXIS)
+  new_state = state.apply_gradients(grads=grads, batch_stats=new_vars.get('batch_stats', state.batch_stats))
+
+  # A non-finite loss or gradient never reaches the parameters: the update is
+  # dropped and the step recorded; the host stops ('stop') or counts ('skip')
+  # at the next log step, so no step waits on the host to check.
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  keep_old = lambda new, old: jnp.where(finite, new, old)
+  new_state = new_state.replace(
+      params=jax.tree.map(keep_old, new_state.params, state.params),
+      opt_state=jax.tree.map(keep_old, new_state.opt_state, state.opt_state),
+      batch_stats=jax.tree.map(keep_old, new_state.batch_stats, state.batch_stats),
+      skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+      first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                                     state.first_nonfinite_step))
+  metrics = {'loss': loss, 'learning_rate': learning_rate_fn(state.step)}
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label: int, dtype) -> dict:
+  """Confusion matrix and cross-entropy sums of one batch, summed over all devices."""
+  images = normalize_images(batch['image'], dtype)
+  labels = batch['label'].astype(jnp.int32)
+  logits = state.apply_fn(_variables(state), images, train=False)
+  return lax.psum(eval_sums(logits, labels, num_classes=num_classes, ignore_label=ignore_label), AXIS)
+
+
+def eval_sums(logits: jnp.ndarray, labels: jnp.ndarray, *, num_classes: int, ignore_label: int) -> dict:
+  ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label)
+  preds = jnp.argmax(logits, axis=-1)
+  return {'confusion': metrics_lib.confusion_matrix(labels, preds, num_classes, ignore_label),
+          'ce_sum': ce_sum, 'weight_sum': weight_sum}
+
+
+def make_steps(config, spec: datasets.DatasetSpec, learning_rate_fn, class_weights):
+  """The pmapped train and eval steps for this config."""
+  dtype = compute_dtype(config)
+  p_train = jax.pmap(
+      functools.partial(train_step, ignore_label=spec.ignore_label, class_weights=class_weights,
+                        dice_weight=float(config.loss.dice_weight), dtype=dtype,
+                        learning_rate_fn=learning_rate_fn),
+      axis_name=AXIS, donate_argnums=(0,))
+  p_eval = jax.pmap(functools.partial(eval_step, num_classes=spec.num_classes, ignore_label=spec.ignore_label,
+                                      dtype=dtype), axis_name=AXIS)
+  return p_train, p_eval
+
+
+# ---------------------------------------------------------------------------
+# Evaluation loop.
+# ---------------------------------------------------------------------------
+
+
+def run_evaluation(p_eval, state: TrainState, eval_ds, num_batches: int, spec: datasets.DatasetSpec) -> dict:
+  """Evaluates the replicated `state` on the whole evaluation split; returns host metrics."""
+  totals = None
+  for batch in pipeline.as_numpy(eval_ds):
+    sums = p_eval(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  # Every device holds the same psum'd totals: read device 0's copy.
+  totals = jax.device_get(jax.tree.map(lambda x: x[0], totals))
+  result = metrics_lib.metrics_from_confusion(totals['confusion'], spec.class_names)
+  result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
+  result['confusion_matrix'] = totals['confusion'].tolist()
+  del num_batches
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Pre-emption.
+# ---------------------------------------------------------------------------
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then exit).
+
+  With several processes, JAX's distributed runtime already catches the
+  signal; `reached_preemption_sync_point` makes every process agree on the
+  step at which all of them save.
+  """
+
+  def __init__(self):
+    self._flag = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self._multi:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # Not the main thread (e.g. some notebook runners): no handler.
+        self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint at the current step, then exiting.')
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or a gradient) became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------
+# The training job.
+# ---------------------------------------------------------------------------
+
+
+def host_state(state: TrainState) -> TrainState:
+  """Replicated device state -> one host (numpy) copy."""
+  return jax.device_get(jax_utils.unreplicate(state))
+
+
+def resolve_class_weights(config, spec, builder) -> Optional[tuple[float, ...]]:
+  """Per-class cross-entropy weights: from the config, computed (median frequency), or None."""
+  if config.loss.class_weights is not None:
+    weights = tuple(float(w) for w in config.loss.class_weights)
+    if len(weights) != spec.num_classes:
+      raise config_utils.ConfigError(f'config.loss.class_weights has {len(weights)} values; num_classes is '
+                                     f'{spec.num_classes}')
+    return weights
+  if config.loss.class_weighting == 'median_frequency':
+    counts = pipeline.class_pixel_counts(builder, spec)
+    return tuple(float(w) for w in median_frequency_weights(counts))
+  return None
+
+
+def median_frequency_weights(counts: np.ndarray) -> np.ndarray:
+  """Eigen & Fergus' median-frequency balancing: w_c = median(f) / f_c; absent classes get weight 0."""
+  counts = np.asarray(counts, np.float64)
+  freq = counts / max(counts.sum(), 1.0)
+  present = freq > 0
+  weights = np.zeros_like(freq)
+  weights[present] = np.median(freq[present]) / freq[present]
+  return weights
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from WORKDIR/checkpoints when there are any), evaluates, checkpoints.
+
+  Returns:
+    The last evaluation's metrics.
+  """
+  # ---- Setup: config, devices, workdir. ----
+  config_utils.validate(config)
+  pipeline.hide_accelerators_from_tf()
+  workdir = os.path.abspath(workdir)
+  is_primary = jax.process_index() == 0
+  config_utils.prepare_workdir(workdir, config, write=is_primary)
+  n_devices, n_local = jax.device_count(), jax.local_device_count()
+  config_utils.check_batch(config, n_devices, jax.process_count())
+  logging.info('Devices: %d in all, %d local (%s); processes: %d; workdir: %s', n_devices, n_local,
+               jax.devices()[0].platform, jax.process_count(), workdir)
+
+  # ---- Data. ----
+  spec, builder = datasets.open_dataset(config.dataset)
+  class_weights = resolve_class_weights(config, spec, builder)
+
+  # ---- Model, optimiser, steps. ----
+  model = build_model(config, spec.num_classes)
+  learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
+  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
+  crop = tuple(config.input.crop_size)
+  state = create_train_state(model, tx, jax.random.key(config.seed), crop + (3,))
+  p_train, p_eval = make_steps(config, spec, learning_rate_fn, class_weights)
+
+  # ---- Restore or start. ----
+  ckpts = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+  if ckpts.latest_step() is not None:
+    state, start_step = ckpts.restore(host_state_like(state))
+    logging.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
+    if is_primary:
+      print(f'Resuming from the checkpoint at step {start_step} in {ckpts.directory}', flush=True)
+  else:
+    start_step = 0
+  state = jax_utils.replicate(state)
+  dropout_rng = jax_utils.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
+
+  train_ds = pipeline.train_dataset(
+      builder, spec, config.input, global_batch=config.batch_size, local_devices=n_local, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(),
+      cache=config.dataset.cache, shuffle_buffer=config.dataset.shuffle_buffer)
+  eval_ds, eval_batches = pipeline.eval_dataset(
+      builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=n_local,
+      process_index=jax.process_index(), process_count=jax.process_count(), cache=config.dataset.cache)
+  train_iter = jax_utils.prefetch_to_device(pipeline.as_numpy(train_ds), config.input.prefetch_to_device)
+
+  # ---- Train loop. ----
+  writer = reporting.MetricWriter(workdir, enabled=is_primary)
+  progress = reporting.Progress(config.num_train_steps, start_step, config.batch_size, enabled=is_primary)
+  pending_metrics = []  # Device arrays of the steps since the last log: fetched together.
+  eval_metrics = {}
+  step = start_step
+  with PreemptionWatcher() as preemption:
+    while step < config.num_train_steps:
+      batch = next(train_iter)
+      state, step_metrics = p_train(state, batch, dropout_rng)
+      pending_metrics.append(step_metrics)
+      step += 1
+      is_last = step == config.num_train_steps
+
+      if step % config.log_every_steps == 0 or is_last:
+        fetched = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending_metrics])
+        pending_metrics = []
+        check_finite(state, config, step)
+        loss = float(np.mean([m['loss'] for m in fetched if np.isfinite(m['loss'])] or [np.nan]))
+        lr = float(fetched[-1]['learning_rate'])
+        images_per_sec = progress.update(step, loss, lr)
+        writer.write(step, 'train', {'loss': loss, 'learning_rate': lr, 'images_per_sec': images_per_sec})
+
+      evaluated = False
+      if step % config.eval_every_steps == 0 or is_last:
+        eval_metrics = run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
+        evaluated = True
+        log_eval(writer, step, eval_metrics, spec, is_primary)
+
+      preempted = preemption.reached(step)
+      if step % config.checkpoint_every_steps == 0 or is_last or evaluated or preempted:
+        check_finite(state, config, step)
+        ckpts.save(step, host_state(state), metrics=eval_metrics if evaluated else None)
+      if preempted:
+        ckpts.wait()
+        logging.warning('Pre-empted: checkpoint at step %d saved; exiting.', step)
+        break
+
+  ckpts.close()
+  writer.close()
+  return eval_metrics
+
+
+def host_state_like(state: TrainState) -> TrainState:
+  """The unreplicated host structure a checkpoint restores into."""
+  return jax.device_get(state)
+
+
+def check_finite(state: TrainState, config, step: int) -> None:
+  """Stops with a message naming the step of the first non-finite loss (policy 'stop'), or logs skips."""
+  skipped = int(jax.device_get(state.skipped_updates[0]))
+  if not skipped:
+    return
+  first = int(jax.device_get(state.first_nonfinite_step[0]))
+  if config.on_nonfinite_loss == 'stop':
+    raise NonFiniteLossError(
+        f'The loss or a gradient became NaN or infinite at step {first + 1} (update dropped; parameters are '
+        f'from step {first}). Lower config.optimizer.learning_rate, check the data, or set '
+        f"config.on_nonfinite_loss='skip' to skip such updates.")
+  logging.warning('%d update(s) with a non-finite loss skipped so far (first at step %d).', skipped, first + 1)
+
+
+def log_eval(writer: reporting.MetricWriter, step: int, result: dict, spec, is_primary: bool) -> None:
+  scalars = {k: v for k, v in result.items() if k not in ('confusion_matrix', 'class_names')}
+  writer.write(step, 'eval', scalars)
+  if is_primary:
+    logging.info('eval at step %d | loss %.4f | mean IoU %.4f | pixel acc %.4f | mean class acc %.4f', step,
+                 result['loss'], result['mean_iou'], result['pixel_accuracy'], result['mean_class_accuracy'])
+
+
+# ---------------------------------------------------------------------------
+# Evaluation job (--mode=eval).
+# ---------------------------------------------------------------------------
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best') -> dict:
+  """Restores the best (or latest) checkpoint of `workdir`, evaluates it, prints a per-class table."""
+  config_utils.validate(config)
+  pipeline.hide_accelerators_from_tf()
+  workdir = os.path.abspath(workdir)
+  is_primary = jax.process_index() == 0
+  config_utils.check_batch(config, jax.device_count(), jax.process_count())
+  spec, builder = datasets.open_dataset(config.dataset)
+  model = build_model(config, spec.num_classes)
+  learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
+  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
+  state = create_train_state(model, tx, jax.random.key(config.seed), tuple(config.input.crop_size) + (3,))
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise CheckpointError(f'no checkpoints in {workdir}: train first (--mode=train) or pass the right --workdir')
+  ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  step = ckpts.best_step() if checkpoint == 'best' else ckpts.latest_step()
+  if step is None:
+    raise CheckpointError(f'no checkpoint in {ckpts.directory}')
+  state, step = ckpts.restore(host_state_like(state), step)
+  logging.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, ckpts.directory)
+  state = jax_utils.replicate(state)
+  _, p_eval = make_steps(config, spec, learning_rate_fn, None)
+  eval_ds, eval_batches = pipeline.eval_dataset(
+      builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=jax.local_device_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(), cache=False)
+  result = run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
+  result['checkpoint_step'] = step
+  writer = reporting.MetricWriter(workdir, enabled=is_primary)
+  log_eval(writer, step, result, spec, is_primary)
+  writer.close()
+  if is_primary:
+    print(f'Checkpoint step {step} ({checkpoint}): mean IoU {result["mean_iou"]:.4f}, pixel accuracy '
+          f'{result["pixel_accuracy"]:.4f}, mean class accuracy {result["mean_class_accuracy"]:.4f}')
+    print(reporting.format_iou_table(result['per_class_iou'], spec.class_names, result['per_class_accuracy']))
+  ckpts.close()
+  return result

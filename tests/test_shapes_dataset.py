@@ -1,0 +1,172 @@
+"""Tests for the synthetic `jaxseg_shapes` tfds dataset."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxseg.data import shapes
+
+
+def _dilate(region, iterations):
+  """4-neighbour binary dilation (keeps the test free of scipy)."""
+  for _ in range(iterations):
+    padded = np.pad(region, 1)
+    region = (
+        padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1]
+        | padded[1:-1, :-2] | padded[1:-1, 2:]
+    )
+  return region
+
+
+def _example(split, index, size=shapes.IMAGE_SIZE):
+  rng = np.random.default_rng([shapes.SPLIT_SEEDS[split], index])
+  return shapes.generate_example(rng, size=size)
+
+
+def test_class_constants():
+  assert shapes.CLASS_NAMES == ('background', 'disc', 'square', 'triangle')
+  assert shapes.NUM_CLASSES == 4
+
+
+def test_shapes_and_dtypes():
+  for index in range(5):
+    image, mask = _example('train', index)
+    assert image.shape == (96, 96, 3) and image.dtype == np.uint8
+    assert mask.shape == (96, 96) and mask.dtype == np.uint8
+    assert mask.min() >= 0 and mask.max() < shapes.NUM_CLASSES
+    # Every image has foreground and background.
+    assert 0 < np.count_nonzero(mask) < mask.size
+  image, mask = _example('train', 0, size=64)
+  assert image.shape == (64, 64, 3) and mask.shape == (64, 64)
+
+
+def test_deterministic_per_index():
+  # Generate in two different orders: each index must give the same arrays.
+  forward = [_example('train', i) for i in range(4)]
+  backward = [_example('train', i) for i in reversed(range(4))][::-1]
+  for (img_a, mask_a), (img_b, mask_b) in zip(forward, backward):
+    np.testing.assert_array_equal(img_a, img_b)
+    np.testing.assert_array_equal(mask_a, mask_b)
+  # Different indices and splits give different examples.
+  assert not np.array_equal(forward[0][0], forward[1][0])
+  assert not np.array_equal(_example('validation', 0)[0], forward[0][0])
+
+
+def test_all_classes_appear():
+  seen = set()
+  for index in range(8):
+    seen.update(np.unique(_example('train', index)[1]).tolist())
+  assert seen == set(range(shapes.NUM_CLASSES))
+
+
+def test_object_count_and_sizes():
+  for index in range(30):
+    mask = _example('validation', index)[1]
+    foreground = np.count_nonzero(mask)
+    # 2 to 5 shapes of radius 10..28 px: at least a quarter of the smallest
+    # disc is visible, and the image is never (nearly) all foreground.
+    assert foreground >= 70
+    assert foreground < 0.97 * mask.size
+
+
+def test_class_mean_colour_not_separable():
+  """Colour must not identify the class: per-class mean colours coincide."""
+  sums = np.zeros((shapes.NUM_CLASSES, 3))
+  counts = np.zeros(shapes.NUM_CLASSES)
+  pixels = []
+  for index in range(200):
+    image, mask = _example('train', index)
+    for cls in range(shapes.NUM_CLASSES):
+      selected = image[mask == cls].astype(np.float64)
+      sums[cls] += selected.sum(axis=0)
+      counts[cls] += len(selected)
+    pixels.append(image.reshape(-1, 3)[::37])
+  means = sums / counts[:, None]
+  distances = np.linalg.norm(means[:, None] - means[None], axis=-1)
+  spread = np.concatenate(pixels).std(axis=0).mean()
+  # Colours vary a lot (std well above 40 per channel), yet class means lie
+  # within a few units of each other.
+  assert spread > 40.0, spread
+  assert distances.max() < 25.0, (means, distances)
+
+
+def test_objects_contrast_with_surroundings():
+  """Each shape's edge is visible: inner and outer border colours differ."""
+  contrasts = []
+  for index in range(20):
+    image, mask = _example('train', index)
+    image = image.astype(np.float64)
+    for cls in range(1, shapes.NUM_CLASSES):
+      region = mask == cls
+      if region.sum() < 50:
+        continue
+      inner = region & _dilate(~region, 2)
+      outer = _dilate(region, 2) & ~region
+      if outer.sum() < 20:
+        continue
+      contrasts.append(
+          np.linalg.norm(image[inner].mean(0) - image[outer].mean(0))
+      )
+  assert np.median(contrasts) > 60.0, contrasts
+  assert np.min(contrasts) > 25.0, contrasts
+
+
+@pytest.fixture(scope='module')
+def prepared_data_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('tfds')
+  builder = tfds.builder('jaxseg_shapes', data_dir=data_dir)
+  builder.download_and_prepare()
+  return data_dir
+
+
+def test_builder_registered_and_info(prepared_data_dir):
+  builder = tfds.builder('jaxseg_shapes', data_dir=prepared_data_dir)
+  assert isinstance(builder, shapes.JaxsegShapes)
+  assert str(builder.info.version) == '1.0.0'
+  assert set(builder.info.features.keys()) == {
+      'image', 'segmentation_mask', 'file_name'
+  }
+  assert builder.info.features['image'].shape == (96, 96, 3)
+  assert builder.info.features['segmentation_mask'].shape == (96, 96, 1)
+  assert builder.info.splits['train'].num_examples == 2000
+  assert builder.info.splits['validation'].num_examples == 200
+  for name in shapes.CLASS_NAMES:
+    assert name in builder.info.description
+
+
+def test_prepared_splits(prepared_data_dir):
+  validation = tfds.load(
+      'jaxseg_shapes',
+      split='validation',
+      data_dir=prepared_data_dir,
+      download=False,
+  )
+  count = 0
+  for example in tfds.as_numpy(validation):
+    count += 1
+    assert example['image'].shape == (96, 96, 3)
+    assert example['image'].dtype == np.uint8
+    assert example['segmentation_mask'].shape == (96, 96, 1)
+    assert example['segmentation_mask'].dtype == np.uint8
+    assert example['segmentation_mask'].max() < shapes.NUM_CLASSES
+    name = example['file_name'].decode()
+    assert name.startswith('validation_')
+    if name == 'validation_00007':
+      # Stored PNGs are lossless copies of what `generate_example` returns.
+      image, mask = _example('validation', 7)
+      np.testing.assert_array_equal(example['image'], image)
+      np.testing.assert_array_equal(example['segmentation_mask'][..., 0], mask)
+  assert count == 200
+
+  builder = tfds.builder('jaxseg_shapes', data_dir=prepared_data_dir)
+  train = builder.as_dataset(
+      split='train',
+      decoders={
+          'image': tfds.decode.SkipDecoding(),
+          'segmentation_mask': tfds.decode.SkipDecoding(),
+      },
+  )
+  names = [ex['file_name'].decode() for ex in tfds.as_numpy(train)]
+  assert len(names) == 2000
+  assert len(set(names)) == 2000
+  assert all(name.startswith('train_') for name in names)
