@@ -27,7 +27,8 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
+  # Libraries (orbax, tfds) log a lot at INFO; jaxseg's own lines go to stdout (reporting.py).
+  logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or cli.default_workdir(FLAGS['config'].config_filename)
   if not FLAGS.workdir:
     print(f'Workdir: {workdir}', flush=True)

@@ -8,12 +8,14 @@ checkpoint restores onto any number of devices. The manager keeps the last
 import os
 from typing import Any, Optional
 
-from absl import logging
+import logging
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from jaxseg.errors import CheckpointError
+
+log = logging.getLogger('jaxseg')
 
 BEST_METRIC = 'mean_iou'
 
@@ -77,7 +79,7 @@ class Checkpoints:
         return self._manager.restore(s, args=ocp.args.StandardRestore(abstract)), s
       except Exception as e:  # Orbax raises many types for a damaged checkpoint.
         path = os.path.join(self.directory, str(s))
-        logging.warning('Checkpoint %s could not be restored (%s: %s)%s', path, type(e).__name__, e,
+        log.warning('Checkpoint %s could not be restored (%s: %s)%s', path, type(e).__name__, e,
                         '; trying the previous one.' if fall_back else '.')
         errors.append(f'{path}: {type(e).__name__}: {e}')
         if not fall_back:

@@ -16,7 +16,9 @@ def default_workdir(config_path: str) -> str:
 
 def run(mode: str, config, workdir: str, *, checkpoint: str = 'best') -> None:
   from jaxseg import distributed  # pylint: disable=g-import-not-at-top
+  from jaxseg import reporting  # pylint: disable=g-import-not-at-top
   from jaxseg import train  # pylint: disable=g-import-not-at-top
+  reporting.setup_console_logging()
   try:
     distributed.initialize()
     if mode == 'train':

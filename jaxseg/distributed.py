@@ -2,7 +2,7 @@
 
 import os
 
-from absl import logging
+import logging
 import jax
 
 # Set by a launcher for clusters JAX cannot detect by itself.
@@ -10,6 +10,8 @@ ENV_COORDINATOR = 'JAXSEG_COORDINATOR'  # host:port of process 0.
 ENV_NUM_PROCESSES = 'JAXSEG_NUM_PROCESSES'
 ENV_PROCESS_ID = 'JAXSEG_PROCESS_ID'
 
+
+log = logging.getLogger('jaxseg')
 
 def initialize() -> None:
   """Joins the multi-process runtime when there is one; a plain single-process run otherwise.
@@ -29,4 +31,4 @@ def initialize() -> None:
     jax.distributed.initialize()  # Auto-detected: TPU pod slices, SLURM, Open MPI, ...
   else:
     return
-  logging.info('Process %d of %d joined the distributed runtime.', jax.process_index(), jax.process_count())
+  log.info('Process %d of %d joined the distributed runtime.', jax.process_index(), jax.process_count())

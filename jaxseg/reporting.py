@@ -7,11 +7,26 @@ so callers never have to ask which process they are.
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Optional
 
-from absl import logging
+import logging
 import numpy as np
+
+
+log = logging.getLogger('jaxseg')
+
+def setup_console_logging(level: int = logging.INFO) -> None:
+  """Sends jaxseg's own log lines (progress, evaluation, warnings) to stdout, once."""
+  logger = logging.getLogger('jaxseg')
+  logger.setLevel(level)
+  if not any(getattr(h, '_jaxseg', False) for h in logger.handlers):
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname).1s %(message)s', '%H:%M:%S'))
+    handler._jaxseg = True  # pylint: disable=protected-access
+    logger.addHandler(handler)
+  logger.propagate = False
 
 
 def format_duration(seconds: float) -> str:
@@ -94,22 +109,29 @@ class Progress:
     self._last_step = start_step
     self._last_time = time.perf_counter()
     self._steady_start: Optional[tuple[int, float]] = None
+    self._excluded = 0.0  # Seconds spent outside training steps (evaluation, checkpoints) since the last line.
+    self._excluded_total = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (evaluation, saving) out of images/s and the ETA."""
+    self._excluded += seconds
+    self._excluded_total += seconds
 
   def update(self, step: int, loss: float, learning_rate: float) -> float:
     """Logs the line; returns images/s over the steps since the previous call."""
     now = time.perf_counter()
     steps = step - self._last_step
-    images_per_sec = steps * self.global_batch / max(now - self._last_time, 1e-9)
+    images_per_sec = steps * self.global_batch / max(now - self._last_time - self._excluded, 1e-9)
     # The first interval includes compilation: the ETA uses the ones after it.
     if self._steady_start is None:
-      self._steady_start = (step, now)
+      self._steady_start = (step, now + self._excluded_total)
       eta = float('nan')
     else:
       s0, t0 = self._steady_start
-      eta = (now - t0) / max(step - s0, 1) * (self.total - step)
-    self._last_step, self._last_time = step, now
+      eta = (now - t0 - self._excluded_total) / max(step - s0, 1) * (self.total - step)
+    self._last_step, self._last_time, self._excluded = step, now, 0.0
     if self.enabled:
-      logging.info('step %d/%d | loss %.4f | lr %.4g | %.1f img/s | ETA %s', step, self.total, loss,
+      log.info('step %d/%d | loss %.4f | lr %.4g | %.1f img/s | ETA %s', step, self.total, loss,
                    learning_rate, images_per_sec, format_duration(eta))
     return images_per_sec
 

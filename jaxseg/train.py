@@ -12,7 +12,7 @@ import signal
 import time
 from typing import Any, Callable, Optional
 
-from absl import logging
+import logging
 import flax
 from flax import jax_utils
 from flax.training import train_state
@@ -34,6 +34,8 @@ from jaxseg.data import augment
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg.errors import CheckpointError
+
+log = logging.getLogger('jaxseg')
 
 AXIS = 'batch'  # The pmap axis: one entry per device of every host.
 
@@ -108,7 +110,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, ignore_label: 
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
 
   def loss_fn(params):
-    mutable = ['batch_stats'] if state.batch_stats else []
+    mutable = ['batch_stats'] if state.batch_stats else False
     out = state.apply_fn(_variables(state, params), images, train=True, mutable=mutable, rngs={'dropout': rng})
     logits, new_vars = out if mutable else (out, {})
     ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label,
@@ -225,7 +227,7 @@ class PreemptionWatcher:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint at the current step, then exiting.')
+    log.warning('SIGTERM received: saving a checkpoint at the current step, then exiting.')
     self._flag = True
 
   def reached(self, step: int) -> bool:
@@ -277,8 +279,16 @@ def median_frequency_weights(counts: np.ndarray) -> np.ndarray:
   return weights
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: Optional[int] = None) -> dict:
   """Trains (resuming from WORKDIR/checkpoints when there are any), evaluates, checkpoints.
+
+  Args:
+    config: the experiment config (see configs/default.py).
+    workdir: where checkpoints, logs and metrics go.
+    stop_at_step: stop with a checkpoint at this step although the schedule
+      runs to config.num_train_steps (a job with a time slice; a later call
+      resumes from it).
 
   Returns:
     The last evaluation's metrics.
@@ -291,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_utils.prepare_workdir(workdir, config, write=is_primary)
   n_devices, n_local = jax.device_count(), jax.local_device_count()
   config_utils.check_batch(config, n_devices, jax.process_count())
-  logging.info('Devices: %d in all, %d local (%s); processes: %d; workdir: %s', n_devices, n_local,
+  log.info('Devices: %d in all, %d local (%s); processes: %d; workdir: %s', n_devices, n_local,
                jax.devices()[0].platform, jax.process_count(), workdir)
 
   # ---- Data. ----
@@ -310,9 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpts = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   if ckpts.latest_step() is not None:
     state, start_step = ckpts.restore(host_state_like(state))
-    logging.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
     if is_primary:
-      print(f'Resuming from the checkpoint at step {start_step} in {ckpts.directory}', flush=True)
+      log.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
   else:
     start_step = 0
   state = jax_utils.replicate(state)
@@ -333,13 +342,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending_metrics = []  # Device arrays of the steps since the last log: fetched together.
   eval_metrics = {}
   step = start_step
+  last_step = config.num_train_steps if stop_at_step is None else min(stop_at_step, config.num_train_steps)
   with PreemptionWatcher() as preemption:
-    while step < config.num_train_steps:
+    while step < last_step:
       batch = next(train_iter)
       state, step_metrics = p_train(state, batch, dropout_rng)
       pending_metrics.append(step_metrics)
       step += 1
-      is_last = step == config.num_train_steps
+      is_last = step == last_step
 
       if step % config.log_every_steps == 0 or is_last:
         fetched = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending_metrics])
@@ -350,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         images_per_sec = progress.update(step, loss, lr)
         writer.write(step, 'train', {'loss': loss, 'learning_rate': lr, 'images_per_sec': images_per_sec})
 
+      pause_start = time.perf_counter()
       evaluated = False
       if step % config.eval_every_steps == 0 or is_last:
         eval_metrics = run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
@@ -360,9 +371,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.checkpoint_every_steps == 0 or is_last or evaluated or preempted:
         check_finite(state, config, step)
         ckpts.save(step, host_state(state), metrics=eval_metrics if evaluated else None)
+      if evaluated or ckpts.latest_step() == step:
+        progress.exclude(time.perf_counter() - pause_start)
       if preempted:
         ckpts.wait()
-        logging.warning('Pre-empted: checkpoint at step %d saved; exiting.', step)
+        log.warning('Pre-empted: checkpoint at step %d saved; exiting.', step)
         break
 
   ckpts.close()
@@ -386,14 +399,14 @@ def check_finite(state: TrainState, config, step: int) -> None:
         f'The loss or a gradient became NaN or infinite at step {first + 1} (update dropped; parameters are '
         f'from step {first}). Lower config.optimizer.learning_rate, check the data, or set '
         f"config.on_nonfinite_loss='skip' to skip such updates.")
-  logging.warning('%d update(s) with a non-finite loss skipped so far (first at step %d).', skipped, first + 1)
+  log.warning('%d update(s) with a non-finite loss skipped so far (first at step %d).', skipped, first + 1)
 
 
 def log_eval(writer: reporting.MetricWriter, step: int, result: dict, spec, is_primary: bool) -> None:
   scalars = {k: v for k, v in result.items() if k not in ('confusion_matrix', 'class_names')}
   writer.write(step, 'eval', scalars)
   if is_primary:
-    logging.info('eval at step %d | loss %.4f | mean IoU %.4f | pixel acc %.4f | mean class acc %.4f', step,
+    log.info('eval at step %d | loss %.4f | mean IoU %.4f | pixel acc %.4f | mean class acc %.4f', step,
                  result['loss'], result['mean_iou'], result['pixel_accuracy'], result['mean_class_accuracy'])
 
 
@@ -421,7 +434,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   if step is None:
     raise CheckpointError(f'no checkpoint in {ckpts.directory}')
   state, step = ckpts.restore(host_state_like(state), step)
-  logging.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, ckpts.directory)
+  log.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, ckpts.directory)
   state = jax_utils.replicate(state)
   _, p_eval = make_steps(config, spec, learning_rate_fn, None)
   eval_ds, eval_batches = pipeline.eval_dataset(

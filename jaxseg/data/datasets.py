@@ -96,9 +96,10 @@ def register_dataset(name: str, **preset) -> None:
 def resolve_spec(dataset_config) -> DatasetSpec:
   """Merges the preset named by `dataset_config.name` with the fields set in the config, and checks them."""
   name = dataset_config.name
-  preset = dict(PRESETS.get(name, dict(
-      num_classes=None, class_names=None, image_key='image', label_key='segmentation_mask', label_offset=0,
-      ignore_values=(), train_split='train', eval_split='validation', open_builder=_open_catalog)))
+  preset = dict(num_classes=None, class_names=None, image_key='image', label_key='segmentation_mask',
+                label_offset=0, ignore_values=(), train_split='train', eval_split='validation',
+                open_builder=_open_catalog)
+  preset.update(PRESETS.get(name, {}))
   for key in ('num_classes', 'class_names', 'image_key', 'label_key', 'label_offset', 'ignore_values',
               'train_split', 'eval_split'):
     value = dataset_config.get(key)
@@ -142,3 +143,6 @@ def open_dataset(dataset_config) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]
     if n == 0:
       raise DataError(f'split {split!r} of dataset {spec.name!r} ({builder.data_dir}) is empty')
   return spec, builder
+
+
+from jaxseg.data import catalog  # noqa: E402,F401  (registers catalog presets)

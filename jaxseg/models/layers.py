@@ -40,7 +40,7 @@ class UpConv2x2(nn.Module):
   channels followed by depth-to-space, which XLA runs (forward and backward)
   as one plain matrix product. Parameters have the layout and count of
   `nn.ConvTranspose(F, (2, 2), strides=(2, 2))`: kernel [2, 2, C_in, F] and
-  bias [F].
+  bias [F], and the same outputs for the same parameters.
   """
   features: int
   dtype: Optional[Dtype] = None
@@ -53,8 +53,10 @@ class UpConv2x2(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (2, 2, in_features, self.features), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    # [C_in, dy, dx, F] flattened so that the output channel index is (dy, dx, f).
-    w = kernel.transpose(2, 0, 1, 3).reshape(in_features, 4 * self.features)
+    # nn.ConvTranspose (lax.conv_transpose, untransposed kernel) writes input pixel y to
+    # output 2y+dy with kernel[1-dy]: flip, then flatten [C_in, dy, dx, F] so that the
+    # output channel index is (dy, dx, f).
+    w = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(in_features, 4 * self.features)
     y = jnp.einsum('nhwc,cd->nhwd', x, w)
     return depth_to_space_2x2(y, self.features) + bias
 

@@ -1,0 +1,49 @@
+"""Test set-up: 4 simulated CPU devices, repo root importable, one prepared copy of the embedded dataset."""
+
+import os
+import sys
+
+# Before jax is imported anywhere: several CPU devices make the pmap paths real.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope='session')
+def shapes_data_dir(tmp_path_factory):
+  """A tfds data dir holding the prepared jaxseg_shapes dataset (prepared once per test session)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import shapes  # pylint: disable=g-import-not-at-top,unused-import
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  tfds.builder('jaxseg_shapes', data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+def tiny_unet_config(data_dir: str, **overrides):
+  """configs/unet.py shrunk so that a few steps run in seconds."""
+  from configs import unet  # pylint: disable=g-import-not-at-top
+  config = unet.get_config()
+  config.dataset.data_dir = data_dir
+  config.model.base_width = 4
+  config.model.depth = 2
+  config.input.crop_size = (32, 32)
+  config.batch_size = 8
+  config.eval_batch_size = 40
+  config.num_train_steps = 4
+  config.log_every_steps = 2
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 2
+  config.optimizer.warmup_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split('.')
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return config

@@ -1,0 +1,42 @@
+"""Shared test helpers."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_worker(data_dir, workdir, overrides, *, devices=1, stop_at=None, env=None, timeout=300, check=True):
+  """Runs tests/train_worker.py in a subprocess with `devices` simulated CPU devices."""
+  import json  # pylint: disable=g-import-not-at-top
+  full_env = dict(os.environ)
+  full_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  full_env.update(env or {})
+  cmd = [sys.executable, os.path.join(ROOT, 'tests', 'train_worker.py'), data_dir, str(workdir),
+         json.dumps(overrides)]
+  if stop_at is not None:
+    cmd.append(str(stop_at))
+  proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+  return proc
+
+
+def load_checkpoint(workdir, step=None):
+  """The raw saved train state (nested dict of numpy arrays) of WORKDIR's latest (or given) checkpoint."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(str(workdir), 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  step = steps[-1] if step is None else step
+  return ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), 'default')), step
+
+
+def max_abs_diff(tree_a, tree_b) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves_a, leaves_b = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
+  assert len(leaves_a) == len(leaves_b)
+  return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+             for a, b in zip(leaves_a, leaves_b))

@@ -1,0 +1,236 @@
+"""Tests for the tfds catalog presets (jaxseg/data/catalog.py) on mocked tfds data.
+
+Nothing is downloaded. `tfds.testing.mock_data` is given:
+  * a data_dir holding each dataset's real feature spec (from the installed
+    tfds builder code) and split sizes, written by `_write_metadata`, so the
+    builders report themselves prepared and know their splits (without it tfds
+    falls back to MockPolicy.USE_CODE, whose `info.splits` is empty);
+  * an `as_dataset_fn` that yields encoded images and masks whose values are
+    those the real datasets hold (tfds's random generator would put arbitrary
+    0..255 values in the masks, and cannot even encode oxford_iiit_pet: it
+    draws head boxes with min > max).
+"""
+
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import default
+from configs import fcn_scene_parse150
+from configs import unet_oxford_pet
+from jaxseg.data import catalog
+from jaxseg.data import datasets
+from jaxseg.data import pipeline
+from jaxseg.errors import ConfigError
+
+RECIPES = {'oxford_iiit_pet': unet_oxford_pet, 'scene_parse150': fcn_scene_parse150}
+# The image and mask features of each dataset in the installed tfds (checked below).
+FEATURE_KEYS = {'oxford_iiit_pet': ('image', 'segmentation_mask'), 'scene_parse150': ('image', 'annotation')}
+SPLIT_SIZES = {'train': 5, 'test': 3}
+CROP = (32, 32)
+EVAL = (48, 48)
+
+
+def _fake_mask(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+  """A mask as the real dataset stores it."""
+  if name == 'oxford_iiit_pet':
+    return rng.integers(1, 4, size=(h, w, 1)).astype(np.uint8)  # Trimap: 1, 2, 3.
+  # scene_parse150: red = category id 0..100 (0 = not one of the 100 objects), green = instance id.
+  red = rng.choice(np.array([0, 1, 2, 50, 99, 100]), size=(h, w))
+  green = rng.integers(0, 30, size=(h, w))
+  return np.stack([red, green, np.zeros_like(red)], axis=-1).astype(np.uint8)
+
+
+def _fake_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+  """Stands in for `FileReaderBuilder._as_dataset`: encoded (image, mask) examples of the split."""
+  del read_config, shuffle_files
+  image_key, label_key = FEATURE_KEYS[self.name]
+  for key in (image_key, label_key):
+    assert isinstance((decoders or {}).get(key), tfds.decode.SkipDecoding), 'the pipeline decodes itself'
+  n = self.info.splits[split].num_examples
+  rng = np.random.default_rng(len(str(split)) * 1000 + n)
+  images, masks = [], []
+  for _ in range(n):
+    # Some images larger than the eval size (shrunk), some smaller than the crop (padded).
+    h, w = rng.integers(20, 72, size=2)
+    images.append(tf.io.encode_jpeg(rng.integers(0, 256, size=(h, w, 3)).astype(np.uint8)).numpy())
+    masks.append(tf.io.encode_png(_fake_mask(self.name, rng, h, w)).numpy())
+  return tf.data.Dataset.from_tensor_slices({image_key: images, label_key: masks})
+
+
+def _write_metadata(data_dir: str, name: str) -> None:
+  """Writes NAME's dataset_info.json (real features, fake split sizes) as `tfds build` would."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0) for split, n in SPLIT_SIZES.items()]))
+  tf.io.gfile.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+@pytest.fixture(scope='module')
+def metadata_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  for name in RECIPES:
+    _write_metadata(data_dir, name)
+  return data_dir
+
+
+@pytest.fixture
+def mocked_catalog(metadata_dir):
+  """Within a test: every tfds builder reads metadata_dir and yields the fake examples."""
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=metadata_dir,
+                              as_dataset_fn=_fake_as_dataset):
+    yield metadata_dir
+
+
+def _small_recipe(name: str) -> ml_collections.ConfigDict:
+  config = RECIPES[name].get_config()
+  config.input.crop_size = CROP
+  config.input.eval_size = EVAL
+  return config
+
+
+def _allowed(spec):
+  return set(range(spec.num_classes)) | {spec.ignore_label}
+
+
+@pytest.mark.parametrize('name,num_classes,label_key', [
+    ('oxford_iiit_pet', 3, 'segmentation_mask'),
+    ('scene_parse150', 100, 'annotation'),
+])
+def test_recipe_resolves_preset(name, num_classes, label_key):
+  config = RECIPES[name].get_config()
+  assert config.dataset.name == name
+  spec = datasets.resolve_spec(config.dataset)
+  assert spec.num_classes == num_classes
+  assert len(spec.class_names) == num_classes and len(set(spec.class_names)) == num_classes
+  assert (spec.image_key, spec.label_key) == ('image', label_key)
+  assert (spec.train_split, spec.eval_split) == ('train', 'test')
+  assert spec.ignore_label == 255 and spec.label_offset == -1
+
+
+def test_presets_match_installed_tfds_features():
+  """The preset keys and splits are those the installed tfds builders define."""
+  for name in RECIPES:
+    spec = datasets.resolve_spec(RECIPES[name].get_config().dataset)
+    assert (spec.image_key, spec.label_key) == FEATURE_KEYS[name]
+    features = tfds.builder(name, data_dir='/nonexistent').info.features
+    assert isinstance(features[spec.image_key], tfds.features.Image)
+    assert isinstance(features[spec.label_key], tfds.features.Image)
+  assert tfds.builder('oxford_iiit_pet', data_dir='/nonexistent').info.features['segmentation_mask'].shape == (
+      None, None, 1)
+
+
+def test_class_name_lists():
+  assert catalog.OXFORD_IIIT_PET_CLASS_NAMES == ('pet', 'background', 'border')
+  assert len(catalog.ADE20K_CLASS_NAMES) == len(set(catalog.ADE20K_CLASS_NAMES)) == 150
+  assert catalog.ADE20K_CLASS_NAMES[:5] == ('wall', 'building', 'sky', 'floor', 'tree')
+  # The 100 instance categories are ADE20K classes, in the same relative order.
+  ade_index = [catalog.ADE20K_CLASS_NAMES.index(c) for c in catalog.SCENE_PARSE150_CLASS_NAMES]
+  assert len(ade_index) == 100 and ade_index == sorted(ade_index)
+
+
+@pytest.mark.parametrize('name,raw,expected', [
+    ('oxford_iiit_pet', [0, 1, 2, 3, 255], [255, 0, 1, 2, 255]),
+    ('scene_parse150', [0, 1, 2, 50, 100, 255], [255, 0, 1, 49, 99, 255]),
+])
+def test_map_labels(name, raw, expected):
+  spec = datasets.resolve_spec(RECIPES[name].get_config().dataset)
+  got = pipeline.map_labels(tf.constant([raw], tf.int32), spec)
+  np.testing.assert_array_equal(got.numpy(), [expected])
+
+
+def test_decode_example_reads_category_channel():
+  """scene_parse150 masks are RGB (red = category, green = instance): only red decides the class."""
+  spec = datasets.resolve_spec(RECIPES['scene_parse150'].get_config().dataset)
+  mask = np.array([[[0, 7, 0], [1, 9, 0], [100, 200, 0]]], np.uint8)
+  example = {'image': tf.io.encode_jpeg(np.zeros((1, 3, 3), np.uint8)),
+             'annotation': tf.io.encode_png(mask)}
+  image, label = pipeline.decode_example(example, spec)
+  assert image.shape == (1, 3, 3)
+  np.testing.assert_array_equal(label.numpy(), [[255, 0, 99]])
+
+  spec = datasets.resolve_spec(RECIPES['oxford_iiit_pet'].get_config().dataset)
+  trimap = np.array([[[1], [2], [3]]], np.uint8)
+  example = {'image': tf.io.encode_jpeg(np.zeros((1, 3, 3), np.uint8)),
+             'segmentation_mask': tf.io.encode_png(trimap)}
+  np.testing.assert_array_equal(pipeline.decode_example(example, spec)[1].numpy(), [[0, 1, 2]])
+
+
+@pytest.mark.parametrize('name', list(RECIPES))
+def test_open_dataset_and_batches(name, mocked_catalog):
+  del mocked_catalog
+  config = _small_recipe(name)
+  spec, builder = datasets.open_dataset(config.dataset)
+  assert spec.name == name and builder.name == name
+  assert builder.info.splits[spec.train_split].num_examples == SPLIT_SIZES['train']
+
+  train = pipeline.train_dataset(builder, spec, config.input, global_batch=2, local_devices=1, seed=0,
+                                 start_step=0, process_index=0, process_count=1,
+                                 cache=config.dataset.cache, shuffle_buffer=config.dataset.shuffle_buffer)
+  seen = set()
+  for batch in pipeline.as_numpy(train.take(4)):  # 8 examples: wraps past the 5-example epoch.
+    assert batch['image'].shape == (1, 2) + CROP + (3,) and batch['image'].dtype == np.uint8
+    assert batch['label'].shape == (1, 2) + CROP and batch['label'].dtype == np.uint8
+    seen |= set(np.unique(batch['label']).tolist())
+  assert seen <= _allowed(spec), sorted(seen - _allowed(spec))
+  assert {0, 1}.issubset(seen)  # Mapped classes arrive (raw 1 -> 0, raw 2 -> 1).
+
+  evaluation, num_batches = pipeline.eval_dataset(builder, spec, config.input, global_batch=2, local_devices=1,
+                                                  process_index=0, process_count=1, cache=False)
+  assert num_batches == math.ceil(SPLIT_SIZES['test'] / 2)
+  batches = list(pipeline.as_numpy(evaluation))
+  assert len(batches) == num_batches
+  for batch in batches:
+    assert batch['image'].shape == (1, 2) + EVAL + (3,) and batch['image'].dtype == np.uint8
+    assert batch['label'].shape == (1, 2) + EVAL and batch['label'].dtype == np.uint8
+  labels = np.concatenate([b['label'] for b in batches], axis=1)
+  assert set(np.unique(labels).tolist()) <= _allowed(spec)
+  # The padding example (the 4th of 2 batches x 2) counts nowhere.
+  assert np.all(labels[0, SPLIT_SIZES['test']:] == spec.ignore_label)
+  if name == 'scene_parse150':
+    assert (labels[0, :SPLIT_SIZES['test']] == 99).any()  # Category 100 (flag) -> last class.
+
+
+def test_generic_tfds_name_without_preset(mocked_catalog, monkeypatch):
+  """A tfds name with no preset opens with the catalog opener when the config names classes and keys."""
+  del mocked_catalog
+  monkeypatch.delitem(datasets.PRESETS, 'oxford_iiit_pet')
+  config = default.get_config()
+  config.dataset.name = 'oxford_iiit_pet'
+  with pytest.raises(ConfigError, match='num_classes must be set'):
+    datasets.resolve_spec(config.dataset)
+  config.dataset.num_classes = 3
+  config.dataset.label_offset = -1
+  with pytest.raises(ConfigError, match="eval_split='validation' is not a split"):
+    datasets.open_dataset(config.dataset)  # Generic default split; this dataset has 'test'.
+  config.dataset.eval_split = 'test'
+  spec, builder = datasets.open_dataset(config.dataset)
+  assert spec.open_builder is datasets._open_catalog  # pylint: disable=protected-access
+  assert spec.class_names == ('class_0', 'class_1', 'class_2')
+  assert (spec.image_key, spec.label_key) == ('image', 'segmentation_mask')
+  config.input.crop_size = CROP
+  batch = next(pipeline.as_numpy(pipeline.train_dataset(
+      builder, spec, config.input, global_batch=2, local_devices=1, seed=0, start_step=0, process_index=0,
+      process_count=1, cache=False)))
+  assert set(np.unique(batch['label']).tolist()) <= _allowed(spec)
+
+  config.dataset.label_key = 'no_such_feature'
+  with pytest.raises(ConfigError, match="label_key='no_such_feature'"):
+    datasets.open_dataset(config.dataset)
+
+
+def test_unknown_dataset_name(tmp_path):
+  config = default.get_config()
+  config.dataset.name = 'no_such_dataset_jaxseg'
+  config.dataset.num_classes = 2
+  config.dataset.data_dir = str(tmp_path)
+  with pytest.raises(ConfigError, match='no_such_dataset_jaxseg'):
+    datasets.open_dataset(config.dataset)
+  config.dataset.num_classes = None
+  with pytest.raises(ConfigError, match='no_such_dataset_jaxseg'):
+    datasets.open_dataset(config.dataset)

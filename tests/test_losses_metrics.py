@@ -1,0 +1,142 @@
+"""Loss and metrics against plain numpy, the ignore label included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg import losses
+from jaxseg import metrics
+
+IGNORE = 255
+
+
+def np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_cross_entropy(logits, labels, weights=None):
+  """Mean over valid pixels of w * ce divided by the sum of w (PyTorch's weighted mean)."""
+  lsm = np_log_softmax(logits.astype(np.float64))
+  num = den = 0.0
+  for idx in np.ndindex(labels.shape):
+    c = labels[idx]
+    if c == IGNORE:
+      continue
+    w = 1.0 if weights is None else weights[c]
+    num += -lsm[idx + (c,)] * w
+    den += w
+  return num / den
+
+
+def random_case(seed, shape=(2, 5, 6), k=4, ignore_frac=0.3):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=shape + (k,)).astype(np.float32) * 3
+  labels = rng.integers(0, k, size=shape)
+  labels[rng.random(shape) < ignore_frac] = IGNORE
+  return logits, labels
+
+
+@pytest.mark.parametrize('weights', [None, (0.5, 2.0, 1.0, 3.0)])
+def test_cross_entropy_matches_numpy(weights):
+  logits, labels = random_case(0)
+  s, w = losses.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(labels), ignore_label=IGNORE,
+                                   class_weights=weights)
+  np.testing.assert_allclose(float(s / w), np_cross_entropy(logits, labels, weights), rtol=1e-5)
+
+
+def test_ignored_pixels_do_not_change_the_loss():
+  logits, labels = random_case(1)
+  s1, w1 = losses.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(labels), ignore_label=IGNORE)
+  logits2 = logits.copy()
+  logits2[labels == IGNORE] = 1e6  # Garbage where nothing counts.
+  s2, w2 = losses.cross_entropy_sums(jnp.asarray(logits2), jnp.asarray(labels), ignore_label=IGNORE)
+  assert float(w1) == float(w2) == float((labels != IGNORE).sum())
+  np.testing.assert_allclose(float(s1), float(s2), rtol=1e-6)
+
+
+def test_dice_terms_match_numpy():
+  logits, labels = random_case(2)
+  inter, card = losses.dice_terms(jnp.asarray(logits), jnp.asarray(labels), ignore_label=IGNORE)
+  probs = np.exp(np_log_softmax(logits.astype(np.float64)))
+  valid = labels != IGNORE
+  onehot = np.eye(4)[np.where(valid, labels, 0)] * valid[..., None]
+  probs = probs * valid[..., None]
+  np.testing.assert_allclose(inter, (probs * onehot).sum((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(card, (probs + onehot).sum((0, 1, 2)), rtol=1e-5)
+
+
+def np_confusion(labels, preds, k):
+  cm = np.zeros((k, k), np.int64)
+  for l, p in zip(labels.ravel(), preds.ravel()):
+    if l != IGNORE:
+      cm[l, p] += 1
+  return cm
+
+
+def test_confusion_matrix_and_iou_match_numpy():
+  rng = np.random.default_rng(3)
+  k = 5
+  labels = rng.integers(0, k - 1, size=(3, 17, 19))  # Class 4 never in the labels...
+  labels[rng.random(labels.shape) < 0.2] = IGNORE
+  preds = rng.integers(0, k - 1, size=labels.shape)  # ...nor predicted: IoU NaN, left out of the mean.
+  cm = np.asarray(metrics.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), k, IGNORE))
+  np.testing.assert_array_equal(cm, np_confusion(labels, preds, k))
+  result = metrics.metrics_from_confusion(cm)
+  ious, accs = [], []
+  for c in range(k - 1):
+    tp = np.sum((labels == c) & (preds == c))
+    fp = np.sum((labels != c) & (labels != IGNORE) & (preds == c))
+    fn = np.sum((labels == c) & (preds != c))
+    ious.append(tp / (tp + fp + fn))
+    accs.append(tp / np.sum(labels == c))
+  valid = labels != IGNORE
+  np.testing.assert_allclose(result['per_class_iou'][:k - 1], ious)
+  assert result['per_class_iou'][k - 1] is None
+  np.testing.assert_allclose(result['mean_iou'], np.mean(ious))
+  np.testing.assert_allclose(result['pixel_accuracy'], np.mean(labels[valid] == preds[valid]))
+  np.testing.assert_allclose(result['mean_class_accuracy'], np.mean(accs))
+
+
+def test_binary_task_reports_foreground_iou_and_dice():
+  labels = np.array([[0, 1, 1, 1, IGNORE]])
+  preds = np.array([[1, 1, 1, 0, 1]])
+  result = metrics.metrics_from_confusion(np.asarray(metrics.confusion_matrix(labels, preds, 2, IGNORE)))
+  # Foreground: tp=2, fp=1, fn=1.
+  assert result['foreground_iou'] == pytest.approx(2 / 4)
+  assert result['foreground_dice'] == pytest.approx(4 / 6)
+
+
+def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_means():
+  """Devices with very different numbers of valid pixels: the loss weighs every pixel equally."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flax import jax_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg import optim, train  # pylint: disable=g-import-not-at-top
+  from jaxseg.data.datasets import DatasetSpec  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  n_dev = jax.local_device_count()
+  assert n_dev == 4, 'tests run with 4 simulated devices (tests/conftest.py)'
+  config = default.get_config()
+  config.model = ml_collections.ConfigDict(dict(name='unet', base_width=4, depth=1, norm='none',
+                                                 upsample='transpose'))
+  spec = DatasetSpec(name='t', num_classes=3, class_names=('a', 'b', 'c'), ignore_label=IGNORE, image_key='image',
+                     label_key='segmentation_mask', label_offset=0, ignore_values=(), train_split='train',
+                     eval_split='validation')
+  lr_fn = optim.create_learning_rate_schedule(config.optimizer, 10)
+  model = train.build_model(config, 3)
+  state = train.create_train_state(model, optim.create_optimizer(config.optimizer, lr_fn), jax.random.key(0),
+                                   (8, 8, 3))
+  p_train, _ = train.make_steps(config, spec, lr_fn, None)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(n_dev, 2, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 3, size=(n_dev, 2, 8, 8)).astype(np.uint8)
+  labels[0, :, :, :7] = IGNORE  # Device 0: few valid pixels; the others: all valid.
+  # Reference: the same model applied to the global batch on the host.
+  variables = {'params': state.params}
+  logits = model.apply(variables, train.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)), jnp.float32))
+  expected = np_cross_entropy(np.asarray(logits), labels.reshape(-1, 8, 8).astype(np.int64))
+  _, step_metrics = p_train(jax_utils.replicate(state), {'image': images, 'label': labels},
+                            jax_utils.replicate(jax.random.key(1)))
+  np.testing.assert_allclose(float(step_metrics['loss'][0]), expected, rtol=1e-5)
