@@ -17,6 +17,16 @@ from jaxseg.errors import CheckpointError
 
 log = logging.getLogger('jaxseg')
 
+
+class _QuietUnscoredSaves(logging.Filter):
+  """Checkpoints between evaluations have no metrics by design; orbax warns about each one."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_QuietUnscoredSaves())
+
 BEST_METRIC = 'mean_iou'
 
 

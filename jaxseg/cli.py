@@ -17,14 +17,14 @@ def default_workdir(config_path: str) -> str:
 def run(mode: str, config, workdir: str, *, checkpoint: str = 'best') -> None:
   from jaxseg import distributed  # pylint: disable=g-import-not-at-top
   from jaxseg import reporting  # pylint: disable=g-import-not-at-top
-  from jaxseg import train  # pylint: disable=g-import-not-at-top
+  from jaxseg import evaluate, train  # pylint: disable=g-import-not-at-top
   reporting.setup_console_logging()
   try:
     distributed.initialize()
     if mode == 'train':
       train.train_and_evaluate(config, workdir)
     elif mode == 'eval':
-      train.evaluate(config, workdir, checkpoint=checkpoint)
+      evaluate.evaluate(config, workdir, checkpoint=checkpoint)
     else:
       raise ConfigError(f'--mode={mode!r}; choose one of {MODES}')
   except (ConfigError, DataError, CheckpointError, train.NonFiniteLossError) as e:

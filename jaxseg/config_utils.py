@@ -1,6 +1,5 @@
 """Checks on the config and the workdir, done before any expensive work starts."""
 
-import json
 import os
 
 from jaxseg.errors import ConfigError

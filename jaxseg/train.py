@@ -1,4 +1,4 @@
-"""Training and evaluation: TrainState, the pmapped steps, and the loops.
+"""Training: the pmapped train step and the training job.
 
 `train_and_evaluate(config, workdir)` is the whole training job; run.py,
 notebooks and tests call it the same way. The loop reads top to bottom in
@@ -7,87 +7,31 @@ evaluation and checkpoint steps, never inside a plain training step.
 """
 
 import functools
+import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import logging
-import flax
 from flax import jax_utils
-from flax.training import train_state
 import jax
 from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import config_utils
+from jaxseg import evaluate
 from jaxseg import losses
-from jaxseg import metrics as metrics_lib
-from jaxseg import models
 from jaxseg import optim
 from jaxseg import reporting
-from jaxseg.data import augment
+from jaxseg import state as state_lib
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
-from jaxseg.errors import CheckpointError
+from jaxseg.state import AXIS, TrainState, normalize_images, variables_of
 
 log = logging.getLogger('jaxseg')
-
-AXIS = 'batch'  # The pmap axis: one entry per device of every host.
-
-
-class TrainState(train_state.TrainState):
-  """Parameters, optimiser state and BatchNorm statistics, plus non-finite-loss bookkeeping."""
-  batch_stats: Any
-  skipped_updates: jnp.ndarray  # int32: updates dropped because the loss or a gradient was not finite.
-  first_nonfinite_step: jnp.ndarray  # int32: step of the first such update, -1 if none.
-
-
-# ---------------------------------------------------------------------------
-# Model and state.
-# ---------------------------------------------------------------------------
-
-
-def compute_dtype(config) -> Any:
-  return jnp.bfloat16 if config.half_precision else jnp.float32
-
-
-def build_model(config, num_classes: int, *, axis_name: Optional[str] = AXIS):
-  return models.create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config),
-                             axis_name=axis_name)
-
-
-def initial_variables(model, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
-  """Initialises the model on one dummy image (on the host, jitted)."""
-  init = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False))
-  return dict(init(rng))
-
-
-def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: tuple[int, ...]) -> TrainState:
-  variables = initial_variables(model, rng, image_shape)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}), tx=tx,
-                           skipped_updates=jnp.zeros((), jnp.int32),
-                           first_nonfinite_step=-jnp.ones((), jnp.int32))
-
-
-def normalize_images(images: jnp.ndarray, dtype) -> jnp.ndarray:
-  """uint8 [.., H, W, 3] -> normalised float, on the device (see data/augment.py for the statistics)."""
-  mean = jnp.asarray(augment.IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(augment.IMAGENET_STD, jnp.float32)
-  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
-
-
-def _variables(state: TrainState, params=None) -> dict:
-  variables = {'params': state.params if params is None else params}
-  if state.batch_stats:
-    variables['batch_stats'] = state.batch_stats
-  return variables
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +55,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, ignore_label: 
 
   def loss_fn(params):
     mutable = ['batch_stats'] if state.batch_stats else False
-    out = state.apply_fn(_variables(state, params), images, train=True, mutable=mutable, rngs={'dropout': rng})
+    out = state.apply_fn(variables_of(state, params), images, train=True, mutable=mutable, rngs={'dropout': rng})
     logits, new_vars = out if mutable else (out, {})
     ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label,
                                                    class_weights=class_weights)
@@ -151,52 +95,15 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, ignore_label: 
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label: int, dtype) -> dict:
-  """Confusion matrix and cross-entropy sums of one batch, summed over all devices."""
-  images = normalize_images(batch['image'], dtype)
-  labels = batch['label'].astype(jnp.int32)
-  logits = state.apply_fn(_variables(state), images, train=False)
-  return lax.psum(eval_sums(logits, labels, num_classes=num_classes, ignore_label=ignore_label), AXIS)
-
-
-def eval_sums(logits: jnp.ndarray, labels: jnp.ndarray, *, num_classes: int, ignore_label: int) -> dict:
-  ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label)
-  preds = jnp.argmax(logits, axis=-1)
-  return {'confusion': metrics_lib.confusion_matrix(labels, preds, num_classes, ignore_label),
-          'ce_sum': ce_sum, 'weight_sum': weight_sum}
-
-
-def make_steps(config, spec: datasets.DatasetSpec, learning_rate_fn, class_weights):
-  """The pmapped train and eval steps for this config."""
-  dtype = compute_dtype(config)
+def make_train_step(config, spec: datasets.DatasetSpec, learning_rate_fn, class_weights):
+  """The pmapped train step for this config (donates the state it is given)."""
+  dtype = state_lib.compute_dtype(config)
   p_train = jax.pmap(
       functools.partial(train_step, ignore_label=spec.ignore_label, class_weights=class_weights,
                         dice_weight=float(config.loss.dice_weight), dtype=dtype,
                         learning_rate_fn=learning_rate_fn),
       axis_name=AXIS, donate_argnums=(0,))
-  p_eval = jax.pmap(functools.partial(eval_step, num_classes=spec.num_classes, ignore_label=spec.ignore_label,
-                                      dtype=dtype), axis_name=AXIS)
-  return p_train, p_eval
-
-
-# ---------------------------------------------------------------------------
-# Evaluation loop.
-# ---------------------------------------------------------------------------
-
-
-def run_evaluation(p_eval, state: TrainState, eval_ds, num_batches: int, spec: datasets.DatasetSpec) -> dict:
-  """Evaluates the replicated `state` on the whole evaluation split; returns host metrics."""
-  totals = None
-  for batch in pipeline.as_numpy(eval_ds):
-    sums = p_eval(state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  # Every device holds the same psum'd totals: read device 0's copy.
-  totals = jax.device_get(jax.tree.map(lambda x: x[0], totals))
-  result = metrics_lib.metrics_from_confusion(totals['confusion'], spec.class_names)
-  result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
-  result['confusion_matrix'] = totals['confusion'].tolist()
-  del num_batches
-  return result
+  return p_train
 
 
 # ---------------------------------------------------------------------------
@@ -248,11 +155,6 @@ class NonFiniteLossError(FloatingPointError):
 # ---------------------------------------------------------------------------
 # The training job.
 # ---------------------------------------------------------------------------
-
-
-def host_state(state: TrainState) -> TrainState:
-  """Replicated device state -> one host (numpy) copy."""
-  return jax.device_get(jax_utils.unreplicate(state))
 
 
 def resolve_class_weights(config, spec, builder) -> Optional[tuple[float, ...]]:
@@ -309,17 +211,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   class_weights = resolve_class_weights(config, spec, builder)
 
   # ---- Model, optimiser, steps. ----
-  model = build_model(config, spec.num_classes)
+  model = state_lib.build_model(config, spec.num_classes)
   learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
   tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
   crop = tuple(config.input.crop_size)
-  state = create_train_state(model, tx, jax.random.key(config.seed), crop + (3,))
-  p_train, p_eval = make_steps(config, spec, learning_rate_fn, class_weights)
+  state = state_lib.create_train_state(model, tx, jax.random.key(config.seed), crop + (3,))
+  p_train = make_train_step(config, spec, learning_rate_fn, class_weights)
+  p_eval = evaluate.make_eval_step(config, spec)
 
   # ---- Restore or start. ----
   ckpts = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   if ckpts.latest_step() is not None:
-    state, start_step = ckpts.restore(host_state_like(state))
+    state, start_step = ckpts.restore(state_lib.host_state_like(state))
     if is_primary:
       log.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
   else:
@@ -363,14 +266,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       pause_start = time.perf_counter()
       evaluated = False
       if step % config.eval_every_steps == 0 or is_last:
-        eval_metrics = run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
+        eval_metrics = evaluate.run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
         evaluated = True
-        log_eval(writer, step, eval_metrics, spec, is_primary)
+        evaluate.log_eval(writer, step, eval_metrics, spec, is_primary)
 
       preempted = preemption.reached(step)
       if step % config.checkpoint_every_steps == 0 or is_last or evaluated or preempted:
         check_finite(state, config, step)
-        ckpts.save(step, host_state(state), metrics=eval_metrics if evaluated else None)
+        ckpts.save(step, state_lib.host_state(state), metrics=eval_metrics if evaluated else None)
       if evaluated or ckpts.latest_step() == step:
         progress.exclude(time.perf_counter() - pause_start)
       if preempted:
@@ -381,11 +284,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpts.close()
   writer.close()
   return eval_metrics
-
-
-def host_state_like(state: TrainState) -> TrainState:
-  """The unreplicated host structure a checkpoint restores into."""
-  return jax.device_get(state)
 
 
 def check_finite(state: TrainState, config, step: int) -> None:
@@ -402,52 +300,3 @@ def check_finite(state: TrainState, config, step: int) -> None:
   log.warning('%d update(s) with a non-finite loss skipped so far (first at step %d).', skipped, first + 1)
 
 
-def log_eval(writer: reporting.MetricWriter, step: int, result: dict, spec, is_primary: bool) -> None:
-  scalars = {k: v for k, v in result.items() if k not in ('confusion_matrix', 'class_names')}
-  writer.write(step, 'eval', scalars)
-  if is_primary:
-    log.info('eval at step %d | loss %.4f | mean IoU %.4f | pixel acc %.4f | mean class acc %.4f', step,
-                 result['loss'], result['mean_iou'], result['pixel_accuracy'], result['mean_class_accuracy'])
-
-
-# ---------------------------------------------------------------------------
-# Evaluation job (--mode=eval).
-# ---------------------------------------------------------------------------
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best') -> dict:
-  """Restores the best (or latest) checkpoint of `workdir`, evaluates it, prints a per-class table."""
-  config_utils.validate(config)
-  pipeline.hide_accelerators_from_tf()
-  workdir = os.path.abspath(workdir)
-  is_primary = jax.process_index() == 0
-  config_utils.check_batch(config, jax.device_count(), jax.process_count())
-  spec, builder = datasets.open_dataset(config.dataset)
-  model = build_model(config, spec.num_classes)
-  learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
-  state = create_train_state(model, tx, jax.random.key(config.seed), tuple(config.input.crop_size) + (3,))
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise CheckpointError(f'no checkpoints in {workdir}: train first (--mode=train) or pass the right --workdir')
-  ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
-  step = ckpts.best_step() if checkpoint == 'best' else ckpts.latest_step()
-  if step is None:
-    raise CheckpointError(f'no checkpoint in {ckpts.directory}')
-  state, step = ckpts.restore(host_state_like(state), step)
-  log.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, ckpts.directory)
-  state = jax_utils.replicate(state)
-  _, p_eval = make_steps(config, spec, learning_rate_fn, None)
-  eval_ds, eval_batches = pipeline.eval_dataset(
-      builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=jax.local_device_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(), cache=False)
-  result = run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
-  result['checkpoint_step'] = step
-  writer = reporting.MetricWriter(workdir, enabled=is_primary)
-  log_eval(writer, step, result, spec, is_primary)
-  writer.close()
-  if is_primary:
-    print(f'Checkpoint step {step} ({checkpoint}): mean IoU {result["mean_iou"]:.4f}, pixel accuracy '
-          f'{result["pixel_accuracy"]:.4f}, mean class accuracy {result["mean_class_accuracy"]:.4f}')
-    print(reporting.format_iou_table(result['per_class_iou'], spec.class_names, result['per_class_accuracy']))
-  ckpts.close()
-  return result

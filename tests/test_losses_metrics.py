@@ -113,6 +113,7 @@ def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_
   import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
   from jaxseg import optim, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data.datasets import DatasetSpec  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
 
@@ -125,17 +126,17 @@ def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_
                      label_key='segmentation_mask', label_offset=0, ignore_values=(), train_split='train',
                      eval_split='validation')
   lr_fn = optim.create_learning_rate_schedule(config.optimizer, 10)
-  model = train.build_model(config, 3)
-  state = train.create_train_state(model, optim.create_optimizer(config.optimizer, lr_fn), jax.random.key(0),
+  model = state_lib.build_model(config, 3)
+  state = state_lib.create_train_state(model, optim.create_optimizer(config.optimizer, lr_fn), jax.random.key(0),
                                    (8, 8, 3))
-  p_train, _ = train.make_steps(config, spec, lr_fn, None)
+  p_train = train.make_train_step(config, spec, lr_fn, None)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(n_dev, 2, 8, 8, 3), dtype=np.uint8)
   labels = rng.integers(0, 3, size=(n_dev, 2, 8, 8)).astype(np.uint8)
   labels[0, :, :, :7] = IGNORE  # Device 0: few valid pixels; the others: all valid.
   # Reference: the same model applied to the global batch on the host.
   variables = {'params': state.params}
-  logits = model.apply(variables, train.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)), jnp.float32))
+  logits = model.apply(variables, state_lib.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)), jnp.float32))
   expected = np_cross_entropy(np.asarray(logits), labels.reshape(-1, 8, 8).astype(np.int64))
   _, step_metrics = p_train(jax_utils.replicate(state), {'image': images, 'label': labels},
                             jax_utils.replicate(jax.random.key(1)))

@@ -42,7 +42,17 @@ def map_labels(raw: tf.Tensor, spec: DatasetSpec) -> tf.Tensor:
   ignore = tf.equal(raw, spec.ignore_label)
   for v in spec.ignore_values:
     ignore = tf.logical_or(ignore, tf.equal(raw, v))
-  return tf.where(ignore, spec.ignore_label, raw + spec.label_offset)
+  labels = tf.where(ignore, spec.ignore_label, raw + spec.label_offset)
+  # A value outside [0, num_classes) would silently train on a class that does not exist.
+  out_of_range = tf.logical_and(tf.logical_not(ignore),
+                                tf.logical_or(labels < 0, labels >= spec.num_classes))
+  check = tf.debugging.Assert(
+      tf.logical_not(tf.reduce_any(out_of_range)),
+      [f'dataset {spec.name!r}: a mask holds a value that is not a class in [0, {spec.num_classes}) after '
+       f'label_offset={spec.label_offset} nor ignore_label={spec.ignore_label} / ignore_values='
+       f'{spec.ignore_values}; offending mapped values:', tf.boolean_mask(labels, out_of_range)[:10]])
+  with tf.control_dependencies([check]):
+    return tf.identity(labels)
 
 
 def _options() -> tf.data.Options:

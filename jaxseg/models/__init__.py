@@ -1,6 +1,6 @@
 """Model registry: `config.model.name` -> a Flax linen module."""
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp

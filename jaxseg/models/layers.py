@@ -7,7 +7,6 @@ are chosen for speed under XLA (see benchmarks/NOTES.md for measurements).
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 Dtype = Any
