@@ -31,8 +31,8 @@ def test_class_constants():
 def test_shapes_and_dtypes():
   for index in range(5):
     image, mask = _example('train', index)
-    assert image.shape == (96, 96, 3) and image.dtype == np.uint8
-    assert mask.shape == (96, 96) and mask.dtype == np.uint8
+    assert image.shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3) and image.dtype == np.uint8
+    assert mask.shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE) and mask.dtype == np.uint8
     assert mask.min() >= 0 and mask.max() < shapes.NUM_CLASSES
     # Every image has foreground and background.
     assert 0 < np.count_nonzero(mask) < mask.size
@@ -122,12 +122,12 @@ def prepared_data_dir(tmp_path_factory):
 def test_builder_registered_and_info(prepared_data_dir):
   builder = tfds.builder('jaxseg_shapes', data_dir=prepared_data_dir)
   assert isinstance(builder, shapes.JaxsegShapes)
-  assert str(builder.info.version) == '1.0.0'
+  assert str(builder.info.version) == '2.0.0'
   assert set(builder.info.features.keys()) == {
       'image', 'segmentation_mask', 'file_name'
   }
-  assert builder.info.features['image'].shape == (96, 96, 3)
-  assert builder.info.features['segmentation_mask'].shape == (96, 96, 1)
+  assert builder.info.features['image'].shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3)
+  assert builder.info.features['segmentation_mask'].shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 1)
   assert builder.info.splits['train'].num_examples == 2000
   assert builder.info.splits['validation'].num_examples == 200
   for name in shapes.CLASS_NAMES:
@@ -144,9 +144,9 @@ def test_prepared_splits(prepared_data_dir):
   count = 0
   for example in tfds.as_numpy(validation):
     count += 1
-    assert example['image'].shape == (96, 96, 3)
+    assert example['image'].shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3)
     assert example['image'].dtype == np.uint8
-    assert example['segmentation_mask'].shape == (96, 96, 1)
+    assert example['segmentation_mask'].shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 1)
     assert example['segmentation_mask'].dtype == np.uint8
     assert example['segmentation_mask'].max() < shapes.NUM_CLASSES
     name = example['file_name'].decode()

@@ -41,11 +41,17 @@ def _data_dir(dataset_config) -> Optional[str]:
 
 def _open_catalog(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
   """A tfds catalog dataset: prepared already, or downloaded and prepared now (needs the network)."""
+  data_dir = _data_dir(dataset_config)
   try:
-    builder = tfds.builder(spec.name, data_dir=_data_dir(dataset_config))
+    tfds.builder(spec.name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ConfigError(f'config.dataset.name={spec.name!r} is neither a jaxseg preset ({sorted(PRESETS)}) '
                       f'nor a tfds dataset: {e}') from None
+  # A builder made after process 0 prepared the data sees it prepared.
+  return prepare_once(lambda: _prepare_catalog(spec, tfds.builder(spec.name, data_dir=data_dir)))
+
+
+def _prepare_catalog(spec: DatasetSpec, builder) -> tfds.core.DatasetBuilder:
   if not builder.is_prepared():
     try:
       builder.download_and_prepare()
@@ -56,13 +62,31 @@ def _open_catalog(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder
   return builder
 
 
+def prepare_once(prepare: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+  """Runs `prepare` on process 0 first, then on the others (which find it prepared).
+
+  Several processes writing one dataset into shared storage would race.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return prepare()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  builder = prepare() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('jaxseg: dataset prepared')
+  return builder if builder is not None else prepare()
+
+
 def _open_shapes(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
   from jaxseg.data import shapes  # pylint: disable=g-import-not-at-top  # Registers the builder.
   del shapes
-  builder = tfds.builder('jaxseg_shapes', data_dir=_data_dir(dataset_config))
-  if not builder.is_prepared():
-    builder.download_and_prepare()
-  return builder
+
+  def prepare():
+    builder = tfds.builder('jaxseg_shapes', data_dir=_data_dir(dataset_config))
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+    return builder
+
+  return prepare_once(prepare)
 
 
 def _open_folder(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
@@ -71,8 +95,8 @@ def _open_folder(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
     raise ConfigError("config.dataset.name='folder' needs config.dataset.path=DIR "
                       '(DIR holds train/images, train/masks, val/images, val/masks)')
   data_dir = _data_dir(dataset_config) or os.path.expanduser('~/tensorflow_datasets')
-  return folder.prepare_folder_dataset(dataset_config.path, num_classes=spec.num_classes, data_dir=data_dir,
-                                       ignore_label=spec.ignore_label)
+  return prepare_once(lambda: folder.prepare_folder_dataset(
+      dataset_config.path, num_classes=spec.num_classes, data_dir=data_dir, ignore_label=spec.ignore_label))
 
 
 # Defaults per dataset; every key may be overridden by the config field of the same name.

@@ -168,13 +168,25 @@ def hide_accelerators_from_tf() -> None:
     pass  # Already initialised, or no such device type: nothing to hide.
 
 
-def class_pixel_counts(builder, spec: DatasetSpec, max_examples: Optional[int] = None) -> np.ndarray:
-  """[K] pixel counts per class over the training split (for median-frequency class weights)."""
+def class_pixel_counts(builder, spec: DatasetSpec, max_examples: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Pixel statistics of the training split for median-frequency class weights.
+
+  Returns:
+    (counts [K]: pixels of each class,
+     present [K]: valid pixels of the images in which each class appears).
+  """
   ds = _raw_split(builder, spec, spec.train_split, cache=False)
   if max_examples:
     ds = ds.take(max_examples)
   k = spec.num_classes
-  ds = ds.map(lambda ex: tf.math.bincount(tf.reshape(decode_example(ex, spec)[1], [-1]), minlength=256,
-                                          maxlength=256, dtype=tf.int64), num_parallel_calls=AUTOTUNE)
-  counts = ds.reduce(tf.zeros([256], tf.int64), lambda a, b: a + b).numpy()
-  return counts[:k]
+
+  def stats(example):
+    labels = tf.reshape(decode_example(example, spec)[1], [-1])
+    counts = tf.math.bincount(labels, minlength=256, maxlength=256, dtype=tf.int64)[:k]
+    valid = tf.reduce_sum(counts)
+    return counts, tf.where(counts > 0, valid, tf.zeros_like(counts))
+
+  ds = ds.map(stats, num_parallel_calls=AUTOTUNE)
+  zeros = tf.zeros([k], tf.int64)
+  counts, present = ds.reduce((zeros, zeros), lambda acc, x: (acc[0] + x[0], acc[1] + x[1]))
+  return counts.numpy(), present.numpy()

@@ -2,7 +2,7 @@
 
 jaxseg needs a default dataset that works without a network connection or a
 manual download, is small enough to prepare in seconds, and is still a real
-segmentation problem. Each 96x96 image holds 2 to 5 filled shapes (disc,
+segmentation problem. Each 96x96 image holds 2 to 4 filled shapes (disc,
 rotated square, rotated triangle) on a textured background. Colours and
 textures of every region, background included, come from one shared
 distribution, so a model cannot tell classes apart by colour and has to learn
@@ -37,23 +37,23 @@ IMAGE_SIZE = 96
 SPLIT_SEEDS = {'train': 0x5EED0, 'validation': 0x5EED1}
 SPLIT_SIZES = {'train': 2000, 'validation': 200}
 
-# Generation parameters, in pixels at 96x96 (scaled for other sizes).
-_MIN_OBJECTS, _MAX_OBJECTS = 2, 5
+# Generation parameters, in pixels at 96x96 (scaled by size / 96).
+_MIN_OBJECTS, _MAX_OBJECTS = 2, 4
 _MIN_RADIUS, _MAX_RADIUS = 10.0, 28.0
 # Minimum RGB distance between an object's mean colour and the mean of what
 # it covers: large enough that every edge is visible, yet well inside the
 # spread of colours in an image, so a colour threshold does not find objects.
-_MIN_CONTRAST = 60.0
+_MIN_CONTRAST = 70.0
 _MAX_COLOUR_TRIES = 20
 # Occlusion is allowed, but a new shape may not leave less than this fraction
 # of an earlier shape's visible area; placements are retried otherwise.
-_MIN_VISIBLE_FRACTION = 0.35
+_MIN_VISIBLE_FRACTION = 0.6
 _MAX_PLACEMENT_TRIES = 10
 # Shared colour/texture distribution for background and objects.
 _COLOUR_LOW, _COLOUR_HIGH = 20.0, 235.0
 _MIN_GRID, _MAX_GRID = 3, 7  # coarse-noise grid sizes (inclusive)
 _MIN_TEXTURE_AMP, _MAX_TEXTURE_AMP = 15.0, 40.0
-_MIN_NOISE_STD, _MAX_NOISE_STD = 4.0, 12.0
+_MIN_NOISE_STD, _MAX_NOISE_STD = 3.0, 10.0
 
 _DESCRIPTION = f"""\
 Synthetic semantic segmentation dataset generated offline by jaxseg.
@@ -63,8 +63,8 @@ Each {IMAGE_SIZE}x{IMAGE_SIZE} RGB image contains {_MIN_OBJECTS} to \
 earlier ones; shapes may be cut by the image border) on a smooth random colour \
 field with per-pixel Gaussian noise. Object and background colours come from \
 the same distribution, so classes differ by shape, not colour. Characteristic \
-radius (the radius of a disc of equal area) is {_MIN_RADIUS:g} to \
-{_MAX_RADIUS:g} pixels.
+radius (the radius of a disc of equal area) is {_MIN_RADIUS * IMAGE_SIZE / 96:.3g} to \
+{_MAX_RADIUS * IMAGE_SIZE / 96:.3g} pixels.
 
 `segmentation_mask` holds one class index per pixel:
 {chr(10).join(f'  {i}: {name}' for i, name in enumerate(CLASS_NAMES))}
@@ -236,9 +236,10 @@ def generate_example(
 class JaxsegShapes(tfds.core.GeneratorBasedBuilder):
   """tfds builder for `jaxseg_shapes`; generates data, downloads nothing."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release: discs, squares and triangles, 96x96.',
+      '2.0.0': 'Clearer scenes: 2 to 4 shapes, each at least 60% visible, contrast >= 70, less pixel noise.',
   }
 
   # tfds 4.9.10's `code_path` reaches for the `importlib_resources` package,

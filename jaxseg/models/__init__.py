@@ -12,7 +12,7 @@ from jaxseg.models.unet import UNet
 # name -> (module class, the config fields it takes besides num_classes/dtype/axis_name).
 MODELS: dict[str, tuple[type, tuple[str, ...]]] = {
     'unet': (UNet, ('base_width', 'depth', 'norm', 'upsample')),
-    'fcn': (FCN, ('variant', 'width_multiplier', 'fc_width', 'fc6_kernel', 'dropout_rate')),
+    'fcn': (FCN, ('variant', 'width_multiplier', 'fc_width', 'fc6_kernel', 'dropout_rate', 'norm')),
 }
 
 
