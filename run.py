@@ -1,7 +1,7 @@
 """jaxseg command line: flags -> jaxseg entry points; nothing else.
 
-  python run.py --config=configs/unet.py [--workdir=DIR] [--mode=train|eval]
-                [--config.field=value ...]
+  python run.py --config=configs/unet.py [--workdir=DIR] [--mode=train|eval|predict|export]
+                [--checkpoint=best|latest] [--input=PATH --output=DIR] [--config.field=value ...]
 """
 
 import os
@@ -21,6 +21,9 @@ config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() Pyt
 flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and metrics go. Default: workdirs/<config name>.')
 flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint eval/predict/export restore.')
+flags.DEFINE_string('input', None, 'predict: an image, a folder of images or a glob ("imgs/*.jpg").')
+flags.DEFINE_string('output', None, 'predict: folder for masks and overlays (default WORKDIR/predictions); '
+                    'export: folder for the artefact (default WORKDIR/export).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -32,7 +35,8 @@ def main(argv):
   workdir = FLAGS.workdir or cli.default_workdir(FLAGS['config'].config_filename)
   if not FLAGS.workdir:
     print(f'Workdir: {workdir}', flush=True)
-  cli.run(FLAGS.mode, FLAGS.config, workdir, checkpoint=FLAGS.checkpoint)
+  cli.run(FLAGS.mode, FLAGS.config, workdir, checkpoint=FLAGS.checkpoint, input_path=FLAGS.input,
+          output_dir=FLAGS.output)
 
 
 if __name__ == '__main__':

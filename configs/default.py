@@ -47,6 +47,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.photometric = False    # Random brightness, contrast, saturation and hue.
   config.input.prefetch_to_device = 2  # Batches staged on the devices ahead of the step.
 
+  # ---- Inference: --mode=predict, the second scoring in --mode=eval, jaxseg.api (see jaxseg/inference.py). ----
+  config.inference = ml_collections.ConfigDict()
+  config.inference.mode = 'auto'      # 'whole' (one pass per image), 'slide' (sliding window) or 'auto': slide over images larger than input.eval_size.
+  config.inference.window = placeholder(tuple)  # Sliding-window (H, W); None: input.crop_size.
+  config.inference.stride = placeholder(tuple)  # Sliding-window step (H, W), <= window; None: 2/3 of the window. Overlapping logits are averaged.
+  config.inference.flip = False       # Test-time augmentation: also the horizontally flipped image (softmax probabilities averaged).
+  config.inference.scales = (1.0,)    # Test-time augmentation: image scales, e.g. (0.75, 1.0, 1.25); probabilities resized back and averaged.
+  config.inference.batch_size = placeholder(int)  # Windows/images per batch on this host; None: eval_batch_size / processes.
+  config.inference.size_multiple = 32  # Whole-image inference pads images to a multiple of this (fewer compilations); cropped off after.
+
+  # ---- Export (--mode=export, see jaxseg/export.py). ----
+  config.export = ml_collections.ConfigDict()
+  config.export.saved_model = True    # Also write a TensorFlow SavedModel (jax2tf) next to the jax.export file.
+
   # ---- Loss. ----
   config.loss = ml_collections.ConfigDict()
   config.loss.class_weights = placeholder(tuple)  # Per-class weights (K values) for cross-entropy; None: unweighted.

@@ -2,10 +2,11 @@
 
 import os
 import sys
+from typing import Optional
 
 from jaxseg.errors import CheckpointError, ConfigError, DataError
 
-MODES = ['train', 'eval']
+MODES = ['train', 'eval', 'predict', 'export']
 
 
 def default_workdir(config_path: str) -> str:
@@ -14,7 +15,9 @@ def default_workdir(config_path: str) -> str:
   return os.path.join('workdirs', stem)
 
 
-def run(mode: str, config, workdir: str, *, checkpoint: str = 'best') -> None:
+def run(mode: str, config, workdir: str, *, checkpoint: str = 'best', input_path: Optional[str] = None,
+        output_dir: Optional[str] = None) -> None:
+  """Runs one mode; ConfigError/DataError/CheckpointError become 'jaxseg: error: ...' and exit status 2."""
   from jaxseg import distributed  # pylint: disable=g-import-not-at-top
   from jaxseg import reporting  # pylint: disable=g-import-not-at-top
   from jaxseg import evaluate, train  # pylint: disable=g-import-not-at-top
@@ -25,6 +28,14 @@ def run(mode: str, config, workdir: str, *, checkpoint: str = 'best') -> None:
       train.train_and_evaluate(config, workdir)
     elif mode == 'eval':
       evaluate.evaluate(config, workdir, checkpoint=checkpoint)
+    elif mode == 'predict':
+      from jaxseg import inference  # pylint: disable=g-import-not-at-top
+      if not input_path:
+        raise ConfigError('--mode=predict needs --input=PATH (an image, a folder or a glob such as "imgs/*.jpg")')
+      inference.predict(config, workdir, input_path, output_dir, checkpoint=checkpoint)
+    elif mode == 'export':
+      from jaxseg import export  # pylint: disable=g-import-not-at-top
+      export.export_model(config, workdir, checkpoint=checkpoint, output_dir=output_dir)
     else:
       raise ConfigError(f'--mode={mode!r}; choose one of {MODES}')
   except (ConfigError, DataError, CheckpointError, train.NonFiniteLossError) as e:

@@ -1,0 +1,119 @@
+"""The Python API: a trained model as a function from images to masks.
+
+  from jaxseg.api import Segmenter
+  seg = Segmenter.from_workdir('workdirs/unet')      # best checkpoint
+  mask = seg(image)                                   # uint8 [H, W, 3] -> int32 [H, W]
+  picture = seg.overlay(image, mask)                  # uint8 [H, W, 3]
+
+Inference settings (sliding window, TTA) come from the training config's
+`inference` section and can be changed per Segmenter:
+`Segmenter.from_workdir(workdir, flip=True, scales=(0.75, 1.0, 1.25))`.
+"""
+
+import json
+import os
+from typing import Optional, Sequence, Union
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from jaxseg import inference
+from jaxseg import viz
+from jaxseg.errors import CheckpointError
+
+ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved as WORKDIR/config.json, as a ConfigDict."""
+  path = os.path.join(os.path.abspath(os.path.expanduser(os.fspath(workdir))), 'config.json')
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path} does not exist: is {workdir} the workdir of a training run?')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _read(image: ImageLike) -> np.ndarray:
+  if isinstance(image, (str, os.PathLike)):
+    from jaxseg.data import folder  # pylint: disable=g-import-not-at-top
+    return folder.read_image(os.fspath(image))
+  if isinstance(image, Image.Image):
+    return np.asarray(image.convert('RGB'))
+  return inference.check_image(image)
+
+
+class Segmenter:
+  """A restored model with its class names and palette. Build it with `from_workdir` or `from_config`.
+
+  Attributes:
+    class_names: one name per class index.
+    palette: uint8 [K, 3] colours used by `colorize` and `overlay`.
+    step: the training step of the restored checkpoint.
+    predictor: the underlying inference.Predictor.
+  """
+
+  def __init__(self, predictor: inference.Predictor, spec, step: int, config: ml_collections.ConfigDict):
+    self.predictor = predictor
+    self.spec = spec
+    self.step = step
+    self.config = config
+    self.class_names = tuple(spec.class_names)
+    self.num_classes = spec.num_classes
+    self.palette = viz.palette_for(spec.name, spec.num_classes)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, checkpoint: str = 'best', **inference_options) -> 'Segmenter':
+    """Restores the best (or 'latest') checkpoint of a training run, with the config it saved.
+
+    Args:
+      workdir: the training run's workdir (holds config.json and checkpoints/).
+      checkpoint: 'best' (by validation mean IoU) or 'latest'.
+      **inference_options: overrides of config.inference: mode, window, stride,
+        flip, scales, batch_size, size_multiple.
+    """
+    return cls.from_config(load_workdir_config(workdir), workdir, checkpoint=checkpoint, **inference_options)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best',
+                  **inference_options) -> 'Segmenter':
+    """Like from_workdir, with a config of your own (its model must be the one trained in `workdir`)."""
+    predictor, spec, step = inference.load_predictor(config, os.path.expanduser(os.fspath(workdir)),
+                                                     checkpoint=checkpoint, **inference_options)
+    return cls(predictor, spec, step, config)
+
+  def with_options(self, **inference_options) -> 'Segmenter':
+    """The same model with other inference settings (e.g. flip=True); nothing is restored again."""
+    return Segmenter(self.predictor.with_options(**inference_options), self.spec, self.step, self.config)
+
+  def __call__(self, image: ImageLike) -> np.ndarray:
+    """Segments one image (uint8 [H, W, 3] array, PIL image or file path): int32 class indices [H, W]."""
+    return self.predictor.predict(_read(image)).astype(np.int32)
+
+  def predict(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
+    """Segments several images (any sizes), batching them together: int32 masks [H, W] in order."""
+    return [m.astype(np.int32) for m in self.predictor.iter_masks(_read(i) for i in images)]
+
+  def probabilities(self, image: ImageLike) -> np.ndarray:
+    """Class probabilities float32 [H, W, K] (softmax of the logits; the mean over TTA views)."""
+    scores = self.predictor.scores(_read(image))
+    return scores if self.predictor.options.uses_tta else inference.softmax(scores)
+
+  def colorize(self, mask: np.ndarray) -> np.ndarray:
+    """A mask in the dataset's colours: uint8 [H, W, 3]."""
+    return viz.colorize(mask, self.palette, ignore_label=self.spec.ignore_label)
+
+  def overlay(self, image: ImageLike, mask: Optional[np.ndarray] = None, *, alpha: float = 0.5) -> np.ndarray:
+    """The image with its classes coloured over it (background left as is): uint8 [H, W, 3].
+
+    Without `mask`, the image is segmented first.
+    """
+    image = _read(image)
+    if mask is None:
+      mask = self(image)
+    return viz.overlay(image, mask, self.palette, alpha=alpha, skip_classes=viz.background_classes(self.class_names),
+                       ignore_label=self.spec.ignore_label)
+
+  def legend(self) -> list[tuple[str, tuple[int, int, int]]]:
+    """(class name, RGB colour) per class, e.g. for a plot legend."""
+    return [(n, tuple(int(c) for c in self.palette[i])) for i, n in enumerate(self.class_names)]

@@ -1,0 +1,189 @@
+"""--mode=export: the trained model as an artefact that runs without jaxseg.
+
+WORKDIR/export/ gets
+  model.jax_exported  `jax.export` serialisation of  uint8 images [B, H, W, 3] ->
+                      {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]},
+                      normalisation and weights inside; B is symbolic, and so are
+                      H and W (as multiples of `size_multiple` when the model
+                      cannot take any size symbolically -- see model.json).
+                      Lowered for CPU, CUDA and TPU where possible.
+  model.json          class names, palette, input/output spec, size_multiple,
+                      platforms, checkpoint step, the model config.
+  saved_model/        the same function as a TensorFlow SavedModel (jax2tf),
+                      when config.export.saved_model (default True) and jax2tf work.
+
+Loading needs only jax and numpy:
+
+  exp = jax.export.deserialize(open('WORKDIR/export/model.jax_exported', 'rb').read())
+  out = exp.call(images)  # images uint8 [B, H, W, 3], H and W multiples of size_multiple
+
+or `jaxseg.export.load(dir)`, which pads any size and crops back.
+"""
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger('jaxseg')
+
+MODEL_FILE = 'model.jax_exported'
+META_FILE = 'model.json'
+SAVED_MODEL_DIR = 'saved_model'
+ALL_PLATFORMS = ('cpu', 'cuda', 'tpu')
+
+
+def serving_function(model, variables: dict, dtype):
+  """uint8 [B, H, W, 3] -> {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]}, weights closed over."""
+  from jaxseg import inference  # pylint: disable=g-import-not-at-top
+
+  def serve(images):
+    logits = inference.forward(model, variables, images, dtype)
+    return {'logits': logits, 'mask': jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+
+  return serve
+
+
+def _size_multiples(model_config) -> list[int]:
+  """H/W multiples to try for the symbolic shape, most general first (1: any size)."""
+  candidates = [1]
+  if model_config.get('depth') is not None:
+    candidates.append(2 ** int(model_config.depth))  # UNet pads to 2**depth.
+  candidates += [8, 16, 32, 64]
+  return sorted(set(candidates), key=candidates.index)
+
+
+def export_function(fn, multiples: list[int], platforms: tuple[str, ...] = ALL_PLATFORMS):
+  """Exports `fn` with a symbolic batch and the most general symbolic H/W that lowers.
+
+  Returns:
+    (jax.export.Exported, size multiple (1: any H/W), input shape spec).
+  """
+  errors = []
+  for m in multiples:
+    spec = 'b, h, w, 3' if m == 1 else f'b, {m}*h, {m}*w, 3'
+    for plats in (platforms, (jax.default_backend(),)):
+      try:
+        arg = jax.ShapeDtypeStruct(jax.export.symbolic_shape(spec), jnp.uint8)
+        return jax.export.export(jax.jit(fn), platforms=plats)(arg), m, spec
+      except Exception as e:  # pylint: disable=broad-except  # Shape-polymorphism and lowering errors vary.
+        errors.append(f'[{spec}] on {plats}: {type(e).__name__}: {str(e)[:300]}')
+  raise RuntimeError('the model could not be exported with a symbolic shape:\n' + '\n'.join(errors))
+
+
+def _write_saved_model(fn, spec: str, directory: str, platforms: tuple[str, ...]) -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  tf_fn = jax2tf.convert(fn, polymorphic_shapes=[f'({spec})'], native_serialization_platforms=platforms)
+  module = tf.Module()
+  module.serve = tf.function(tf_fn, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')],
+                             autograph=False)
+  tf.saved_model.save(module, directory, signatures={'serving_default': module.serve})
+
+
+def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: Optional[str] = None) -> str:
+  """--mode=export: writes the best (or latest) checkpoint of `workdir` to WORKDIR/export (or `output_dir`).
+
+  Returns:
+    The export directory.
+  """
+  from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg import inference  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg import viz  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import augment  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import pipeline  # pylint: disable=g-import-not-at-top
+  config_utils.validate(config)
+  pipeline.hide_accelerators_from_tf()
+  workdir = os.path.abspath(workdir)
+  out = os.path.abspath(output_dir or os.path.join(workdir, 'export'))
+  spec = datasets.resolve_spec(config.dataset)
+  _, state, step = inference.restore_state(config, workdir, spec, checkpoint=checkpoint)
+  model = state_lib.build_model(config, spec.num_classes, axis_name=None)
+  variables = jax.device_get(state_lib.variables_of(state))
+  fn = serving_function(model, variables, state_lib.compute_dtype(config))
+  exported, multiple, shape_spec = export_function(fn, _size_multiples(config.model))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, MODEL_FILE), 'wb') as f:
+    f.write(exported.serialize())
+
+  saved_model = None
+  export_config = config.get('export') or {}
+  if export_config.get('saved_model', True):
+    try:
+      _write_saved_model(fn, shape_spec, os.path.join(out, SAVED_MODEL_DIR), tuple(exported.platforms))
+      saved_model = SAVED_MODEL_DIR
+    except Exception as e:  # pylint: disable=broad-except  # jax2tf is optional; the jax.export file is the artefact.
+      log.warning('No TensorFlow SavedModel written (%s: %s); %s is complete without it.', type(e).__name__,
+                  str(e)[:500], MODEL_FILE)
+
+  k = spec.num_classes
+  meta = {
+      'format': 'jax.export', 'file': MODEL_FILE, 'jax_version': jax.__version__,
+      'platforms': list(exported.platforms), 'saved_model': saved_model,
+      'input': {
+          'name': 'images', 'dtype': 'uint8', 'shape': ['batch', 'height', 'width', 3], 'layout': 'NHWC, RGB, 0-255',
+          'symbolic_shape': shape_spec, 'size_multiple': multiple,
+          'note': ('height and width must be multiples of size_multiple: pad images at the bottom/right with '
+                   'zeros and crop the outputs (jaxseg.export.load does this)') if multiple > 1 else
+                  'any height and width'},
+      'outputs': {'logits': {'dtype': 'float32', 'shape': ['batch', 'height', 'width', k]},
+                  'mask': {'dtype': 'int32', 'shape': ['batch', 'height', 'width']}},
+      'normalization': {'mean': list(augment.IMAGENET_MEAN), 'std': list(augment.IMAGENET_STD),
+                        'applied_inside': True},
+      'num_classes': k, 'class_names': list(spec.class_names), 'ignore_label': spec.ignore_label,
+      'palette': viz.palette_for(spec.name, k).tolist(), 'dataset': spec.name,
+      'model': json.loads(config.model.to_json_best_effort()), 'checkpoint': checkpoint, 'checkpoint_step': step,
+  }
+  with open(os.path.join(out, META_FILE), 'w', encoding='utf-8') as f:
+    json.dump(meta, f, indent=2)
+  if jax.process_index() == 0:
+    hw = 'any height and width' if multiple == 1 else f'height and width multiples of {multiple}'
+    print(f'Exported the {checkpoint} checkpoint (step {step}) to {out}: {MODEL_FILE} (batch symbolic, {hw}; '
+          f'platforms {", ".join(exported.platforms)})' + (f', {SAVED_MODEL_DIR}/' if saved_model else '')
+          + f', {META_FILE}', flush=True)
+  return out
+
+
+class ExportedModel:
+  """A loaded export: call it on uint8 images [B, H, W, 3] (or one [H, W, 3]) of any size.
+
+  Needs only jax and numpy. Images are zero-padded at the bottom/right to the
+  export's size multiple and the outputs cropped back.
+
+  Attributes:
+    meta: the contents of model.json.
+    exported: the jax.export.Exported.
+  """
+
+  def __init__(self, directory: str):
+    with open(os.path.join(directory, META_FILE), encoding='utf-8') as f:
+      self.meta = json.load(f)
+    with open(os.path.join(directory, self.meta.get('file', MODEL_FILE)), 'rb') as f:
+      self.exported = jax.export.deserialize(bytearray(f.read()))
+    self.class_names = self.meta['class_names']
+    self.palette = np.asarray(self.meta['palette'], np.uint8)
+    self.size_multiple = int(self.meta['input']['size_multiple'])
+
+  def __call__(self, images: Any) -> dict:
+    images = np.asarray(images, np.uint8)
+    single = images.ndim == 3
+    if single:
+      images = images[None]
+    _, h, w, _ = images.shape
+    m = self.size_multiple
+    ph, pw = -(-h // m) * m, -(-w // m) * m
+    if (ph, pw) != (h, w):
+      images = np.pad(images, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)))
+    out = {k: np.asarray(v)[:, :h, :w] for k, v in self.exported.call(images).items()}
+    return {k: v[0] for k, v in out.items()} if single else out
+
+
+def load(directory: str) -> ExportedModel:
+  """Loads WORKDIR/export (as written by --mode=export)."""
+  return ExportedModel(directory)
