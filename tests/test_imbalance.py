@@ -1,0 +1,293 @@
+"""Class imbalance: median-frequency weights, resolve_class_weights, the global Dice loss, binary tasks."""
+
+import json
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxseg import losses
+from jaxseg import train
+from jaxseg.errors import ConfigError
+from tests.conftest import tiny_unet_config
+from tests.test_losses_metrics import np_cross_entropy, np_log_softmax
+
+IGNORE = 255
+
+
+def _key(seed):
+  # 'rbg' keys: XLA:CPU compiles the default threefry initialisers several times slower, and which
+  # random bits the parameters start from does not matter here.
+  return jax.random.key(seed, impl='rbg')
+
+
+# ---------------------------------------------------------------------------
+# Helpers.
+# ---------------------------------------------------------------------------
+
+
+def write_folder_dataset(root, masks_by_split, seed=0):
+  """Writes DIR/{train,val}/{images,masks} with random RGB images for the given uint8 masks."""
+  rng = np.random.default_rng(seed)
+  for split, masks in masks_by_split.items():
+    os.makedirs(root / split / 'images', exist_ok=True)
+    os.makedirs(root / split / 'masks', exist_ok=True)
+    for i, mask in enumerate(masks):
+      image = rng.integers(0, 256, size=mask.shape + (3,), dtype=np.uint8)
+      image[mask == 1] //= 4  # Foreground darker: a binary task a few steps can start on.
+      Image.fromarray(image).save(root / split / 'images' / f'{i:03d}.png')
+      Image.fromarray(mask.astype(np.uint8)).save(root / split / 'masks' / f'{i:03d}.png')
+  return str(root)
+
+
+def folder_config(path, data_dir, num_classes, **loss):
+  config = ml_collections.ConfigDict({
+      'dataset': {'name': 'folder', 'path': path, 'num_classes': num_classes, 'data_dir': data_dir,
+                  'ignore_label': IGNORE},
+      'loss': {'class_weights': None, 'class_weighting': 'none', 'dice_weight': 0.0}})
+  config.loss.update(loss)
+  return config
+
+
+def np_soft_dice(logits, labels, k, smooth=1.0, classes=None):
+  """1 - mean over classes of (2 I + s) / (C + s), with I and C summed over every valid pixel of the batch."""
+  probs = np.exp(np_log_softmax(logits.astype(np.float64)))
+  valid = labels != IGNORE
+  onehot = np.eye(k)[np.where(valid, labels, 0)] * valid[..., None]
+  probs = probs * valid[..., None]
+  axes = tuple(range(labels.ndim))
+  inter = (probs * onehot).sum(axes)
+  card = (probs + onehot).sum(axes)
+  dice = (2 * inter + smooth) / (card + smooth)
+  if classes is not None:
+    dice = dice[list(classes)]
+  return 1.0 - dice.mean()
+
+
+# ---------------------------------------------------------------------------
+# (a) Median-frequency weights.
+# ---------------------------------------------------------------------------
+
+
+def test_median_frequency_weights_by_hand():
+  """Eigen & Fergus: f_c = pixels of c / pixels of the images where c appears; w_c = median(f) / f_c."""
+  counts = np.array([600, 0, 50, 100, 20])
+  present = np.array([1000, 0, 200, 400, 100])  # Valid pixels of the images holding each class.
+  # f = (0.6, -, 0.25, 0.25, 0.2); median of the present classes' f: (0.25 + 0.25) / 2 = 0.25.
+  weights = train.median_frequency_weights(counts, present)
+  np.testing.assert_allclose(weights, [0.25 / 0.6, 0.0, 1.0, 1.0, 1.25], rtol=1e-12)
+  assert weights[1] == 0.0  # Absent class: weight 0, not inf or nan.
+
+
+def test_median_frequency_weights_even_median_and_nothing_present():
+  # f = (0.5, 0.1, 0.2, 0.4); median (0.2 + 0.4) / 2 = 0.3.
+  np.testing.assert_allclose(train.median_frequency_weights([50, 10, 20, 40], [100, 100, 100, 100]),
+                             [0.6, 3.0, 1.5, 0.75])
+  with warnings.catch_warnings():  # numpy warns about the median of no classes; the weights are still 0.
+    warnings.simplefilter('ignore', RuntimeWarning)
+    np.testing.assert_array_equal(train.median_frequency_weights([0, 0, 0], [0, 0, 0]), [0.0, 0.0, 0.0])
+
+
+# ---------------------------------------------------------------------------
+# (b) resolve_class_weights.
+# ---------------------------------------------------------------------------
+
+
+def test_resolve_class_weights_from_the_config():
+  from jaxseg.data.datasets import DatasetSpec  # pylint: disable=g-import-not-at-top
+  spec = DatasetSpec(name='t', num_classes=3, class_names=('a', 'b', 'c'), ignore_label=IGNORE,
+                     image_key='image', label_key='segmentation_mask', label_offset=0, ignore_values=(),
+                     train_split='train', eval_split='validation')
+  config = folder_config('unused', 'unused', 3, class_weights=(1, 2.5, 0.5))
+  assert train.resolve_class_weights(config, spec, builder=None) == (1.0, 2.5, 0.5)
+  config.loss.class_weights = (1.0, 2.0)
+  with pytest.raises(ConfigError, match=r'config\.loss\.class_weights'):
+    train.resolve_class_weights(config, spec, builder=None)
+  config.loss.class_weights = None
+  assert train.resolve_class_weights(config, spec, builder=None) is None
+
+
+def test_median_frequency_weights_from_a_folder_dataset(tmp_path):
+  from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  masks = []
+  # Unbalanced: class 0 everywhere, 1 in two images, 2 in one, 3 never; ignore pixels must not count.
+  for (h, w), p in (((20, 24), [0.7, 0.2, 0.05, 0.05]), ((17, 30), [0.6, 0.35, 0.0, 0.05]),
+                    ((32, 16), [0.9, 0.0, 0.0, 0.1])):
+    masks.append(rng.choice([0, 1, 2, IGNORE], size=(h, w), p=p).astype(np.uint8))
+  path = write_folder_dataset(tmp_path / 'data', {'train': masks, 'val': masks[:1]})
+  config = folder_config(path, str(tmp_path / 'tfds'), 4, class_weighting='median_frequency')
+  spec, builder = datasets.open_dataset(config.dataset)
+
+  # Numpy reference: per class, its pixels and the valid pixels of the images it appears in.
+  counts = np.zeros(4, np.int64)
+  present = np.zeros(4, np.int64)
+  for mask in masks:
+    per_image = np.bincount(mask[mask != IGNORE], minlength=4)
+    counts += per_image
+    present += np.where(per_image > 0, per_image.sum(), 0)
+  assert counts[3] == 0 and counts[2] > 0 and present[2] < present[1] < present[0]
+  got_counts, got_present = pipeline.class_pixel_counts(builder, spec)
+  np.testing.assert_array_equal(got_counts, counts)
+  np.testing.assert_array_equal(got_present, present)
+
+  weights = train.resolve_class_weights(config, spec, builder)
+  freq = counts[:3] / present[:3]
+  median = np.median(freq)  # Of the present classes only.
+  np.testing.assert_allclose(weights, [median / freq[0], median / freq[1], median / freq[2], 0.0], rtol=1e-6)
+  assert weights[2] > weights[1] > weights[0]  # Rarer classes weigh more.
+
+  # Weights given in the config win over the computed ones.
+  config.loss.class_weights = (1.0, 1.0, 1.0, 1.0)
+  assert train.resolve_class_weights(config, spec, builder) == (1.0, 1.0, 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# (c) The Dice loss in the pmapped train step is the global Dice.
+# ---------------------------------------------------------------------------
+
+
+def _tiny_step_setup(num_classes, dice_weight):
+  from jaxseg import optim  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg.data.datasets import DatasetSpec  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.model = ml_collections.ConfigDict(dict(name='unet', base_width=4, depth=1, norm='none',
+                                                 upsample='transpose'))
+  config.loss.dice_weight = dice_weight
+  # Plain gradient descent with lr 1 from step 0: the parameter change after one step is minus the gradient.
+  config.optimizer.update(dict(learning_rate=1.0, momentum=0.0, weight_decay=0.0, schedule='constant',
+                               warmup_steps=0))
+  spec = DatasetSpec(name='t', num_classes=num_classes, class_names=tuple(f'c{i}' for i in range(num_classes)),
+                     ignore_label=IGNORE, image_key='image', label_key='segmentation_mask', label_offset=0,
+                     ignore_values=(), train_split='train', eval_split='validation')
+  lr_fn = optim.create_learning_rate_schedule(config.optimizer, 10)
+  model = state_lib.build_model(config, num_classes)
+  state = state_lib.create_train_state(model, optim.create_optimizer(config.optimizer, lr_fn), _key(0), (8, 8, 3))
+  return config, spec, lr_fn, model, state
+
+
+def _skewed_batch(num_classes, n_dev):
+  """Per device 2 images 8x8; every device sees different classes, in different amounts, some pixels ignored."""
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, size=(n_dev, 2, 8, 8, 3), dtype=np.uint8)
+  labels = np.zeros((n_dev, 2, 8, 8), np.uint8)  # Device 0: background only.
+  labels[1, :, 2:6, 2:6] = 1  # Device 1: a small foreground square.
+  labels[2] = rng.integers(0, num_classes, size=(2, 8, 8))  # Device 2: every class, evenly.
+  labels[3] = num_classes - 1  # Device 3: the last class only, half of it ignored.
+  labels[3, :, :, :4] = IGNORE
+  labels[0, 0, 0, :] = IGNORE
+  return images, labels
+
+
+@pytest.mark.parametrize('num_classes', [3, 2])
+def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
+  """4 devices with different class content: loss and gradient are those of the Dice over the whole batch.
+
+  A mean of per-device Dice losses would differ (checked below), so the test tells the two apart. For a
+  binary task only the foreground class counts in the Dice.
+  """
+  from flax import jax_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  n_dev = jax.local_device_count()
+  assert n_dev == 4, 'tests run with 4 simulated devices (tests/conftest.py)'
+  dice_weight = 0.7
+  config, spec, lr_fn, model, state = _tiny_step_setup(num_classes, dice_weight)
+  images, labels = _skewed_batch(num_classes, n_dev)
+  classes = (1,) if num_classes == 2 else None
+  flat_images = state_lib.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)), jnp.float32)
+  flat_labels = labels.reshape(-1, 8, 8).astype(np.int64)
+
+  # Reference on one device (no pmap): the model's logits for the whole batch, and jax.grad of the global
+  # loss, with and without its Dice term; one jit so that it compiles once.
+  def global_loss(params, weight):
+    out = model.apply({'params': params}, flat_images)
+    ce_sum, weight_sum = losses.cross_entropy_sums(out, jnp.asarray(flat_labels), ignore_label=IGNORE)
+    inter, card = losses.dice_terms(out, jnp.asarray(flat_labels), ignore_label=IGNORE)
+    d = losses.dice_loss_from_terms(inter, card, classes=None if classes is None else jnp.asarray(classes))
+    return ce_sum / weight_sum + weight * d
+
+  @jax.jit
+  def reference(params):
+    logits = model.apply({'params': params}, flat_images)
+    return (logits, jax.value_and_grad(global_loss)(params, dice_weight),
+            jax.grad(global_loss)(params, 0.0))
+
+  logits, (ref_loss, ref_grads), ce_grads = jax.device_get(reference(state.params))
+  ce = np_cross_entropy(logits, flat_labels)
+  dice = np_soft_dice(logits, flat_labels, num_classes, classes=classes)
+  per_device_dice = np.mean([np_soft_dice(l, y, num_classes, classes=classes)
+                             for l, y in zip(logits.reshape(n_dev, -1, 8, 8, num_classes),
+                                             flat_labels.reshape(n_dev, -1, 8, 8))])
+  assert abs(per_device_dice - dice) > 1e-2, 'the batch does not tell global from per-device Dice'
+  np.testing.assert_allclose(float(ref_loss), ce + dice_weight * dice, rtol=1e-5)
+
+  p_train = train.make_train_step(config, spec, lr_fn, None)
+  old_params = jax.device_get(state.params)
+  new_state, step_metrics = p_train(jax_utils.replicate(state), {'image': images, 'label': labels},
+                                    jax_utils.replicate(_key(1)))
+  reported = np.asarray(step_metrics['loss'])
+  np.testing.assert_allclose(reported, reported[0])  # The same global figure on every device.
+  np.testing.assert_allclose(float(reported[0]) - ce, dice_weight * dice, rtol=1e-4, atol=1e-6)
+
+  # lr 1, no momentum or weight decay: old - new = the gradient the step applied.
+  new_params = jax.device_get(jax_utils.unreplicate(new_state.params))
+  step_grads = jax.tree.map(lambda o, n: np.asarray(o, np.float64) - np.asarray(n, np.float64),
+                            old_params, new_params)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
+  for got, want in zip(jax.tree.leaves(step_grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-3, atol=1e-5 * scale)
+
+  # The Dice term matters in the gradient compared (cross-entropy alone gives a clearly different one).
+  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(ce_grads), jax.tree.leaves(ref_grads)))
+  assert diff > 100 * 1e-5 * scale
+
+
+# ---------------------------------------------------------------------------
+# (d) A binary task end to end.
+# ---------------------------------------------------------------------------
+
+
+def test_binary_folder_task_trains_with_dice_and_reports_foreground_metrics(tmp_path):
+  rng = np.random.default_rng(2)
+
+  def binary_mask(h, w):
+    mask = np.zeros((h, w), np.uint8)
+    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    mask[y:y + h // 3, x:x + w // 3] = 1  # A small foreground: the imbalance Dice is for.
+    mask[y:y + h // 3, x + w // 3] = IGNORE  # A boundary band, as real datasets have.
+    return mask
+
+  train_masks = [binary_mask(int(rng.integers(36, 48)), int(rng.integers(36, 48))) for _ in range(8)]
+  val_masks = [binary_mask(40, 44) for _ in range(3)]
+  path = write_folder_dataset(tmp_path / 'data', {'train': train_masks, 'val': val_masks})
+  config = tiny_unet_config(str(tmp_path / 'tfds'), **{
+      'dataset.name': 'folder', 'dataset.path': path, 'dataset.num_classes': 2, 'loss.dice_weight': 0.5,
+      'loss.class_weighting': 'median_frequency', 'input.eval_size': (48, 48), 'eval_batch_size': 4,
+      'num_train_steps': 3, 'log_every_steps': 3, 'eval_every_steps': 3, 'checkpoint_every_steps': 3,
+      'optimizer.warmup_steps': 1})
+  workdir = tmp_path / 'work'
+  with jax.default_prng_impl('rbg'):  # Faster to compile on CPU (see _key).
+    result = train.train_and_evaluate(config, str(workdir))
+  assert 0.0 <= result['foreground_iou'] <= 1.0 and 0.0 <= result['foreground_dice'] <= 1.0
+  lines = [json.loads(l) for l in open(workdir / 'metrics.jsonl', encoding='utf-8')]
+  evals = [l for l in lines if l['split'] == 'eval']
+  trains = [l for l in lines if l['split'] == 'train']
+  assert evals and trains
+  for e in evals:
+    assert 'foreground_iou' in e and 'foreground_dice' in e, e
+    assert len(e['per_class_iou']) == 2
+  assert all(np.isfinite(t['loss']) for t in trains)
+  # Dice = 2 IoU / (1 + IoU) for the same confusion matrix.
+  last = evals[-1]
+  if last['foreground_iou'] is not None:
+    assert last['foreground_dice'] == pytest.approx(2 * last['foreground_iou'] / (1 + last['foreground_iou']))
