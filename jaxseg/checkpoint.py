@@ -3,13 +3,21 @@
 The train state is saved unreplicated (one copy of every array), so a
 checkpoint restores onto any number of devices. The manager keeps the last
 `keep` checkpoints plus the one with the best validation mean IoU.
+
+Several processes: every process calls save and restore with the same
+(replicated) host state; orbax writes the arrays from process 0 only (its
+numpy handler) and every process reads them back, so WORKDIR must be on a
+file system all hosts share (NFS, a mounted bucket). Saves are atomic: orbax writes
+`<step>.orbax-checkpoint-tmp` and renames it when complete, and the next
+run deletes such leftovers (a process killed mid-save).
 """
 
+import logging
 import os
 from typing import Any, Optional
 
-import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -28,6 +36,15 @@ class _QuietUnscoredSaves(logging.Filter):
 logging.getLogger('absl').addFilter(_QuietUnscoredSaves())
 
 BEST_METRIC = 'mean_iou'
+UNREADABLE_SUFFIX = '.unreadable'  # A checkpoint that failed to restore is renamed <step>.unreadable.
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 class Checkpoints:
@@ -35,6 +52,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, *, keep: int = 2, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self._read_only = read_only
     best_fn = lambda metrics: metrics[BEST_METRIC]
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode='max', create=not read_only, read_only=read_only,
@@ -60,6 +78,12 @@ class Checkpoints:
     """Saves the (unreplicated, host) state; `metrics` with mean_iou make it a candidate for best."""
     if metrics is not None:
       metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if step in self._manager.all_steps():
+      # A safety net (a resumed run starts after its newest readable step; unreadable ones are set
+      # aside): orbax refuses to save over a step, and training is deterministic, so the new save
+      # holds what the old one should have.
+      log.warning('Replacing the checkpoint at step %d in %s.', step, self.directory)
+      self._manager.delete(step)
     self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
   def wait(self) -> None:
@@ -71,9 +95,14 @@ class Checkpoints:
 
     A checkpoint that fails to restore (corrupted, or cut short) is reported
     with a warning naming it, and with `fall_back` the next older one is tried.
+    A writable manager then renames the unreadable ones to
+    `<step>.unreadable` (kept for inspection), so that they neither count
+    towards `keep` nor block saving that step again. With several processes,
+    a step counts as restored only when every process read it, so all of
+    them continue from the same step.
 
     Returns:
-      (state, restored step).
+      (state as host numpy arrays, restored step).
     """
     steps = self.all_steps()
     if not steps:
@@ -83,18 +112,47 @@ class Checkpoints:
         raise CheckpointError(f'no checkpoint for step {step} in {self.directory}; there are {steps}')
       steps = [s for s in steps if s <= step]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    errors = []
+    errors, unreadable = [], []
     for s in reversed(steps):
+      error = None
       try:
-        return self._manager.restore(s, args=ocp.args.StandardRestore(abstract)), s
-      except Exception as e:  # Orbax raises many types for a damaged checkpoint.
-        path = os.path.join(self.directory, str(s))
-        log.warning('Checkpoint %s could not be restored (%s: %s)%s', path, type(e).__name__, e,
-                        '; trying the previous one.' if fall_back else '.')
-        errors.append(f'{path}: {type(e).__name__}: {e}')
-        if not fall_back:
-          break
+        restored = self._manager.restore(s, args=ocp.args.StandardRestore(abstract))
+        # Every array read into host memory here, inside the try: a damaged file fails now, not
+        # halfway through the first training step.
+        restored = jax.tree.map(np.asarray, restored)
+      except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types for a damaged checkpoint.
+        error = f'{type(e).__name__}: {e}'
+      all_ok = _all_processes_ok(error is None)
+      if error is None and not all_ok:
+        error = 'another process could not read it'
+      if error is None:
+        self._set_aside(unreadable)
+        return restored, s
+      path = os.path.join(self.directory, str(s))
+      log.warning('Checkpoint %s could not be restored (%s)%s', path, error,
+                  '; trying the previous one.' if fall_back else '.')
+      errors.append(f'{path}: {error}')
+      unreadable.append(s)
+      if not fall_back:
+        break
     raise CheckpointError('no checkpoint could be restored:\n' + '\n'.join(errors))
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames unreadable checkpoints to <step>.unreadable (process 0), then re-lists the steps."""
+    if not steps or self._read_only:
+      return
+    if jax.process_index() == 0:
+      for s in steps:
+        path = os.path.join(self.directory, str(s))
+        target, n = path + UNREADABLE_SUFFIX, 1
+        while os.path.exists(target):
+          target, n = f'{path}{UNREADABLE_SUFFIX}-{n}', n + 1
+        os.rename(path, target)
+        log.warning('Moved the unreadable checkpoint %s to %s.', path, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('jaxseg_checkpoints_set_aside')
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

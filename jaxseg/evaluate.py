@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 
-from flax import jax_utils
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -201,7 +200,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   _, state, step = inference.restore_state(config, workdir, spec, checkpoint=checkpoint)
   host_variables = variables_of(state)
   log.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, os.path.join(workdir, 'checkpoints'))
-  state = jax_utils.replicate(state)
+  state = state_lib.replicate(state)
   p_eval = make_eval_step(config, spec)
   eval_ds, eval_batches = pipeline.eval_dataset(
       builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=jax.local_device_count(),

@@ -34,7 +34,6 @@ import os
 import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -291,7 +290,7 @@ class Predictor:
     n = len(self.devices)
     self.per_device = max(1, -(-options.batch_size // n))
     self.batch_size = self.per_device * n
-    self._variables = jax_utils.replicate(variables, devices=self.devices)
+    self._variables = state_lib.replicate(variables, devices=self.devices)
     # Process-local: no collectives, so processes may run different numbers of batches.
     self._p_forward = jax.pmap(functools.partial(forward, model, dtype=dtype), devices=self.devices)
 

@@ -6,6 +6,7 @@ from flax import jax_utils
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxseg import models
@@ -57,6 +58,25 @@ def variables_of(state: TrainState, params=None) -> dict:
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
   return variables
+
+
+def replicate(tree: Any, devices: Optional[list] = None) -> Any:
+  """One copy of every array on each local device, laid out as the pmapped steps return them.
+
+  `flax.jax_utils.replicate` places arrays on a mesh whose axis has another
+  name than the pmap axis, so the first step's output would not match its
+  input and the step would compile a second time.
+  """
+  devices = list(devices or jax.local_devices())
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # Typed PRNG keys: replicate their raw data and wrap it again on the devices.
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding)
+
+  return jax.tree.map(put, tree)
 
 
 def host_state(state: TrainState) -> TrainState:

@@ -6,6 +6,7 @@ labelled sections. Device arrays are fetched to the host only at log,
 evaluation and checkpoint steps, never inside a plain training step.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -29,6 +30,7 @@ from jaxseg import reporting
 from jaxseg import state as state_lib
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
+from jaxseg.errors import ConfigError
 from jaxseg.state import AXIS, TrainState, normalize_images, variables_of
 
 log = logging.getLogger('jaxseg')
@@ -114,17 +116,24 @@ def make_train_step(config, spec: datasets.DatasetSpec, learning_rate_fn, class_
 class PreemptionWatcher:
   """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then exit).
 
-  With several processes, JAX's distributed runtime already catches the
-  signal; `reached_preemption_sync_point` makes every process agree on the
-  step at which all of them save.
+  One process: a Python signal handler sets the flag. Several processes: the
+  signal may reach only some of them, so JAX's distributed runtime (started
+  by jaxseg.distributed) catches it and `reached_preemption_sync_point` makes
+  every process stop at the same step, the next one all of them can reach;
+  the loop must call `reached` at every step on every process.
   """
 
   def __init__(self):
     self._flag = False
     self._previous = None
     self._multi = jax.process_count() > 1
+    self._sync = self._multi and jax.distributed.is_initialized()
 
   def __enter__(self):
+    if self._multi and not self._sync:
+      # E.g. a TPU pod slice started without JAXSEG_DISTRIBUTED=1: no runtime to agree on a step.
+      log.warning('Several processes without jax.distributed: SIGTERM will not save a checkpoint. Set '
+                  'JAXSEG_DISTRIBUTED=1 (or the JAXSEG_COORDINATOR variables) to get pre-emption checkpoints.')
     if not self._multi:
       try:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -138,10 +147,16 @@ class PreemptionWatcher:
     self._flag = True
 
   def reached(self, step: int) -> bool:
-    if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    """Whether to checkpoint and stop after `step` (call it after every step, on every process)."""
+    if not self._sync:
+      return self._flag
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self._flag
+    except RuntimeError as e:  # The preemption service is off (jax_enable_preemption_service=False).
+      log.warning('No pre-emption checkpoints: %s', e)
+      self._sync = False
+      return False
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -166,18 +181,26 @@ def resolve_class_weights(config, spec, builder) -> Optional[tuple[float, ...]]:
                                      f'{spec.num_classes}')
     return weights
   if config.loss.class_weighting == 'median_frequency':
-    counts = pipeline.class_pixel_counts(builder, spec)
-    return tuple(float(w) for w in median_frequency_weights(counts))
+    counts, present = pipeline.class_pixel_counts(builder, spec)
+    weights = tuple(float(w) for w in median_frequency_weights(counts, present))
+    log.info('Median-frequency class weights: %s', ', '.join(f'{n}={w:.3g}' for n, w in zip(spec.class_names, weights)))
+    return weights
   return None
 
 
-def median_frequency_weights(counts: np.ndarray) -> np.ndarray:
-  """Eigen & Fergus' median-frequency balancing: w_c = median(f) / f_c; absent classes get weight 0."""
+def median_frequency_weights(counts: np.ndarray, present: np.ndarray) -> np.ndarray:
+  """Median-frequency balancing (Eigen & Fergus, 2015): w_c = median(f) / f_c.
+
+  f_c is the pixels of class c over the pixels of the images in which c
+  appears; a class that never appears gets weight 0.
+  """
   counts = np.asarray(counts, np.float64)
-  freq = counts / max(counts.sum(), 1.0)
-  present = freq > 0
+  present = np.asarray(present, np.float64)
+  seen = present > 0
+  freq = np.zeros_like(counts)
+  freq[seen] = counts[seen] / present[seen]
   weights = np.zeros_like(freq)
-  weights[present] = np.median(freq[present]) / freq[present]
+  weights[seen] = np.median(freq[seen]) / freq[seen]
   return weights
 
 
@@ -185,26 +208,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_at_step: Optional[int] = None) -> dict:
   """Trains (resuming from WORKDIR/checkpoints when there are any), evaluates, checkpoints.
 
+  Every process of a multi-process run calls this with the same arguments.
+  SIGTERM (a pre-emption notice) makes it save a checkpoint at the current
+  step and return normally; a later call resumes from that step exactly.
+
   Args:
     config: the experiment config (see configs/default.py).
-    workdir: where checkpoints, logs and metrics go.
+    workdir: where checkpoints, logs and metrics go (shared by all hosts).
     stop_at_step: stop with a checkpoint at this step although the schedule
       runs to config.num_train_steps (a job with a time slice; a later call
       resumes from it).
 
   Returns:
-    The last evaluation's metrics.
+    The last evaluation's metrics ({} when pre-empted before any evaluation).
   """
   # ---- Setup: config, devices, workdir. ----
   config_utils.validate(config)
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(workdir)
   is_primary = jax.process_index() == 0
-  config_utils.prepare_workdir(workdir, config, write=is_primary)
+  prepare_workdir_on_all_processes(workdir, config)
   n_devices, n_local = jax.device_count(), jax.local_device_count()
   config_utils.check_batch(config, n_devices, jax.process_count())
   log.info('Devices: %d in all, %d local (%s); processes: %d; workdir: %s', n_devices, n_local,
-               jax.devices()[0].platform, jax.process_count(), workdir)
+           jax.devices()[0].platform, jax.process_count(), workdir)
 
   # ---- Data. ----
   spec, builder = datasets.open_dataset(config.dataset)
@@ -219,78 +246,128 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   p_train = make_train_step(config, spec, learning_rate_fn, class_weights)
   p_eval = evaluate.make_eval_step(config, spec)
 
-  # ---- Restore or start. ----
   ckpts = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-  if ckpts.latest_step() is not None:
-    state, start_step = ckpts.restore(state_lib.host_state_like(state))
-    if is_primary:
-      log.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
-  else:
-    start_step = 0
-  state = jax_utils.replicate(state)
-  dropout_rng = jax_utils.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
-
-  train_ds = pipeline.train_dataset(
-      builder, spec, config.input, global_batch=config.batch_size, local_devices=n_local, seed=config.seed,
-      start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(),
-      cache=config.dataset.cache, shuffle_buffer=config.dataset.shuffle_buffer)
-  eval_ds, eval_batches = pipeline.eval_dataset(
-      builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=n_local,
-      process_index=jax.process_index(), process_count=jax.process_count(), cache=config.dataset.cache)
-  train_iter = jax_utils.prefetch_to_device(pipeline.as_numpy(train_ds), config.input.prefetch_to_device)
-
-  # ---- Train loop. ----
   writer = reporting.MetricWriter(workdir, enabled=is_primary)
-  progress = reporting.Progress(config.num_train_steps, start_step, config.batch_size, enabled=is_primary)
-  pending_metrics = []  # Device arrays of the steps since the last log: fetched together.
-  eval_metrics = {}
-  step = start_step
-  last_step = config.num_train_steps if stop_at_step is None else min(stop_at_step, config.num_train_steps)
-  with PreemptionWatcher() as preemption:
-    while step < last_step:
-      batch = next(train_iter)
-      state, step_metrics = p_train(state, batch, dropout_rng)
-      pending_metrics.append(step_metrics)
-      step += 1
-      is_last = step == last_step
+  with _closed_on_exit(ckpts, writer):
+    # ---- Restore or start. ----
+    if ckpts.latest_step() is not None:
+      state, start_step = ckpts.restore(state_lib.host_state_like(state))
+      if is_primary:
+        log.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
+    else:
+      start_step = 0
+    state = state_lib.replicate(state)
+    dropout_rng = state_lib.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
 
-      if step % config.log_every_steps == 0 or is_last:
-        fetched = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending_metrics])
-        pending_metrics = []
-        check_finite(state, config, step)
-        loss = float(np.mean([m['loss'] for m in fetched if np.isfinite(m['loss'])] or [np.nan]))
-        lr = float(fetched[-1]['learning_rate'])
-        images_per_sec = progress.update(step, loss, lr)
-        writer.write(step, 'train', {'loss': loss, 'learning_rate': lr, 'images_per_sec': images_per_sec})
+    train_ds = pipeline.train_dataset(
+        builder, spec, config.input, global_batch=config.batch_size, local_devices=n_local, seed=config.seed,
+        start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(),
+        cache=config.dataset.cache, shuffle_buffer=config.dataset.shuffle_buffer)
+    eval_ds, eval_batches = pipeline.eval_dataset(
+        builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=n_local,
+        process_index=jax.process_index(), process_count=jax.process_count(), cache=config.dataset.cache)
+    train_iter = jax_utils.prefetch_to_device(pipeline.as_numpy(train_ds), config.input.prefetch_to_device)
 
-      pause_start = time.perf_counter()
-      evaluated = False
-      if step % config.eval_every_steps == 0 or is_last:
-        eval_metrics = evaluate.run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
-        evaluated = True
-        evaluate.log_eval(writer, step, eval_metrics, spec, is_primary)
+    # ---- Train loop. ----
+    progress = reporting.Progress(config.num_train_steps, start_step, config.batch_size, enabled=is_primary)
+    pending_metrics = []  # Device arrays of the steps since the last log: fetched together.
+    skipped = 0  # Updates with a non-finite loss dropped so far (as last logged).
+    eval_metrics = {}
+    step = start_step
+    last_step = config.num_train_steps if stop_at_step is None else min(stop_at_step, config.num_train_steps)
+    with PreemptionWatcher() as preemption:
+      while step < last_step:
+        batch = next(train_iter)
+        state, step_metrics = p_train(state, batch, dropout_rng)
+        pending_metrics.append(step_metrics)
+        step += 1
+        is_last = step == last_step
 
-      preempted = preemption.reached(step)
-      if step % config.checkpoint_every_steps == 0 or is_last or evaluated or preempted:
-        check_finite(state, config, step)
-        ckpts.save(step, state_lib.host_state(state), metrics=eval_metrics if evaluated else None)
-      if evaluated or ckpts.latest_step() == step:
-        progress.exclude(time.perf_counter() - pause_start)
-      if preempted:
-        ckpts.wait()
-        log.warning('Pre-empted: checkpoint at step %d saved; exiting.', step)
-        break
+        if step % config.log_every_steps == 0 or is_last:
+          fetched = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending_metrics])
+          pending_metrics = []
+          skipped = check_finite(state, config, skipped)
+          loss = float(np.mean([m['loss'] for m in fetched if np.isfinite(m['loss'])] or [np.nan]))
+          lr = float(fetched[-1]['learning_rate'])
+          images_per_sec = progress.update(step, loss, lr)
+          writer.write(step, 'train', {'loss': loss, 'learning_rate': lr, 'images_per_sec': images_per_sec})
 
-  ckpts.close()
-  writer.close()
+        pause_start = time.perf_counter()
+        evaluated = False
+        if step % config.eval_every_steps == 0 or is_last:
+          eval_metrics = evaluate.run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
+          evaluated = True
+          evaluate.log_eval(writer, step, eval_metrics, spec, is_primary)
+
+        # Every process calls this at every step (multi-process: a sync point all agree on).
+        preempted = preemption.reached(step)
+        if step % config.checkpoint_every_steps == 0 or is_last or evaluated or preempted:
+          skipped = check_finite(state, config, skipped)
+          ckpts.save(step, state_lib.host_state(state), metrics=eval_metrics if evaluated else None)
+        if evaluated or ckpts.latest_step() == step:
+          progress.exclude(time.perf_counter() - pause_start)
+        if preempted:
+          ckpts.wait()
+          log.warning('Pre-empted (SIGTERM): checkpoint at step %d of %d saved in %s; exiting cleanly. Run '
+                      'the same command again to resume.', step, config.num_train_steps, ckpts.directory)
+          break
   return eval_metrics
 
 
-def check_finite(state: TrainState, config, step: int) -> None:
-  """Stops with a message naming the step of the first non-finite loss (policy 'stop'), or logs skips."""
+@contextlib.contextmanager
+def _closed_on_exit(*closables):
+  """Closes `closables` on the way out, also after an error (which a failing close never hides).
+
+  Closing the checkpoints finishes the saves in flight: an async save cut off
+  when the process exits leaves only a tmp dir.
+  """
+  try:
+    yield
+  except BaseException:
+    for closable in closables:
+      try:
+        closable.close()
+      except Exception:  # pylint: disable=broad-except
+        log.warning('Could not close %s cleanly after an error.', type(closable).__name__, exc_info=True)
+    raise
+  for closable in closables:
+    closable.close()
+
+
+def prepare_workdir_on_all_processes(workdir: str, config) -> None:
+  """Process 0 creates and checks the workdir; with several processes, all of them stop if it failed.
+
+  Without the agreement the other processes would go on and wait forever in
+  the first collective for a process 0 that has already exited.
+  """
+  error = None
+  try:
+    config_utils.prepare_workdir(workdir, config, write=jax.process_index() == 0)
+  except ConfigError as e:
+    error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = bool(multihost_utils.broadcast_one_to_all(np.array(error is not None)))
+    if failed and error is None:
+      error = ConfigError(f'the workdir {workdir} cannot be written (reported by process 0)')
+  if error is not None:
+    raise error
+
+
+def check_finite(state: TrainState, config, reported: int = 0) -> int:
+  """Stops with a message naming the step of the first non-finite loss (policy 'stop'), or logs skips.
+
+  Args:
+    state: the replicated train state.
+    config: the experiment config (reads on_nonfinite_loss).
+    reported: the count of skipped updates already logged: 'skip' warns only when it grows.
+
+  Returns:
+    The number of updates skipped so far.
+  """
   skipped = int(jax.device_get(state.skipped_updates[0]))
-  if not skipped:
-    return
+  if skipped == reported:
+    return skipped
   first = int(jax.device_get(state.first_nonfinite_step[0]))
   if config.on_nonfinite_loss == 'stop':
     raise NonFiniteLossError(
@@ -298,5 +375,6 @@ def check_finite(state: TrainState, config, step: int) -> None:
         f'from step {first}). Lower config.optimizer.learning_rate, check the data, or set '
         f"config.on_nonfinite_loss='skip' to skip such updates.")
   log.warning('%d update(s) with a non-finite loss skipped so far (first at step %d).', skipped, first + 1)
+  return skipped
 
 
