@@ -77,6 +77,7 @@ SMOKE_MODELS = ('unet-tiny', 'fcn8s-tiny')
 CPU_SHAPES = {'unet32': (128, 4), 'unet64': (128, 4), 'fcn8s': (128, 2)}
 ACCEL_SHAPES = {'unet32': (256, 32), 'unet64': (256, 16), 'fcn8s': (256, 16)}
 SMOKE_SHAPE = (32, 2)
+SMOKE_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 # Dense peak FLOP/s per device, matched by substring of jax's device_kind (lower-case), first match wins.
 # float32 rows use the TF32 tensor-core peak on Ampere and later (XLA's default precision and cuDNN's
@@ -100,8 +101,11 @@ CONVENTIONS = {
     'throughput': ('images/s = steps x global batch / wall time of `steps` consecutive steps after the warm-up, '
                    'synchronised (block_until_ready / cuda.synchronize) only at the two ends, on a fixed '
                    'device-resident uint8 batch; median over `repeats` such blocks'),
-    'compile': ('time of the first step (trace, lower, compile, run; PyTorch: first eager step or '
-                'torch.compile graph capture and codegen) minus one steady-state step'),
+    'compile': ('jaxseg: trace + lower + XLA compile seconds of the train step over the warm-up calls, from '
+                'jax.monitoring events (train_step_xla_compiles counts the compilations: more than 1 means the step '
+                'recompiled after its first call); PyTorch: warm-up time beyond steady-state steps (eager: '
+                'allocator and kernel warm-up; torch.compile: graph capture and code generation). jaxseg\'s '
+                'warm-up excess is recorded too (warmup_excess_s), measured the PyTorch way'),
     'flops': ('model FLOPs per image: 2 x multiply-adds of the convolutions and matrix products in the forward '
               "pass at the row's image size, counted on jaxseg's jaxpr (transposed convolutions counted "
               'without the zeros of the dilated input); train FLOPs = 3 x forward. XLA\'s own cost analysis of '
@@ -110,9 +114,10 @@ CONVENTIONS = {
             'against the TF32 peak on A100/H100/H200, the bf16 peak on TPUs; none on CPU'),
     'memory': ('GPU/TPU: jax memory_stats()["peak_bytes_in_use"] of device 0 over the whole row process '
                '(state, activations, autotuning scratch), torch.cuda.max_memory_allocated() over the row; '
-               'CPU: growth of the process peak RSS over the RSS before the train state was created, the peak '
-               'reset (/proc/self/clear_refs) after the warm-up so compiler memory is excluded '
-               "(method 'rss_hwm_reset'), else ru_maxrss (method 'ru_maxrss', includes compilation)"),
+               'CPU (method cpu_state_plus_rss_growth): bytes of the persistent train state per device '
+               '(parameters, momentum, BatchNorm statistics) + the input batch + the growth of the process peak '
+               'RSS over the RSS just before the timed steps (peak reset through /proc/self/clear_refs, so '
+               'compiler and warm-up memory are excluded): what the steps allocate on top of the state'),
     'ratio': 'jaxseg images/s divided by the PyTorch variant\'s images/s, per device (> 1: jaxseg faster)',
 }
 
@@ -297,6 +302,16 @@ def count_matmul_flops(jaxpr) -> float:
   return total
 
 
+def jaxseg_param_count(model: str) -> int:
+  """Parameters of the jaxseg model (abstract init: nothing is computed or compiled)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  _, num_classes, _ = model_kwargs(model)
+  net = _Api().build_model(jaxseg_config(model, 'float32', 64, 1), num_classes, axis_name=None)
+  variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(variables['params']))
+
+
 def jaxseg_flops(model: str, image_size: int) -> dict:
   """Forward FLOPs per image (jaxpr count and XLA's cost analysis) and the counted forward+backward."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -331,6 +346,35 @@ def jaxseg_flops(model: str, image_size: int) -> dict:
   return result
 
 
+class CompileEvents:
+  """Collects JAX's trace / lower / XLA-compile durations (jax.monitoring) between `take()` calls."""
+
+  EVENTS = {'/jax/core/compile/jaxpr_trace_duration': 'trace',
+            '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower',
+            '/jax/core/compile/backend_compile_duration': 'compile'}
+
+  def __init__(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.events = []
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    if event in self.EVENTS:
+      self.events.append((self.EVENTS[event], str(kwargs.get('fun_name', '?')), float(duration)))
+
+  def take(self) -> dict:
+    events, self.events = self.events, []
+    big = [e for e in events if e[0] == 'compile' and e[2] > 0.05]  # Not the tiny helper jits.
+    return {'seconds': sum(e[2] for e in events),
+            'xla_compiles': len([e for e in events if e[0] == 'compile']),
+            'slow_xla_compiles': [{'fun': f, 'seconds': round(d, 3)} for _, f, d in big]}
+
+
+def tree_bytes(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype')))
+
+
 def run_jaxseg_row(row: dict) -> dict:
   """Times jaxseg's production pmapped train step for one row."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -349,30 +393,39 @@ def run_jaxseg_row(row: dict) -> dict:
   net = api.build_model(config, num_classes)
   lr_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
   tx = optim.create_optimizer(config.optimizer, lr_fn)
-
   platform = jax.devices()[0].platform
-  trim_memory()
-  rss0 = rss_bytes()
-  state = api.create_train_state(net, tx, jax.random.key(config.seed), (size, size, 3))
-  param_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  compiles = CompileEvents()
+
+  t0 = time.perf_counter()
+  host_state = api.create_train_state(net, tx, jax.random.key(config.seed), (size, size, 3))
+  jax.block_until_ready(host_state)
+  init_s = time.perf_counter() - t0
+  init_compiles = compiles.take()
+  param_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(host_state.params))
+  state_bytes = tree_bytes(host_state)  # Per device: params, momentum, BatchNorm statistics, counters.
   p_train = api.make_train_step(config, spec, lr_fn)
-  state = jax_utils.replicate(state)
+  state = jax_utils.replicate(host_state)  # As train_and_evaluate does.
+  del host_state
   dropout_rng = jax_utils.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
   images, labels = make_batch(batch, size, num_classes)
   per = batch // n_dev
   host_batch = {'image': images.reshape(n_dev, per, size, size, 3), 'label': labels.reshape(n_dev, per, size, size)}
-  device_batch = jax.block_until_ready(jax.pmap(lambda b: b)(host_batch))  # Resident, sharded like the loop's.
+  device_batch = jax.block_until_ready(jax.pmap(lambda b: b)(host_batch))  # Device-resident, one shard per device.
+  batch_bytes = (images.nbytes + labels.nbytes) // n_dev
   del host_batch
+  compiles.take()
 
-  t0 = time.perf_counter()
-  state, metrics = p_train(state, device_batch, dropout_rng)
-  jax.block_until_ready((state, metrics))
-  first_s = time.perf_counter() - t0
-  for _ in range(max(0, row['warmup'] - 1)):
+  # Warm-up: each step timed on its own, so a recompilation after the first step shows.
+  warmup_s = []
+  for _ in range(max(1, row['warmup'])):
+    t0 = time.perf_counter()
     state, metrics = p_train(state, device_batch, dropout_rng)
-  jax.block_until_ready((state, metrics))
+    jax.block_until_ready((state, metrics))
+    warmup_s.append(time.perf_counter() - t0)
+  step_compiles = compiles.take()
 
   trim_memory()
+  rss_before = rss_bytes()
   hwm_reset = platform == 'cpu' and reset_peak_rss()
   blocks = []
   for _ in range(row['repeats']):
@@ -381,16 +434,27 @@ def run_jaxseg_row(row: dict) -> dict:
       state, metrics = p_train(state, device_batch, dropout_rng)
     jax.block_until_ready((state, metrics))
     blocks.append(time.perf_counter() - t0)
+  timed_compiles = compiles.take()
 
   result = steady_block_stats(blocks, row['steps'], batch)
   result['images_per_s_per_device'] = result['images_per_s'] / n_dev
-  result['compile_s'] = max(0.0, first_s - result['step_ms'] / 1e3)
-  result['first_step_s'] = first_s
+  result['compile_s'] = step_compiles['seconds']  # Trace + lower + XLA compile of the step, all warm-up calls.
+  result['train_step_xla_compiles'] = step_compiles['xla_compiles']
+  result['train_step_compile_detail'] = step_compiles['slow_xla_compiles']
+  result['warmup_step_s'] = [round(t, 4) for t in warmup_s]
+  result['warmup_excess_s'] = sum(max(0.0, t - result['step_ms'] / 1e3) for t in warmup_s)
+  result['first_step_s'] = warmup_s[0]
+  result['init_s'] = init_s
+  result['init_compile_s'] = init_compiles['seconds']
+  result['xla_compiles_in_timed_steps'] = timed_compiles['xla_compiles']
   result['devices_used'] = n_dev
   result['param_count'] = param_count
+  result['state_bytes_per_device'] = state_bytes
   if platform == 'cpu':
-    result['peak_memory_bytes'] = peak_rss_bytes(hwm_reset) - rss0
-    result['memory_method'] = 'rss_hwm_reset' if hwm_reset else 'ru_maxrss'
+    transient = peak_rss_bytes(hwm_reset) - rss_before
+    result['transient_peak_bytes'] = transient
+    result['peak_memory_bytes'] = state_bytes + batch_bytes + transient
+    result['memory_method'] = 'cpu_state_plus_rss_growth' if hwm_reset else 'cpu_state_plus_ru_maxrss_growth'
   else:
     stats = jax.local_devices()[0].memory_stats() or {}
     result['peak_memory_bytes'] = stats.get('peak_bytes_in_use')
@@ -431,7 +495,6 @@ def run_torch_row(row: dict) -> dict:
   trim_memory()
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
-  rss0 = rss_bytes()
   net = torch_models.build_model(kind, num_classes, **kw)
   param_count = torch_models.param_count(net)
   trainer = torch_models.Trainer(net, device, bf16=dtype == 'bfloat16', channels_last=row['channels_last'],
@@ -443,21 +506,25 @@ def run_torch_row(row: dict) -> dict:
       torch.cuda.synchronize()
 
   sync()
-  t0 = time.perf_counter()
-  try:
-    loss = trainer.step(images, labels)
-    sync()
-  except Exception as e:  # pylint: disable=broad-except  # torch.compile failures: report, do not stop.
-    if row['variant'] != 'compile':
-      raise
-    first_line = (str(e).strip().splitlines() or [''])[0]
-    return {'status': 'n/a', 'reason': f'torch.compile failed: {type(e).__name__}: {first_line}'[:400]}
-  first_s = time.perf_counter() - t0
-  for _ in range(max(0, row['warmup'] - 1)):
-    loss = trainer.step(images, labels)
-  sync()
+  warmup_s = []
+  for i in range(max(1, row['warmup'])):
+    t0 = time.perf_counter()
+    try:
+      loss = trainer.step(images, labels)
+      sync()
+    except Exception as e:  # pylint: disable=broad-except  # torch.compile failures: report, do not stop.
+      if row['variant'] != 'compile' or i:
+        raise
+      first_line = (str(e).strip().splitlines() or [''])[0]
+      return {'status': 'n/a', 'reason': f'torch.compile failed: {type(e).__name__}: {first_line}'[:400]}
+    warmup_s.append(time.perf_counter() - t0)
+  state_bytes = sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
+  state_bytes += sum(v.numel() * v.element_size() for st in trainer.optimizer.state.values() for v in st.values()
+                     if torch.is_tensor(v))
+  batch_bytes = images.numel() * images.element_size() + labels.numel() * labels.element_size()
 
   trim_memory()
+  rss_before = rss_bytes()
   hwm_reset = device.type == 'cpu' and reset_peak_rss()
   blocks = []
   for _ in range(row['repeats']):
@@ -469,14 +536,19 @@ def run_torch_row(row: dict) -> dict:
 
   result = {'status': 'ok'}
   result.update(steady_block_stats(blocks, row['steps'], batch))
+  steady = result['step_ms'] / 1e3
   result['images_per_s_per_device'] = result['images_per_s']
-  result['compile_s'] = max(0.0, first_s - result['step_ms'] / 1e3)
-  result['first_step_s'] = first_s
+  result['compile_s'] = sum(max(0.0, t - steady) for t in warmup_s)  # Warm-up time beyond steady steps.
+  result['warmup_step_s'] = [round(t, 4) for t in warmup_s]
+  result['first_step_s'] = warmup_s[0]
   result['devices_used'] = 1
   result['param_count'] = param_count
+  result['state_bytes_per_device'] = state_bytes
   if device.type == 'cpu':
-    result['peak_memory_bytes'] = peak_rss_bytes(hwm_reset) - rss0
-    result['memory_method'] = 'rss_hwm_reset' if hwm_reset else 'ru_maxrss'
+    transient = peak_rss_bytes(hwm_reset) - rss_before
+    result['transient_peak_bytes'] = transient
+    result['peak_memory_bytes'] = state_bytes + batch_bytes + transient
+    result['memory_method'] = 'cpu_state_plus_rss_growth' if hwm_reset else 'cpu_state_plus_ru_maxrss_growth'
     result['threads'] = torch.get_num_threads()
   else:
     result['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated())
@@ -686,6 +758,9 @@ def main(argv=None) -> dict:
     # In one process JAX's default GPU preallocation (75%) would starve PyTorch.
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if args.smoke and 'jax' not in sys.modules:
+    # Not a timing: cheaper XLA:CPU code generation keeps CI fast (compiling dominates a smoke run).
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + SMOKE_XLA_FLAGS).strip()
 
   # Probe first (devices decide the default shapes): a throwaway probe with sizes placeholder when isolating
   # would cost a second process start, so the probe gets every candidate size up front.
@@ -750,6 +825,7 @@ def main(argv=None) -> dict:
   if not run_torch:
     print(f'PyTorch skipped: {report["torch_skipped"]}.', flush=True)
 
+  notes = []
   for m in models:
     size, batch = shapes[m]
     minfo = info['models'][m]
@@ -767,6 +843,13 @@ def main(argv=None) -> dict:
       row['jaxseg'].setdefault('status', 'ok')
       add_derived(row['jaxseg'], minfo['train_flops_per_image'], peak)
       print(f' {_fmt(row["jaxseg"].get("images_per_s"), ".2f", row["jaxseg"]["status"])} img/s', end='', flush=True)
+      jr = row['jaxseg']
+      if jr.get('train_step_xla_compiles', 1) > 1:
+        notes.append(f'{m} {dtype}: jaxseg\'s train step was compiled {jr["train_step_xla_compiles"]} times in '
+                     f'the warm-up (it recompiles after its first call: warm-up step seconds {jr["warmup_step_s"]})')
+      if jr.get('xla_compiles_in_timed_steps'):
+        notes.append(f'{m} {dtype}: {jr["xla_compiles_in_timed_steps"]} XLA compilation(s) inside the timed jaxseg '
+                     f'steps: raise --warmup; this row\'s throughput is too low')
       if run_torch:
         for variant in ('eager', 'compile') if use_compile else ('eager',):
           payload = dict(base, variant=variant, jax_platform=platform, channels_last=args.channels_last,
@@ -791,10 +874,13 @@ def main(argv=None) -> dict:
       report['rows'].append(row)
 
   report['wall_s'] = time.time() - started
+  report['notes'] = notes
   print()
   print(format_table(report))
   print()
   print(describe_flops(report))
+  for note in notes:
+    print(f'Note: {note}')
   print(f'\nMemory: {CONVENTIONS["memory"]}.')
   if not run_torch:
     print(f'PyTorch skipped: {report["torch_skipped"]}.')
