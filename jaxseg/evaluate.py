@@ -7,6 +7,7 @@ ignore label, so each real pixel counts exactly once.
 
 import collections
 import functools
+import io
 import logging
 import os
 import sys
@@ -16,8 +17,10 @@ from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from jaxseg import config_utils
+from jaxseg import inference as inference_lib
 from jaxseg import losses
 from jaxseg import metrics as metrics_lib
 from jaxseg import reporting
@@ -63,28 +66,89 @@ EXAMPLES_KEY = '_examples'
 
 
 def run_evaluation(p_eval, state: TrainState, eval_ds, num_batches: int, spec: datasets.DatasetSpec, *,
-                   num_examples: int = 3) -> dict:
+                   dtype=jnp.float32, num_examples: int = 3) -> dict:
   """Evaluates the replicated `state` on the whole evaluation split; returns host metrics.
 
-  The result also holds, under EXAMPLES_KEY, up to `num_examples` (image,
-  label, prediction) triples of the first batches for log_eval's pictures.
+  Examples that fit input.eval_size are scored on the devices (confusion
+  matrices psum'd over all devices and hosts). Examples the pipeline had to
+  shrink are scored here, at their label's own size (`_LabelSizeScorer`),
+  and added in. The result also holds, under EXAMPLES_KEY, up to
+  `num_examples` (image, label, prediction) triples of the first batches for
+  log_eval's pictures.
   """
   totals = None
   examples = []
+  at_label_size = _LabelSizeScorer(state, spec, dtype)
   for batch in pipeline.as_numpy(eval_ds):
+    full_labels, content_hw = batch.pop('full_label'), batch.pop('content_hw')
     sums = p_eval(state, batch)
     preds = sums.pop('preds')
+    at_label_size.add(batch['image'], full_labels, content_hw)
     if len(examples) < num_examples:
       examples.extend(_examples_of(batch, preds, spec.ignore_label, num_examples - len(examples)))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   # Every device holds the same psum'd totals: read device 0's copy.
   totals = jax.device_get(jax.tree.map(lambda x: x[0], totals))
+  extra = at_label_size.totals()
+  totals = {k: np.asarray(v) + extra[k] for k, v in totals.items()}
   result = metrics_lib.metrics_from_confusion(totals['confusion'], spec.class_names)
   result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
   result['confusion_matrix'] = totals['confusion'].tolist()
   result[EXAMPLES_KEY] = examples
   del num_batches
   return result
+
+
+class _LabelSizeScorer:
+  """Scores the examples shrunk to fit input.eval_size at their label's own size.
+
+  For each such example: logits of the shrunk image (one local device, no
+  collectives, so hosts need not agree on which batches hold one), cropped
+  to the image, resized (bilinear) to the label's size, then the confusion
+  matrix and cross-entropy sums there. `totals()` adds the sums of all
+  processes, so every process must call it (run_evaluation does, once).
+  """
+
+  def __init__(self, state: TrainState, spec: datasets.DatasetSpec, dtype):
+    self._state, self._spec, self._dtype = state, spec, dtype
+    self._forward = None
+    k = spec.num_classes
+    self._sums = {'confusion': np.zeros((k, k), np.int64), 'ce_sum': np.zeros((), np.float64),
+                  'weight_sum': np.zeros((), np.float64)}
+
+  def add(self, images: np.ndarray, full_labels: np.ndarray, content_hw: np.ndarray) -> None:
+    images = images.reshape((-1,) + images.shape[2:])
+    for i in np.flatnonzero([len(s) > 0 for s in full_labels]):
+      label = np.asarray(Image.open(io.BytesIO(full_labels[i])))
+      h, w = content_hw[i]
+      logits = np.asarray(self._logits(images[i:i + 1]))[0, :h, :w]
+      logits = inference_lib.resize_bilinear(logits, label.shape)
+      self._sums['confusion'] += numpy_confusion(label, logits.argmax(-1), self._spec.num_classes,
+                                                 self._spec.ignore_label)
+      valid = label != self._spec.ignore_label
+      log_probs = logits[valid] - _logsumexp(logits[valid])
+      self._sums['ce_sum'] -= np.take_along_axis(log_probs, label[valid].astype(np.int64)[:, None], 1).sum()
+      self._sums['weight_sum'] += valid.sum()
+
+  def _logits(self, image: np.ndarray):
+    if self._forward is None:
+      # The replicated state's copy on this process's first device.
+      variables = jax.tree.map(lambda x: x.addressable_shards[0].data[0], variables_of(self._state))
+      apply_fn, dtype = self._state.apply_fn, self._dtype
+      self._forward = jax.jit(lambda images: apply_fn(
+          variables, normalize_images(images, dtype), train=False).astype(jnp.float32))
+    return self._forward(image)
+
+  def totals(self) -> dict:
+    if jax.process_count() == 1:
+      return self._sums
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return {k: np.asarray(multihost_utils.process_allgather(v)).sum(axis=0) for k, v in self._sums.items()}
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+  m = x.max(axis=-1, keepdims=True)
+  return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def _examples_of(batch: dict, preds, ignore_label: int, limit: int) -> list:
@@ -183,21 +247,21 @@ def numpy_confusion(label: np.ndarray, pred: np.ndarray, num_classes: int, ignor
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best') -> dict:
   """Restores the best (or latest) checkpoint of `workdir`, evaluates it, prints a per-class table.
 
-  The standard evaluation is the one training runs (whole images padded to
-  input.eval_size). When config.inference asks for TTA (flip, scales) or names
+  The standard evaluation is the one training runs (images padded to
+  input.eval_size, larger ones shrunk to fit; every label scored at its own
+  size). When config.inference asks for TTA (flip, scales) or names
   a mode ('whole' or 'slide'), the split is scored a second time with those
   settings, at each label's own resolution; both figures are reported, the
   second under the key 'inference' and the metrics.jsonl split 'eval_inference'.
   """
-  from jaxseg import inference  # pylint: disable=g-import-not-at-top
   config_utils.validate(config)
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(workdir)
   is_primary = jax.process_index() == 0
   config_utils.check_batch(config, jax.device_count(), jax.process_count())
-  options = inference.options_from_config(config)  # Checked before any work.
+  options = inference_lib.options_from_config(config)  # Checked before any work.
   spec, builder = datasets.open_dataset(config.dataset)
-  _, state, step = inference.restore_state(config, workdir, spec, checkpoint=checkpoint)
+  _, state, step = inference_lib.restore_state(config, workdir, spec, checkpoint=checkpoint)
   host_variables = variables_of(state)
   log.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, os.path.join(workdir, 'checkpoints'))
   state = state_lib.replicate(state)
@@ -205,7 +269,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   eval_ds, eval_batches = pipeline.eval_dataset(
       builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=jax.local_device_count(),
       process_index=jax.process_index(), process_count=jax.process_count(), cache=False)
-  result = run_evaluation(p_eval, state, eval_ds, eval_batches, spec)
+  result = run_evaluation(p_eval, state, eval_ds, eval_batches, spec, dtype=state_lib.compute_dtype(config))
   result['checkpoint_step'] = step
   writer = reporting.MetricWriter(workdir, enabled=is_primary)
   log_eval(writer, step, result, spec, is_primary, include_confusion=True)
@@ -213,7 +277,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   if options.uses_tta or options.mode != 'auto':
     del state  # The predictor holds its own replicated copy.
     model = state_lib.build_model(config, spec.num_classes, axis_name=None)
-    predictor = inference.Predictor(model, host_variables, spec.num_classes, options,
+    predictor = inference_lib.Predictor(model, host_variables, spec.num_classes, options,
                                     dtype=state_lib.compute_dtype(config))
     extra = evaluate_with_predictor(predictor, builder, spec)
     extra['settings'] = options.describe()

@@ -13,6 +13,7 @@ run continues exactly where it was.
 """
 
 import math
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -22,7 +23,10 @@ import tensorflow_datasets as tfds
 from jaxseg.data import augment
 from jaxseg.data.datasets import DatasetSpec
 
-AUTOTUNE = tf.data.AUTOTUNE
+# Explicit tf.data parallelism (autotuning is off, see _options): map functions on
+# every core, and a few batches ready ahead of the train step.
+PARALLEL_CALLS = max(1, os.cpu_count() or 1)
+PREFETCH = 4
 
 
 def _skip_decoding(spec: DatasetSpec) -> dict:
@@ -59,6 +63,10 @@ def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = 0
+  # No autotuning thread: destroying an iterator waits for that thread's current
+  # sleep, up to a minute, which held every finished run open for ~45 s.
+  # Parallelism is set explicitly below instead (PARALLEL_CALLS, PREFETCH).
+  options.autotune.enabled = False
   return options
 
 
@@ -69,9 +77,10 @@ def _raw_split(builder, spec: DatasetSpec, split: str, cache: bool) -> tf.data.D
   return ds.cache() if cache else ds
 
 
-def _to_device_shape(images, labels, local_devices: int):
+def _to_device_shape(batch: dict, local_devices: int) -> dict:
+  """[B, ...] -> [local_devices, B / local_devices, ...] for the arrays the devices take ('image', 'label')."""
   shape = lambda x: tf.reshape(x, tf.concat([[local_devices, -1], tf.shape(x)[1:]], axis=0))
-  return {'image': shape(images), 'label': shape(labels)}
+  return {k: shape(v) if k in ('image', 'label') else v for k, v in batch.items()}
 
 
 def train_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, local_devices: int, seed: int,
@@ -101,10 +110,10 @@ def train_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int
         photometric=input_config.photometric, ignore_label=spec.ignore_label)
     return tf.cast(tf.round(image), tf.uint8), tf.cast(label, tf.uint8)
 
-  ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.map(preprocess, num_parallel_calls=PARALLEL_CALLS, deterministic=True)
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
-  ds = ds.map(lambda i, l: _to_device_shape(i, l, local_devices))
-  return ds.prefetch(AUTOTUNE).with_options(_options())
+  ds = ds.map(lambda i, l: _to_device_shape({'image': i, 'label': l}, local_devices))
+  return ds.prefetch(PREFETCH).with_options(_options())
 
 
 def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, local_devices: int,
@@ -112,7 +121,11 @@ def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int,
   """This process's share of the evaluation split, padded so all processes run the same number of batches.
 
   Padding examples have every label pixel set to ignore_label, so they count
-  nowhere; each real pixel is in exactly one process's share.
+  nowhere; each real pixel is in exactly one process's share. Batches hold,
+  besides the device-shaped 'image' and 'label' (see `fit_for_eval`), two
+  host-side fields per example: 'full_label' (PNG bytes of the label at its
+  own size when the image had to be shrunk to fit input.eval_size, else
+  empty) and 'content_hw' (the [h, w] the image occupies in the padded frame).
 
   Returns:
     (dataset, number of batches it yields).
@@ -125,33 +138,45 @@ def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int,
 
   def preprocess(example):
     image, label = decode_example(example, spec)
-    image, label = fit_for_eval(image, label, eval_size, spec.ignore_label)
-    return image, tf.cast(label, tf.uint8)
+    return fit_for_eval(image, label, eval_size, spec.ignore_label)
 
   ds = _raw_split(builder, spec, subsplits[process_index], cache=False)
-  ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.map(preprocess, num_parallel_calls=PARALLEL_CALLS, deterministic=True)
   if cache:
     ds = ds.cache()
-  padding = tf.data.Dataset.from_tensors((tf.zeros(eval_size + (3,), tf.uint8),
-                                          tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8)))).repeat()
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros(eval_size + (3,), tf.uint8),
+      'label': tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8)),
+      'full_label': tf.constant(b''), 'content_hw': tf.zeros([2], tf.int32)}).repeat()
   ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
-  ds = ds.map(lambda i, l: _to_device_shape(i, l, local_devices))
-  return ds.prefetch(AUTOTUNE).with_options(_options()), num_batches
+  ds = ds.map(lambda batch: _to_device_shape(batch, local_devices))
+  return ds.prefetch(PREFETCH).with_options(_options()), num_batches
 
 
-def fit_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ignore_label: int):
-  """Pads image (0) and label (ignore) to `size`; an image larger than `size` is shrunk to fit first."""
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  too_big = tf.logical_or(h > size[0], w > size[1])
+def fit_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ignore_label: int) -> dict:
+  """One evaluation example in a fixed `size` frame, scored later at the label's own resolution.
+
+  An image that fits is padded (image 0, label ignore_label) to `size`: the
+  device scores it exactly. A larger one is shrunk to fit (aspect kept) and
+  padded; its frame label is all ignore_label and its own label travels as
+  PNG bytes in 'full_label', so the evaluation resizes the logits back to the
+  label's size and scores it there (mmseg's whole-image test), never a
+  shrunken label.
+  """
+  hw = tf.shape(image)[:2]
+  too_big = tf.logical_or(hw[0] > size[0], hw[1] > size[1])
 
   def shrink():
     small, _ = augment.resize_to_fit(tf.cast(image, tf.float32), size)
-    small_label = tf.image.resize(label[..., None], tf.shape(small)[:2], method='nearest')[..., 0]
-    return tf.cast(tf.round(small), tf.uint8), small_label
+    frame_label = tf.fill(tf.shape(small)[:2], tf.constant(ignore_label, label.dtype))
+    full = tf.io.encode_png(tf.cast(label, tf.uint8)[..., None])
+    return tf.cast(tf.round(small), tf.uint8), frame_label, full
 
-  image, label = tf.cond(too_big, shrink, lambda: (image, label))
-  image, label = augment.pad_to_size(tf.cast(image, tf.float32), label, size, ignore_label=ignore_label)
-  return tf.cast(image, tf.uint8), label
+  image, frame_label, full_label = tf.cond(too_big, shrink, lambda: (image, label, tf.constant(b'')))
+  content_hw = tf.shape(image)[:2]
+  image, frame_label = augment.pad_to_size(tf.cast(image, tf.float32), frame_label, size, ignore_label=ignore_label)
+  return {'image': tf.cast(image, tf.uint8), 'label': tf.cast(frame_label, tf.uint8), 'full_label': full_label,
+          'content_hw': content_hw}
 
 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
@@ -186,7 +211,7 @@ def class_pixel_counts(builder, spec: DatasetSpec, max_examples: Optional[int] =
     valid = tf.reduce_sum(counts)
     return counts, tf.where(counts > 0, valid, tf.zeros_like(counts))
 
-  ds = ds.map(stats, num_parallel_calls=AUTOTUNE)
+  ds = ds.map(stats, num_parallel_calls=PARALLEL_CALLS)
   zeros = tf.zeros([k], tf.int64)
   counts, present = ds.reduce((zeros, zeros), lambda acc, x: (acc[0] + x[0], acc[1] + x[1]))
   return counts.numpy(), present.numpy()

@@ -1,0 +1,83 @@
+"""Evaluation scores every label pixel once, at the label's own size, also for images larger than input.eval_size."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+from jaxseg import evaluate
+from jaxseg import optim
+from jaxseg import state as state_lib
+from jaxseg.data import datasets
+from jaxseg.data import pipeline
+from tests.conftest import tiny_unet_config
+
+EVAL_SIZE = (24, 24)
+NUM_CLASSES = 3
+# (height, width) of the validation images: fits, fits exactly, too tall, too wide, too big both ways.
+VAL_SIZES = [(16, 20), (24, 24), (40, 18), (21, 50), (61, 47)]
+
+
+def _write_folder(root):
+  rng = np.random.default_rng(0)
+  for split, sizes in (('train', [(24, 24)] * 2), ('val', VAL_SIZES)):
+    (root / split / 'images').mkdir(parents=True)
+    (root / split / 'masks').mkdir(parents=True)
+    for i, (h, w) in enumerate(sizes):
+      image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+      mask = rng.integers(0, NUM_CLASSES, size=(h, w), dtype=np.uint8)
+      mask[0, :5] = 255  # Ignored pixels count nowhere.
+      Image.fromarray(image).save(root / split / 'images' / f'{i}.png')
+      Image.fromarray(mask).save(root / split / 'masks' / f'{i}.png')
+
+
+def _reference_confusion(model, variables, image, label):
+  """Independent path: shrink with tf (aspect kept), pad, forward, crop, resize logits with jax, argmax."""
+  h, w = label.shape
+  scale = min(1.0, EVAL_SIZE[0] / h, EVAL_SIZE[1] / w)
+  small_hw = (min(EVAL_SIZE[0], max(1, round(h * scale))), min(EVAL_SIZE[1], max(1, round(w * scale))))
+  small = image if scale == 1.0 else np.round(tf.image.resize(image.astype(np.float32), small_hw).numpy())
+  small = np.clip(small, 0, 255).astype(np.uint8)
+  frame = np.zeros(EVAL_SIZE + (3,), np.uint8)
+  frame[:small.shape[0], :small.shape[1]] = small
+  logits = model.apply(variables, state_lib.normalize_images(jnp.asarray(frame[None]), jnp.float32), train=False)
+  logits = logits[0, :small.shape[0], :small.shape[1]]
+  logits = jax.image.resize(logits, (h, w, NUM_CLASSES), 'bilinear')
+  pred = np.asarray(jnp.argmax(logits, -1))
+  return evaluate.numpy_confusion(label, pred, NUM_CLASSES, 255)
+
+
+def test_images_larger_than_eval_size_are_scored_at_the_labels_own_size(tmp_path):
+  _write_folder(tmp_path / 'ds')
+  config = tiny_unet_config(str(tmp_path / 'tfds'), **{
+      'dataset.name': 'folder', 'dataset.path': str(tmp_path / 'ds'), 'dataset.num_classes': NUM_CLASSES,
+      'input.eval_size': EVAL_SIZE, 'eval_batch_size': 4})
+  spec, builder = datasets.open_dataset(config.dataset)
+  model = state_lib.build_model(config, NUM_CLASSES)
+  tx = optim.create_optimizer(config.optimizer, optim.create_learning_rate_schedule(config.optimizer, 10))
+  state = state_lib.create_train_state(model, tx, jax.random.key(0), EVAL_SIZE + (3,))
+  # Non-trivial BatchNorm statistics, so predictions vary over the image.
+  state = state.replace(batch_stats=jax.tree.map(lambda x: x + 0.1, state.batch_stats))
+  host_variables = state_lib.variables_of(state)
+
+  eval_ds, num_batches = pipeline.eval_dataset(
+      builder, spec, config.input, global_batch=4, local_devices=jax.local_device_count(),
+      process_index=0, process_count=1, cache=False)
+  result = evaluate.run_evaluation(evaluate.make_eval_step(config, spec), state_lib.replicate(state), eval_ds,
+                                   num_batches, spec)
+
+  confusion = np.asarray(result['confusion_matrix'])
+  reference = np.zeros_like(confusion)
+  labelled = 0
+  ref_model = state_lib.build_model(config, NUM_CLASSES, axis_name=None)
+  for i, _ in enumerate(VAL_SIZES):
+    image = np.asarray(Image.open(tmp_path / 'ds' / 'val' / 'images' / f'{i}.png'))
+    label = np.asarray(Image.open(tmp_path / 'ds' / 'val' / 'masks' / f'{i}.png'))
+    labelled += int((label != 255).sum())
+    reference += _reference_confusion(ref_model, host_variables, image, label)
+  # Every labelled pixel at its own resolution, exactly once (not a shrunken label, not the padding).
+  assert confusion.sum() == labelled
+  # The same predictions as the independent path, up to argmax ties of float rounding.
+  assert np.abs(confusion - reference).sum() <= 0.002 * labelled, (confusion, reference)
+  assert np.isfinite(result['loss']) and result['loss'] > 0
