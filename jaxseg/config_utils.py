@@ -32,6 +32,10 @@ def validate(config) -> None:
   if config.loss.class_weighting not in ('none', 'median_frequency'):
     raise ConfigError(f"config.loss.class_weighting must be 'none' or 'median_frequency', got "
                       f'{config.loss.class_weighting!r}')
+  cache_dir = config.get('compilation_cache_dir')
+  if cache_dir is not None and not isinstance(cache_dir, str):
+    raise ConfigError(f"config.compilation_cache_dir must be a directory path (a string; '' disables the cache), "
+                      f'got {cache_dir!r}')
   if config.optimizer.learning_rate <= 0:
     raise ConfigError(f'config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}')
 

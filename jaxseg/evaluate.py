@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg import inference as inference_lib
 from jaxseg import losses
@@ -255,6 +256,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   second under the key 'inference' and the metrics.jsonl split 'eval_inference'.
   """
   config_utils.validate(config)
+  compilation_cache.enable(config)
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(workdir)
   is_primary = jax.process_index() == 0

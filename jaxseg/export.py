@@ -91,6 +91,7 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   Returns:
     The export directory.
   """
+  from jaxseg import compilation_cache  # pylint: disable=g-import-not-at-top
   from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
   from jaxseg import inference  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -99,6 +100,7 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   from jaxseg.data import pipeline  # pylint: disable=g-import-not-at-top
   config_utils.validate(config)
+  compilation_cache.enable(config)
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(workdir)
   out = os.path.abspath(output_dir or os.path.join(workdir, 'export'))

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from jaxseg import checkpoint as checkpoint_lib
+from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg import optim
 from jaxseg import state as state_lib
@@ -465,12 +466,13 @@ def restore_state(config, workdir: str, spec: datasets.DatasetSpec, *, checkpoin
 
 
 def load_predictor(config, workdir: str, *, checkpoint: str = 'best', **overrides):
-  """Restores `workdir`'s checkpoint into a Predictor.
+  """Restores `workdir`'s checkpoint into a Predictor (--mode=predict and jaxseg.api start here).
 
   Returns:
     (predictor, spec, restored step).
   """
   config_utils.validate(config)
+  compilation_cache.enable(config)
   spec = datasets.resolve_spec(config.dataset)
   options = options_from_config(config, **overrides)
   _, state, step = restore_state(config, workdir, spec, checkpoint=checkpoint)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from jaxseg import checkpoint as checkpoint_lib
+from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg import evaluate
 from jaxseg import losses
@@ -224,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # ---- Setup: config, devices, workdir. ----
   config_utils.validate(config)
+  compilation_cache.enable(config)
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(workdir)
   is_primary = jax.process_index() == 0

@@ -25,6 +25,15 @@ def shapes_data_dir(tmp_path_factory):
   return data_dir
 
 
+@pytest.fixture(scope='session', autouse=True)
+def session_compilation_cache(tmp_path_factory):
+  """Compiled XLA programs, in-process and in workers, go to this session's cache, never ~/.cache/jaxseg."""
+  import jax  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'jax_compilation_cache'))
+  jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+  return os.environ['JAX_COMPILATION_CACHE_DIR']
+
+
 def tiny_unet_config(data_dir: str, **overrides):
   """configs/unet.py shrunk so that a few steps run in seconds."""
   from configs import unet  # pylint: disable=g-import-not-at-top

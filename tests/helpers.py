@@ -10,11 +10,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_worker(data_dir, workdir, overrides, *, devices=1, stop_at=None, env=None, timeout=300, check=True):
-  """Runs tests/train_worker.py in a subprocess with `devices` simulated CPU devices."""
+  """Runs tests/train_worker.py in a subprocess with `devices` simulated CPU devices (env: None unsets)."""
   import json  # pylint: disable=g-import-not-at-top
   full_env = dict(os.environ)
   full_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   full_env.update(env or {})
+  full_env = {k: v for k, v in full_env.items() if v is not None}
   cmd = [sys.executable, os.path.join(ROOT, 'tests', 'train_worker.py'), data_dir, str(workdir),
          json.dumps(overrides)]
   if stop_at is not None:

@@ -1,0 +1,129 @@
+"""The persistent XLA compilation cache (config.compilation_cache_dir): set-up rules and reuse by a second process."""
+
+import logging
+import os
+import re
+
+import jax
+import ml_collections
+import pytest
+
+from configs import default
+from jaxseg import compilation_cache
+from jaxseg import config_utils
+from jaxseg.errors import ConfigError
+from tests.helpers import run_worker
+
+
+@pytest.fixture
+def pristine(monkeypatch):
+  """No cache directory set (as in a fresh process without JAX_COMPILATION_CACHE_DIR); restored afterwards.
+
+  Yields the jaxseg log records. Nothing compiles in these tests, so JAX's own cache object is untouched.
+  """
+  saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  monkeypatch.delenv(compilation_cache.ENV_DIR, raising=False)
+  monkeypatch.delenv(compilation_cache.ENV_MIN_COMPILE_TIME, raising=False)
+  monkeypatch.setattr(compilation_cache, '_active', {'dir': None})
+  monkeypatch.setattr(compilation_cache, '_failed', set())
+  jax.config.update('jax_compilation_cache_dir', None)
+  records = []
+  handler = logging.Handler(logging.INFO)
+  handler.emit = records.append
+  logger = logging.getLogger('jaxseg')
+  logger.addHandler(handler)
+  level = logger.level
+  logger.setLevel(logging.INFO)
+  try:
+    yield records
+  finally:
+    logger.setLevel(level)
+    logger.removeHandler(handler)
+    jax.config.update('jax_compilation_cache_dir', saved[0])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', saved[1])
+
+
+def _config(value):
+  config = default.get_config()
+  config.compilation_cache_dir = value
+  return config
+
+
+def test_default_is_under_the_home_cache_and_empty_disables(pristine, tmp_path, monkeypatch):
+  config = default.get_config()
+  assert config.compilation_cache_dir == '~/.cache/jaxseg/xla'
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  assert compilation_cache.resolve_dir(config.compilation_cache_dir) == str(tmp_path / 'home' / '.cache/jaxseg/xla')
+  assert compilation_cache.enable(_config('')) is None
+  assert jax.config.jax_compilation_cache_dir is None
+  assert not pristine
+
+
+def test_enable_expands_the_path_and_is_idempotent(pristine, tmp_path, monkeypatch):
+  monkeypatch.setenv('JAXSEG_TEST_CACHE_ROOT', str(tmp_path))
+  config = _config('$JAXSEG_TEST_CACHE_ROOT/xla')
+  path = compilation_cache.enable(config)
+  assert path == str(tmp_path / 'xla') and os.path.isdir(path)
+  assert jax.config.jax_compilation_cache_dir == path
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == compilation_cache.MIN_COMPILE_TIME_SECS
+  assert compilation_cache.enable(config) == path  # Every entry point calls it: the second call changes nothing.
+  assert [r.getMessage() for r in pristine] == [
+      f"XLA compilation cache: {path} (compiled programs are reused by later runs; "
+      "config.compilation_cache_dir='' disables it)"]
+  assert not os.listdir(path)  # The write probe is gone.
+
+
+def test_a_directory_the_user_set_is_kept(pristine, tmp_path):
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'theirs'))  # What JAX_COMPILATION_CACHE_DIR does.
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  assert compilation_cache.enable(_config(str(tmp_path / 'ours'))) == str(tmp_path / 'theirs')
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'theirs')
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == before
+  assert not (tmp_path / 'ours').exists()
+  assert len(pristine) == 1 and 'not used' in pristine[0].getMessage()
+
+
+@pytest.mark.parametrize('sub', ['a_file/xla', '$JAXSEG_TEST_UNSET_VARIABLE/xla'])
+def test_an_unusable_directory_is_a_warning_not_a_failure(pristine, tmp_path, sub, monkeypatch):
+  monkeypatch.delenv('JAXSEG_TEST_UNSET_VARIABLE', raising=False)
+  (tmp_path / 'a_file').write_text('not a directory')
+  config = _config(str(tmp_path / sub))
+  assert compilation_cache.enable(config) is None
+  assert compilation_cache.enable(config) is None
+  assert jax.config.jax_compilation_cache_dir is None
+  assert [r.levelno for r in pristine] == [logging.WARNING]  # Once, naming the directory.
+  assert str(tmp_path / sub) in pristine[0].getMessage()
+
+
+def test_a_value_that_is_not_a_path_is_a_config_error():
+  config_utils.validate(_config(''))
+  config_utils.validate(_config('/tmp/x'))
+  values = default.get_config().to_dict()
+  values['compilation_cache_dir'] = 5  # E.g. from a hand-edited config.json (command-line overrides are type-checked).
+  with pytest.raises(ConfigError, match=r'config\.compilation_cache_dir must be a directory path .* got 5'):
+    config_utils.validate(ml_collections.ConfigDict(values))
+
+
+COMPILE_LINE = re.compile(r'Finished XLA compilation of (\S+) in ([0-9.]+) sec')
+
+
+def test_a_resumed_run_loads_its_programs_from_the_cache(shapes_data_dir, tmp_path):
+  """Pre-empted at step 2, resumed in a new process: the programs come from the first process's cache."""
+  cache = tmp_path / 'xla'
+  # The session's JAX_COMPILATION_CACHE_DIR unset, so that the config field decides; compilations logged.
+  env = {compilation_cache.ENV_DIR: None, 'JAX_LOG_COMPILES': '1'}
+  overrides = {'compilation_cache_dir': str(cache)}
+  first = run_worker(shapes_data_dir, tmp_path / 'wd', overrides, stop_at=2, env=env)
+  assert f'XLA compilation cache: {cache}' in first.stdout
+  entries = [n for n in os.listdir(cache) if not n.startswith('.')]
+  assert entries, 'the first run wrote nothing to the cache'
+  assert 'Persistent compilation cache hit' not in first.stderr
+
+  second = run_worker(shapes_data_dir, tmp_path / 'wd', overrides, env=env)
+  assert 'Resuming from the checkpoint at step 2' in second.stdout
+  hits = re.findall(r"Persistent compilation cache hit for '(\S+)'", second.stderr)
+  assert len(hits) >= len(entries), (hits, entries)  # Every program the first run cached was loaded, not compiled.
+  seconds = [sum(float(s) for _, s in COMPILE_LINE.findall(p.stderr)) for p in (first, second)]
+  print(f'compile seconds: first run {seconds[0]:.1f}, resumed run (warm cache) {seconds[1]:.1f}; '
+        f'{len(entries)} cache entries')
+  assert seconds[1] < seconds[0]
