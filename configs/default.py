@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- Input pipeline and augmentation (tf.data; see jaxseg/data/augment.py). ----
   config.input = ml_collections.ConfigDict()
   config.input.crop_size = (64, 64)   # Training crop (H, W); images smaller than it are padded (mask with ignore_label).
-  config.input.eval_size = (96, 96)   # Evaluation images are padded (larger ones shrunk to fit) to this (H, W); scored at each label's own size.
+  config.input.eval_size = (96, 96)   # Evaluation pads images to this (H, W); larger ones are segmented at full size as --mode=predict does.
   config.input.scale_range = (1.0, 1.0)  # Random rescale factor range before cropping; (1, 1) disables it.
   config.input.hflip = True           # Random horizontal flip.
   config.input.photometric = False    # Random brightness, contrast, saturation and hue.

@@ -2,10 +2,13 @@
 
 Every device accumulates a confusion matrix; the psum over the pmap axis
 adds them up over all devices of all hosts, and padding pixels carry the
-ignore label, so each real pixel counts exactly once.
+ignore label, so each real pixel counts exactly once. Images larger than
+input.eval_size skip the devices' fixed-size batches: the inference Predictor
+segments them at full resolution and they are scored at the label's own size.
 """
 
 import collections
+import dataclasses
 import functools
 import io
 import logging
@@ -66,31 +69,30 @@ def eval_sums(logits: jnp.ndarray, labels: jnp.ndarray, *, num_classes: int, ign
 EXAMPLES_KEY = '_examples'
 
 
-def run_evaluation(p_eval, state: TrainState, eval_ds, num_batches: int, spec: datasets.DatasetSpec, *,
-                   dtype=jnp.float32, num_examples: int = 3) -> dict:
+def run_evaluation(p_eval, state: TrainState, eval_ds, num_batches: int, spec: datasets.DatasetSpec,
+                   config: ml_collections.ConfigDict, *, num_examples: int = 3) -> dict:
   """Evaluates the replicated `state` on the whole evaluation split; returns host metrics.
 
   Examples that fit input.eval_size are scored on the devices (confusion
-  matrices psum'd over all devices and hosts). Examples the pipeline had to
-  shrink are scored here, at their label's own size (`_LabelSizeScorer`),
-  and added in. The result also holds, under EXAMPLES_KEY, up to
-  `num_examples` (image, label, prediction) triples of the first batches for
-  log_eval's pictures.
+  matrices psum'd over all devices and hosts). Larger examples are segmented
+  at full resolution by the inference Predictor and scored at their label's
+  own size (`_FullSizeScorer`), then added in. The result also holds, under
+  EXAMPLES_KEY, up to `num_examples` (image, label, prediction) triples of
+  the first batches for log_eval's pictures.
   """
   totals = None
   examples = []
-  at_label_size = _LabelSizeScorer(state, spec, dtype)
+  full_size = _FullSizeScorer(state, spec, config)
   for batch in pipeline.as_numpy(eval_ds):
-    full_labels, content_hw = batch.pop('full_label'), batch.pop('content_hw')
+    full_size.add(batch.pop('full_image'), batch.pop('full_label'))
     sums = p_eval(state, batch)
     preds = sums.pop('preds')
-    at_label_size.add(batch['image'], full_labels, content_hw)
     if len(examples) < num_examples:
       examples.extend(_examples_of(batch, preds, spec.ignore_label, num_examples - len(examples)))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   # Every device holds the same psum'd totals: read device 0's copy.
   totals = jax.device_get(jax.tree.map(lambda x: x[0], totals))
-  extra = at_label_size.totals()
+  extra = full_size.totals()
   totals = {k: np.asarray(v) + extra[k] for k, v in totals.items()}
   result = metrics_lib.metrics_from_confusion(totals['confusion'], spec.class_names)
   result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
@@ -100,51 +102,54 @@ def run_evaluation(p_eval, state: TrainState, eval_ds, num_batches: int, spec: d
   return result
 
 
-class _LabelSizeScorer:
-  """Scores the examples shrunk to fit input.eval_size at their label's own size.
+class _FullSizeScorer:
+  """Scores the examples larger than input.eval_size at full resolution, each at its label's own size.
 
-  For each such example: logits of the shrunk image (one local device, no
-  collectives, so hosts need not agree on which batches hold one), cropped
-  to the image, resized (bilinear) to the label's size, then the confusion
-  matrix and cross-entropy sums there. `totals()` adds the sums of all
+  They are segmented after the pass over the split, all together (tiles of
+  several images share batches), by the Predictor that --mode=predict uses,
+  with config.inference's mode, window and stride ('auto': a sliding window
+  of input.crop_size, the scale training saw) and without test-time
+  augmentation (that is --mode=eval's second scoring). The Predictor runs on
+  this process's devices without collectives, so processes may hold
+  different numbers of such examples; `totals()` adds the sums of all
   processes, so every process must call it (run_evaluation does, once).
   """
 
-  def __init__(self, state: TrainState, spec: datasets.DatasetSpec, dtype):
-    self._state, self._spec, self._dtype = state, spec, dtype
-    self._forward = None
-    k = spec.num_classes
-    self._sums = {'confusion': np.zeros((k, k), np.int64), 'ce_sum': np.zeros((), np.float64),
-                  'weight_sum': np.zeros((), np.float64)}
+  def __init__(self, state: TrainState, spec: datasets.DatasetSpec, config: ml_collections.ConfigDict):
+    self._state, self._spec, self._config = state, spec, config
+    self._encoded = []  # (PNG image, PNG label) pairs.
 
-  def add(self, images: np.ndarray, full_labels: np.ndarray, content_hw: np.ndarray) -> None:
-    images = images.reshape((-1,) + images.shape[2:])
-    for i in np.flatnonzero([len(s) > 0 for s in full_labels]):
-      label = np.asarray(Image.open(io.BytesIO(full_labels[i])))
-      h, w = content_hw[i]
-      logits = np.asarray(self._logits(images[i:i + 1]))[0, :h, :w]
-      logits = inference_lib.resize_bilinear(logits, label.shape)
-      self._sums['confusion'] += numpy_confusion(label, logits.argmax(-1), self._spec.num_classes,
-                                                 self._spec.ignore_label)
-      valid = label != self._spec.ignore_label
-      log_probs = logits[valid] - _logsumexp(logits[valid])
-      self._sums['ce_sum'] -= np.take_along_axis(log_probs, label[valid].astype(np.int64)[:, None], 1).sum()
-      self._sums['weight_sum'] += valid.sum()
+  def add(self, full_images: np.ndarray, full_labels: np.ndarray) -> None:
+    self._encoded.extend((i, l) for i, l in zip(full_images, full_labels) if len(i))
 
-  def _logits(self, image: np.ndarray):
-    if self._forward is None:
-      # The replicated state's copy on this process's first device.
-      variables = jax.tree.map(lambda x: x.addressable_shards[0].data[0], variables_of(self._state))
-      apply_fn, dtype = self._state.apply_fn, self._dtype
-      self._forward = jax.jit(lambda images: apply_fn(
-          variables, normalize_images(images, dtype), train=False).astype(jnp.float32))
-    return self._forward(image)
+  def _predictor(self) -> 'inference_lib.Predictor':
+    # The replicated state's copy on this process's first device, as host arrays.
+    variables = jax.device_get(jax.tree.map(lambda x: x.addressable_shards[0].data[0],
+                                            variables_of(self._state)))
+    model = state_lib.build_model(self._config, self._spec.num_classes, axis_name=None)
+    options = inference_lib.options_from_config(self._config)
+    options = dataclasses.replace(options, flip=False, scales=(1.0,))
+    return inference_lib.Predictor(model, variables, self._spec.num_classes, options,
+                                   dtype=state_lib.compute_dtype(self._config))
 
   def totals(self) -> dict:
+    k = self._spec.num_classes
+    sums = {'confusion': np.zeros((k, k), np.int64), 'ce_sum': np.zeros((), np.float64),
+            'weight_sum': np.zeros((), np.float64)}
+    if self._encoded:
+      decode = lambda data: np.asarray(Image.open(io.BytesIO(data)))
+      images = (decode(image) for image, _ in self._encoded)
+      for (_, label_png), logits in zip(self._encoded, self._predictor().iter_scores(images)):
+        label = decode(label_png)
+        sums['confusion'] += numpy_confusion(label, logits.argmax(-1), k, self._spec.ignore_label)
+        valid = label != self._spec.ignore_label
+        log_probs = logits[valid] - _logsumexp(logits[valid])
+        sums['ce_sum'] -= np.take_along_axis(log_probs, label[valid].astype(np.int64)[:, None], 1).sum()
+        sums['weight_sum'] += valid.sum()
     if jax.process_count() == 1:
-      return self._sums
+      return sums
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return {k: np.asarray(multihost_utils.process_allgather(v)).sum(axis=0) for k, v in self._sums.items()}
+    return {key: np.asarray(multihost_utils.process_allgather(v)).sum(axis=0) for key, v in sums.items()}
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -249,8 +254,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   """Restores the best (or latest) checkpoint of `workdir`, evaluates it, prints a per-class table.
 
   The standard evaluation is the one training runs (images padded to
-  input.eval_size, larger ones shrunk to fit; every label scored at its own
-  size). When config.inference asks for TTA (flip, scales) or names
+  input.eval_size; larger ones segmented at full resolution as --mode=predict
+  does; every label scored at its own size). When config.inference asks for TTA (flip, scales) or names
   a mode ('whole' or 'slide'), the split is scored a second time with those
   settings, at each label's own resolution; both figures are reported, the
   second under the key 'inference' and the metrics.jsonl split 'eval_inference'.
@@ -271,7 +276,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   eval_ds, eval_batches = pipeline.eval_dataset(
       builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=jax.local_device_count(),
       process_index=jax.process_index(), process_count=jax.process_count(), cache=False)
-  result = run_evaluation(p_eval, state, eval_ds, eval_batches, spec, dtype=state_lib.compute_dtype(config))
+  result = run_evaluation(p_eval, state, eval_ds, eval_batches, spec, config)
   result['checkpoint_step'] = step
   writer = reporting.MetricWriter(workdir, enabled=is_primary)
   log_eval(writer, step, result, spec, is_primary, include_confusion=True)

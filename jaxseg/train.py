@@ -297,8 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         pause_start = time.perf_counter()
         evaluated = False
         if step % config.eval_every_steps == 0 or is_last:
-          eval_metrics = evaluate.run_evaluation(p_eval, state, eval_ds, eval_batches, spec,
-                                                 dtype=state_lib.compute_dtype(config))
+          eval_metrics = evaluate.run_evaluation(p_eval, state, eval_ds, eval_batches, spec, config)
           evaluated = True
           evaluate.log_eval(writer, step, eval_metrics, spec, is_primary)
 

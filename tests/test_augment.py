@@ -253,19 +253,6 @@ def test_pad_to_size_errors_when_too_large():
     list(ds)
 
 
-def test_resize_to_fit():
-  image = np.random.default_rng(2).uniform(0, 255, (50, 100, 3))
-  resized, orig = augment.resize_to_fit(image.astype(np.float32), (64, 64))
-  assert resized.shape == (32, 64, 3)
-  np.testing.assert_array_equal(orig.numpy(), [50, 100])
-  assert orig.dtype == tf.int32
-  # Upscaling keeps the aspect ratio too.
-  resized, _ = augment.resize_to_fit(image[:25, :30].astype(np.float32),
-                                     (100, 90))
-  assert resized.shape == (75, 90, 3)
-  assert resized.numpy().min() >= 0.0 and resized.numpy().max() <= 255.0
-
-
 def test_normalize_matches_numpy():
   image = np.random.default_rng(3).uniform(0, 255, (4, 5, 3))
   out = augment.normalize(image.astype(np.float32))

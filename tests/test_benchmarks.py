@@ -129,3 +129,35 @@ def test_torch_peer_computes_the_same_function(model, size):
   assert got.shape == expected.shape == (2,) + size + (num_classes,)
   assert np.abs(expected).max() > 0.1
   np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())), rtol=1e-4)
+
+
+def test_bench_ops_smoke_writes_the_report(tmp_path):
+  """benchmarks/bench_ops.py --smoke (2 simulated CPU devices): every A/B is timed and the variants agree."""
+  out = tmp_path / 'ops.json'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, os.path.join(BENCH_DIR, 'bench_ops.py'), '--smoke', '--json', str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  assert 'speed-up' in proc.stdout and '(c) no donation' in proc.stdout
+
+  report = json.loads(out.read_text())
+  assert report['schema'] == 'jaxseg-bench-ops/1' and report['settings']['smoke'] is True
+  by_kind = {}
+  for comparison in report['comparisons']:
+    by_kind.setdefault(comparison['comparison'], []).append(comparison)
+    for name, entry in comparison['variants'].items():
+      assert np.isfinite(entry['ms']) and entry['ms'] > 0, (comparison['case'], name)
+      assert entry['xla_compiles_in_timed'] == 0, (comparison['case'], name)
+  assert set(by_kind) == {'upconv', 'maxpool', 'train_step'}
+  for comparison in by_kind['upconv'] + by_kind['maxpool']:
+    assert set(comparison['variants']) == {comparison['baseline'], comparison['jaxseg']}
+    assert comparison['speedup'] > 0
+    assert comparison['out_max_abs_diff'] < 1e-4 and comparison['grad_max_rel_diff'] < 1e-4, comparison
+  [step] = by_kind['train_step']
+  assert (step['model'], step['devices_used'], step['batch_size']) == ('unet-tiny', 2, 2)
+  assert set(step['variants']) == {'shipped', 'flax_layers', 'no_donation'}
+  assert step['flax_layers_extra_primitives'] == {'conv_general_dilated': 2, 'reduce_window_max': 2}
+  for entry in step['variants'].values():
+    assert entry['images_per_s'] > 0 and np.isfinite(entry['first_loss'])
+  assert step['variants']['shipped']['ratio_to_shipped'] == 1.0
+  assert step['first_loss_max_rel_diff'] < 1e-4

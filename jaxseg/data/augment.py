@@ -145,7 +145,7 @@ def pad_to_size(image, label, size: tuple[int, int], *,
   image = _as_image(image)
   label = _as_label(label)
   message = (f"pad_to_size: image [height, width] must be <= target size "
-             f"[{size_h}, {size_w}]; resize it first (e.g. resize_to_fit)")
+             f"[{size_h}, {size_w}]")
   static_hw = image.shape[:2]
   if any(d is not None and d > s for d, s in zip(static_hw, (size_h, size_w))):
     # Statically too large: tf.pad's shape inference would otherwise fail at
@@ -172,35 +172,6 @@ def _scaled_hw(hw, scale) -> tf.Tensor:
   """Rounds hw * scale to int32, with every side at least 1 pixel."""
   new_hw = tf.round(tf.cast(hw, tf.float32) * scale)
   return tf.maximum(tf.cast(new_hw, tf.int32), 1)
-
-
-def resize_to_fit(image, size: tuple[int, int]):
-  """Scales an image, aspect ratio kept, to fit inside `size`.
-
-  The image is scaled up or down (like mmseg's keep_ratio Resize) until one
-  side touches `size`. Bilinear without antialiasing, the same as the
-  training-time random scale, so train and eval see the same resampling.
-  The label is NOT resized: scoring happens at the label's own resolution,
-  so predictions must be resized back to the returned original size.
-
-  Args:
-    image: float32 [H, W, 3] in [0, 255].
-    size: static (height, width) bound.
-
-  Returns:
-    (resized image float32 [h', w', 3] with h' <= size_h and w' <= size_w,
-    original [H, W] as an int32 tensor of shape [2]).
-  """
-  size_h, size_w = _check_size("size", size)
-  image = _as_image(image)
-  hw = tf.shape(image)[:2]
-  hw_f = tf.cast(hw, tf.float32)
-  scale = tf.minimum(size_h / hw_f[0], size_w / hw_f[1])
-  # Clamp: float rounding could otherwise overshoot the bound by one pixel.
-  new_hw = tf.minimum(_scaled_hw(hw, scale),
-                      tf.constant([size_h, size_w], tf.int32))
-  resized = tf.image.resize(image, new_hw, method="bilinear")
-  return resized, hw
 
 
 def _random_scale(image, label, seed, lo, hi):

@@ -123,9 +123,9 @@ def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int,
   Padding examples have every label pixel set to ignore_label, so they count
   nowhere; each real pixel is in exactly one process's share. Batches hold,
   besides the device-shaped 'image' and 'label' (see `fit_for_eval`), two
-  host-side fields per example: 'full_label' (PNG bytes of the label at its
-  own size when the image had to be shrunk to fit input.eval_size, else
-  empty) and 'content_hw' (the [h, w] the image occupies in the padded frame).
+  host-side fields per example: 'full_image' and 'full_label', the PNG bytes
+  of an example larger than input.eval_size (empty for the others), which the
+  evaluation segments at its own size.
 
   Returns:
     (dataset, number of batches it yields).
@@ -147,36 +147,40 @@ def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int,
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros(eval_size + (3,), tf.uint8),
       'label': tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8)),
-      'full_label': tf.constant(b''), 'content_hw': tf.zeros([2], tf.int32)}).repeat()
+      'full_image': tf.constant(b''), 'full_label': tf.constant(b'')}).repeat()
   ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
   ds = ds.map(lambda batch: _to_device_shape(batch, local_devices))
   return ds.prefetch(PREFETCH).with_options(_options()), num_batches
 
 
 def fit_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ignore_label: int) -> dict:
-  """One evaluation example in a fixed `size` frame, scored later at the label's own resolution.
+  """One evaluation example in a fixed `size` frame for the devices, or set aside whole.
 
   An image that fits is padded (image 0, label ignore_label) to `size`: the
-  device scores it exactly. A larger one is shrunk to fit (aspect kept) and
-  padded; its frame label is all ignore_label and its own label travels as
-  PNG bytes in 'full_label', so the evaluation resizes the logits back to the
-  label's size and scores it there (mmseg's whole-image test), never a
-  shrunken label.
+  pmapped evaluation scores it exactly. A larger one is not shrunk (that would
+  score a shrunken label, at another scale than training saw): its frame is
+  empty (label all ignore_label) and the image and label travel as PNG bytes
+  in 'full_image'/'full_label', for the evaluation to segment at full
+  resolution as --mode=predict does (config.inference; by default a sliding
+  window of the training crop) and score at the label's own size.
   """
   hw = tf.shape(image)[:2]
   too_big = tf.logical_or(hw[0] > size[0], hw[1] > size[1])
 
-  def shrink():
-    small, _ = augment.resize_to_fit(tf.cast(image, tf.float32), size)
-    frame_label = tf.fill(tf.shape(small)[:2], tf.constant(ignore_label, label.dtype))
-    full = tf.io.encode_png(tf.cast(label, tf.uint8)[..., None])
-    return tf.cast(tf.round(small), tf.uint8), frame_label, full
+  def set_aside():
+    frame_image = tf.zeros(size + (3,), tf.uint8)
+    frame_label = tf.fill(size, tf.constant(ignore_label, tf.int32))
+    return (frame_image, frame_label, tf.io.encode_png(image),
+            tf.io.encode_png(tf.cast(label, tf.uint8)[..., None]))
 
-  image, frame_label, full_label = tf.cond(too_big, shrink, lambda: (image, label, tf.constant(b'')))
-  content_hw = tf.shape(image)[:2]
-  image, frame_label = augment.pad_to_size(tf.cast(image, tf.float32), frame_label, size, ignore_label=ignore_label)
-  return {'image': tf.cast(image, tf.uint8), 'label': tf.cast(frame_label, tf.uint8), 'full_label': full_label,
-          'content_hw': content_hw}
+  def pad():
+    padded, padded_label = augment.pad_to_size(tf.cast(image, tf.float32), label, size, ignore_label=ignore_label)
+    return tf.cast(padded, tf.uint8), tf.cast(padded_label, tf.int32), tf.constant(b''), tf.constant(b'')
+
+  frame_image, frame_label, full_image, full_label = tf.cond(too_big, set_aside, pad)
+  return {'image': tf.ensure_shape(frame_image, size + (3,)),
+          'label': tf.cast(tf.ensure_shape(frame_label, size), tf.uint8),
+          'full_image': full_image, 'full_label': full_label}
 
 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
