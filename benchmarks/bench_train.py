@@ -6,7 +6,8 @@
 
 For every row (model x dtype) it measures, on whatever JAX devices are present:
 
-* jaxseg: the real pmapped `train.make_steps(...)` train step, built from
+* jaxseg: the real pmapped train step (`train.make_train_step`, or
+  `make_steps` in older trees) on a `jax_utils.replicate`d state, built from
   configs/default.py with the row's model, crop and batch (a stub DatasetSpec,
   so no dataset is opened). A fixed device-resident uint8 batch is fed, so
   input loading is excluded. `--warmup` untimed steps (the first compiles),
@@ -20,8 +21,10 @@ For every row (model x dtype) it measures, on whatever JAX devices are present:
   channels_last, torch.set_num_threads(cores) on CPU; cudnn.benchmark and
   bf16 autocast (bfloat16 rows) on GPU, autocast to bf16 on CPU too.
 
-Reported per framework: images/s, ms/step, compile time (first step minus a
-steady step), peak memory, FLOPs and MFU where the device's peak is known;
+Reported per framework: images/s, ms/step, compile time (jaxseg: from
+jax.monitoring compile events; PyTorch: warm-up time beyond steady steps,
+torch.compile with a cold Inductor cache), peak memory, FLOPs and MFU where
+the device's peak is known;
 per row the jaxseg/PyTorch throughput ratio (> 1: jaxseg faster). See
 benchmarks/NOTES.md for the conventions and results.
 
@@ -63,6 +66,8 @@ IGNORE_LABEL = 255
 # Benchmarked networks. kind 'unet': jaxseg UNet(norm='batch', upsample='transpose');
 # kind 'fcn': jaxseg FCN. The *-tiny ones are for --smoke only.
 MODELS: dict[str, dict[str, Any]] = {
+    # configs/unet.py's network (the default UNet, jaxseg_shapes' 4 classes).
+    'unet-default': dict(kind='unet', num_classes=4, base_width=16, depth=3),
     'unet32': dict(kind='unet', num_classes=2, base_width=32, depth=4),
     'unet64': dict(kind='unet', num_classes=2, base_width=64, depth=4),
     'fcn8s': dict(kind='fcn', num_classes=21, variant='fcn8s', width_multiplier=1.0, fc_width=4096,
@@ -71,11 +76,11 @@ MODELS: dict[str, dict[str, Any]] = {
     'fcn8s-tiny': dict(kind='fcn', num_classes=3, variant='fcn8s', width_multiplier=1 / 16, fc_width=16,
                        fc6_kernel=3, dropout_rate=0.5),
 }
-DEFAULT_MODELS = ('unet32', 'unet64', 'fcn8s')
+DEFAULT_MODELS = ('unet-default', 'unet32', 'unet64', 'fcn8s')
 SMOKE_MODELS = ('unet-tiny', 'fcn8s-tiny')
 # (image size, global batch) per model: small on CPU, realistic on accelerators.
-CPU_SHAPES = {'unet32': (128, 4), 'unet64': (128, 4), 'fcn8s': (128, 2)}
-ACCEL_SHAPES = {'unet32': (256, 32), 'unet64': (256, 16), 'fcn8s': (256, 16)}
+CPU_SHAPES = {'unet-default': (64, 16), 'unet32': (128, 4), 'unet64': (128, 4), 'fcn8s': (128, 2)}
+ACCEL_SHAPES = {'unet-default': (64, 256), 'unet32': (256, 32), 'unet64': (256, 16), 'fcn8s': (256, 16)}
 SMOKE_SHAPE = (32, 2)
 SMOKE_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
@@ -249,7 +254,7 @@ def jaxseg_config(model: str, dtype: str, image_size: int, batch: int):
 
 
 def stub_spec(num_classes: int):
-  """A DatasetSpec that make_steps reads (num_classes, ignore_label); nothing opens a dataset."""
+  """A DatasetSpec that the step builder reads (num_classes, ignore_label); nothing opens a dataset."""
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   return datasets.DatasetSpec(
       name='bench', num_classes=num_classes, class_names=tuple(f'class_{i}' for i in range(num_classes)),
@@ -474,6 +479,21 @@ def run_jaxseg_row(row: dict) -> dict:
 
 def run_torch_row(row: dict) -> dict:
   """Times the PyTorch peer's train step for one row; row['variant'] is 'eager' or 'compile'."""
+  cache_dir = None
+  if row['variant'] == 'compile' and 'torch' not in sys.modules:
+    # A cold compile, as jaxseg's (no persistent compilation cache): Inductor would otherwise reuse the
+    # kernels an earlier run left in its on-disk cache.
+    cache_dir = tempfile.mkdtemp(prefix='bench_inductor_')
+    os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache_dir
+  try:
+    return _run_torch_row(row, cold_cache=cache_dir is not None)
+  finally:
+    if cache_dir:
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _run_torch_row(row: dict, cold_cache: bool) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import torch_models  # pylint: disable=g-import-not-at-top
 
@@ -555,7 +575,9 @@ def run_torch_row(row: dict) -> dict:
     result['memory_method'] = 'torch_max_memory_allocated'
   result['final_loss'] = float(loss)
   result['settings'] = {'channels_last': row['channels_last'], 'bf16_autocast': dtype == 'bfloat16',
-                        'cudnn_benchmark': device.type == 'cuda', 'compile': row['variant'] == 'compile'}
+                        'cudnn_benchmark': device.type == 'cuda', 'compile': row['variant'] == 'compile',
+                        'compile_cache': ('cold (fresh TORCHINDUCTOR_CACHE_DIR)' if cold_cache else
+                                          'process default') if row['variant'] == 'compile' else None}
   del trainer, net, images, labels
   trim_memory()
   return result
