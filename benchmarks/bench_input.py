@@ -167,8 +167,8 @@ def run_benchmark(config) -> dict:
   host_state = state_lib.create_train_state(model, tx, jax.random.key(config.seed),
                                             tuple(config.input.crop_size) + (3,))
   p_train = train.make_train_step(config, spec, lr_fn, class_weights)
-  state = jax_utils.replicate(host_state)
-  dropout_rng = jax_utils.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
+  state = state_lib.replicate(host_state)
+  dropout_rng = state_lib.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
   # Placed on the devices by prefetch_to_device, as training batches are.
   device_batch = jax.block_until_ready(next(jax_utils.prefetch_to_device(iter([next(it)]), 1)))
   compiles.take()
@@ -265,8 +265,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   config = apply_flags(FLAGS.config)
+  from jaxseg import distributed  # pylint: disable=g-import-not-at-top
   from jaxseg.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   try:
+    distributed.split_cpu_into_devices(config)  # As run.py: a CPU-only host's cores as devices.
     report = run_benchmark(config)
   except (ConfigError, DataError) as e:
     print(f'bench_input: error: {e}', file=sys.stderr, flush=True)

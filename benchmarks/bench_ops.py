@@ -448,6 +448,12 @@ def main(argv=None) -> dict:
   if args.smoke and 'jax' not in sys.modules:
     # Not a timing: cheaper XLA:CPU code generation (compiling dominates a smoke run).
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + bt.SMOKE_XLA_FLAGS).strip()
+  if not args.smoke and 'jax' not in sys.modules:
+    # The train step as run.py runs it: on a CPU-only host the cores form that many JAX devices.
+    from jaxseg import distributed  # pylint: disable=g-import-not-at-top
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    b = args.batch_size or bt.CPU_SHAPES.get(args.model or DEFAULT_MODEL, (0, 1))[1]
+    distributed.split_cpu_into_devices(ml_collections.ConfigDict({'batch_size': b, 'eval_batch_size': b}))
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 

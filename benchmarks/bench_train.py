@@ -7,7 +7,7 @@
 For every row (model x dtype) it measures, on whatever JAX devices are present:
 
 * jaxseg: the real pmapped train step (`train.make_train_step`, or
-  `make_steps` in older trees) on a `jax_utils.replicate`d state, built from
+  `make_steps` in older trees) on a state replicated as training does, built from
   configs/default.py with the row's model, crop and batch (a stub DatasetSpec,
   so no dataset is opened). A fixed device-resident uint8 batch is fed, so
   input loading is excluded. `--warmup` untimed steps (the first compiles),
@@ -123,7 +123,10 @@ CONVENTIONS = {
                '(parameters, momentum, BatchNorm statistics) + the input batch + the growth of the process peak '
                'RSS over the RSS just before the timed steps (peak reset through /proc/self/clear_refs, so '
                'compiler and warm-up memory are excluded): what the steps allocate on top of the state'),
-    'ratio': 'jaxseg images/s divided by the PyTorch variant\'s images/s, per device (> 1: jaxseg faster)',
+    'ratio': ('jaxseg images/s divided by the PyTorch variant\'s images/s (> 1: jaxseg faster); per device on '
+              'GPU/TPU (PyTorch runs one device with the per-device batch), per host on CPU, where jaxseg\'s '
+              'devices are the host\'s cores split as run.py splits them and PyTorch runs the whole batch with '
+              'one thread per core'),
 }
 
 
@@ -384,8 +387,8 @@ def run_jaxseg_row(row: dict) -> dict:
   """Times jaxseg's production pmapped train step for one row."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
   from jaxseg import optim  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
 
   model, dtype, size, batch = row['model'], row['dtype'], row['image_size'], row['batch_size']
   n_dev = jax.local_device_count()
@@ -409,9 +412,10 @@ def run_jaxseg_row(row: dict) -> dict:
   param_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(host_state.params))
   state_bytes = tree_bytes(host_state)  # Per device: params, momentum, BatchNorm statistics, counters.
   p_train = api.make_train_step(config, spec, lr_fn)
-  state = jax_utils.replicate(host_state)  # As train_and_evaluate does.
+  # As train_and_evaluate does: laid out on the pmap axis, so the step compiles once.
+  state = state_lib.replicate(host_state)
   del host_state
-  dropout_rng = jax_utils.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
+  dropout_rng = state_lib.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
   images, labels = make_batch(batch, size, num_classes)
   per = batch // n_dev
   host_batch = {'image': images.reshape(n_dev, per, size, size, 3), 'label': labels.reshape(n_dev, per, size, size)}
@@ -442,7 +446,9 @@ def run_jaxseg_row(row: dict) -> dict:
   timed_compiles = compiles.take()
 
   result = steady_block_stats(blocks, row['steps'], batch)
-  result['images_per_s_per_device'] = result['images_per_s'] / n_dev
+  # CPU devices are slices of one host's cores (run.py splits the cores into devices): the host is the unit.
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  result['images_per_s_per_device'] = result['images_per_s'] / (1 if on_cpu else n_dev)
   result['compile_s'] = step_compiles['seconds']  # Trace + lower + XLA compile of the step, all warm-up calls.
   result['train_step_xla_compiles'] = step_compiles['xla_compiles']
   result['train_step_compile_detail'] = step_compiles['slow_xla_compiles']
@@ -784,6 +790,14 @@ def main(argv=None) -> dict:
     # Not a timing: cheaper XLA:CPU code generation keeps CI fast (compiling dominates a smoke run).
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + SMOKE_XLA_FLAGS).strip()
 
+  if not args.smoke and 'jax' not in sys.modules:
+    # jaxseg as run.py runs it: on a CPU-only host the cores form that many JAX devices (one thread each).
+    from jaxseg import distributed  # pylint: disable=g-import-not-at-top
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    batches = [args.batch_size or CPU_SHAPES.get(m, SMOKE_SHAPE)[1] for m in models]
+    gcd = math.gcd(*batches)
+    distributed.split_cpu_into_devices(ml_collections.ConfigDict({'batch_size': gcd, 'eval_batch_size': gcd}))
+
   # Probe first (devices decide the default shapes): a throwaway probe with sizes placeholder when isolating
   # would cost a second process start, so the probe gets every candidate size up front.
   def shapes_for(platform: str, n_dev: int) -> dict[str, tuple[int, int]]:
@@ -875,7 +889,7 @@ def main(argv=None) -> dict:
       if run_torch:
         for variant in ('eager', 'compile') if use_compile else ('eager',):
           payload = dict(base, variant=variant, jax_platform=platform, channels_last=args.channels_last,
-                         torch_batch_size=batch // n_dev)
+                         torch_batch_size=batch if on_cpu else batch // n_dev)
           print(f'; torch {variant} ...', end='', flush=True)
           entry = call_worker('torch', payload, isolate, args.row_timeout)
           entry.setdefault('status', 'ok')

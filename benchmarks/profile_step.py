@@ -83,6 +83,7 @@ def main(argv=None):
 
   import jax  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg import optim  # pylint: disable=g-import-not-at-top
 
   model, size, batch = args.model, args.image_size, args.batch_size
@@ -94,13 +95,13 @@ def main(argv=None):
   lr_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
   tx = optim.create_optimizer(config.optimizer, lr_fn)
   events = bt.CompileEvents()
-  state = jax_utils.replicate(api.create_train_state(net, tx, jax.random.key(0), (size, size, 3)))
+  state = state_lib.replicate(api.create_train_state(net, tx, jax.random.key(0), (size, size, 3)))
   p_train = api.make_train_step(config, bt.stub_spec(num_classes), lr_fn)
   images, labels = bt.make_batch(batch, size, num_classes)
   per = batch // n_dev
   device_batch = jax.pmap(lambda b: b)({'image': images.reshape(n_dev, per, size, size, 3),
                                         'label': labels.reshape(n_dev, per, size, size)})
-  rng = jax_utils.replicate(jax.random.key(1))
+  rng = state_lib.replicate(jax.random.key(1))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, device_batch, rng))
   events.take()
   compiles = []

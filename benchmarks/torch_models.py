@@ -346,4 +346,4 @@ def forward_flops_per_image(model: nn.Module, image_size: tuple[int, int]) -> Op
 
 
 __all__ = ['UNet', 'FCN', 'Trainer', 'build_model', 'param_count', 'meta_param_count', 'load_jaxseg_variables',
-           'forward_flops_per_image', 'make_optimizer', 'math']
+           'forward_flops_per_image', 'make_optimizer']

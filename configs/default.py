@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2         # Keep the last K checkpoints (plus the best by validation mean IoU).
   config.half_precision = False       # Compute in bfloat16 with float32 parameters and loss.
   config.on_nonfinite_loss = 'stop'   # A NaN/inf loss: 'stop' with an error naming the step, or 'skip' that update.
+  config.cpu_devices = 0               # run.py on a CPU-only host: JAX devices the cores form (data-parallel, a thread each); 0 = one per core that divides the batches, 1 = one.
   config.compilation_cache_dir = '~/.cache/jaxseg/xla'  # Where compiled XLA programs are kept across runs (resume, eval, predict); '' disables; ~, $VARS expanded.
 
   return config

@@ -23,6 +23,7 @@ def run(mode: str, config, workdir: str, *, checkpoint: str = 'best', input_path
   from jaxseg import evaluate, train  # pylint: disable=g-import-not-at-top
   reporting.setup_console_logging()
   try:
+    distributed.split_cpu_into_devices(config)
     distributed.initialize()
     if mode == 'train':
       train.train_and_evaluate(config, workdir)
