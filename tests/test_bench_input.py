@@ -1,4 +1,5 @@
-"""benchmarks/bench_input.py in a tiny smoke setting: it runs and writes every field (a harness check, not a timing)."""
+"""benchmarks/bench_input.py and bench_loop.py in a tiny smoke setting: they run and write every field (harness
+checks, not timings)."""
 
 import json
 import os
@@ -46,3 +47,37 @@ def test_bench_input_smoke_writes_the_report(shapes_data_dir, tmp_path):
   assert len(step['warmup_step_s']) == 1
   assert report['fed']['steps'] == 2 and report['fed']['images_per_s'] > 0 and report['fed']['recompiles'] >= 0
   assert abs(report['ratio_pipeline_over_step'] - pipe['steady']['images_per_s'] / step['images_per_s']) < 1e-9
+
+
+def test_bench_loop_smoke_writes_the_report(shapes_data_dir, tmp_path):
+  """One round of (fixed step, production loop, fixed step) with a tiny model: the overhead is computed from the
+  loop's own metrics.jsonl, and its temporary workdir is removed."""
+  out = tmp_path / 'loop.json'
+  # Without SMOKE_XLA_FLAGS: XLA:CPU's unoptimised code turns this tiny UNet's third update non-finite (seen with
+  # jax 0.10.2), which run.py rightly stops on.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DEFAULT_PRNG_IMPL='rbg', TMPDIR=str(tmp_path),
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'bench_loop.py'), f'--json={out}',
+         f'--config.dataset.data_dir={shapes_data_dir}', '--config.model.base_width=4', '--config.model.depth=2',
+         '--config.input.crop_size=(32,32)', '--config.batch_size=8', '--config.eval_batch_size=40',
+         '--config.log_every_steps=2', '--config.checkpoint_every_steps=3', '--config.optimizer.learning_rate=0.01',
+         '--rounds=1', '--loop_steps=6',
+         '--fixed_steps=2', '--warmup_steps=1']
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  assert 'training-loop overhead (median of 1 rounds)' in proc.stdout
+
+  report = json.loads(out.read_text())
+  assert report['schema'] == 'jaxseg-bench-loop/1'
+  assert report['device']['local_device_count'] == 2 and report['config']['batch_size'] == 8
+  [r] = report['rounds']
+  loop = r['loop']
+  # Log points at steps 2, 4, 6: the first interval (compilation) is left out, the other two are timed.
+  assert loop['steps'] == 6 and loop['timed_steps'] == 4 and len(loop['interval_images_per_s']) == 2
+  expected = 4 * 8 / sum(2 * 8 / ips for ips in loop['interval_images_per_s'])
+  assert abs(loop['images_per_s'] - expected) < 1e-6 * expected
+  assert loop['checkpoints_kept'] == [3, 6]  # A mid-run save and the final one, as in production.
+  step_rate = (r['step_before_images_per_s'] + r['step_after_images_per_s']) / 2
+  assert abs(r['overhead'] - (1 - loop['images_per_s'] / step_rate)) < 1e-9
+  assert report['overhead_median'] == r['overhead']
+  assert not [p for p in os.listdir(tmp_path) if p.startswith('jaxseg_bench_loop_')]

@@ -161,3 +161,23 @@ def test_bench_ops_smoke_writes_the_report(tmp_path):
     assert entry['images_per_s'] > 0 and np.isfinite(entry['first_loss'])
   assert step['variants']['shipped']['ratio_to_shipped'] == 1.0
   assert step['first_loss_max_rel_diff'] < 1e-4
+
+
+def test_bench_conv_runs_and_agrees_with_pytorch(tmp_path):
+  """benchmarks/bench_conv.py with 1 image and 1 timed block: XLA's and PyTorch's forward, input and kernel
+  gradients agree for every UNet convolution shape (the script checks before timing), and the report adds up."""
+  pytest.importorskip('torch')
+  out = tmp_path / 'conv.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, os.path.join(BENCH_DIR, 'bench_conv.py'), '--batch', '1', '--repeats', '1',
+         '--json', str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  report = json.loads(out.read_text())
+  assert report['schema'] == 'jaxseg-bench-conv/1' and report['batch'] == 1
+  assert sum(r['count'] for r in report['rows']) == 14  # The default UNet's 3x3 convolutions (depth 3).
+  for framework in ('jax', 'torch'):
+    totals = report['totals_ms'][framework]
+    expected = sum(r['count'] * r[f'{framework}_ms'][p] for i, r in enumerate(report['rows'])
+                   for p in ('forward', 'input_grad', 'kernel_grad') if not (i == 0 and p == 'input_grad'))
+    assert totals['all'] == pytest.approx(expected) and totals['all'] > 0
