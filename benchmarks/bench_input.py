@@ -35,8 +35,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+for path in (ROOT, HERE):  # The repo (jaxseg) and this folder (fixed_step).
+  if path not in sys.path:
+    sys.path.insert(0, path)
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -132,9 +133,9 @@ def run_benchmark(config) -> dict:
   """Runs the three measurements for `config` and returns the report (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
-  from jaxseg import config_utils, optim, train  # pylint: disable=g-import-not-at-top
-  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  import fixed_step  # pylint: disable=g-import-not-at-top  # After the device flags are set.
 
   config_utils.validate(config)
   pipeline.hide_accelerators_from_tf()
@@ -160,35 +161,22 @@ def run_benchmark(config) -> dict:
 
   # ---- Train step alone, on one device-resident batch from the pipeline. ----
   compiles = CompileEvents()
-  class_weights = train.resolve_class_weights(config, spec, builder)
-  model = state_lib.build_model(config, spec.num_classes)
-  lr_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  tx = optim.create_optimizer(config.optimizer, lr_fn)
-  host_state = state_lib.create_train_state(model, tx, jax.random.key(config.seed),
-                                            tuple(config.input.crop_size) + (3,))
-  p_train = train.make_train_step(config, spec, lr_fn, class_weights)
-  state = state_lib.replicate(host_state)
-  dropout_rng = state_lib.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
-  # Placed on the devices by prefetch_to_device, as training batches are.
-  device_batch = jax.block_until_ready(next(jax_utils.prefetch_to_device(iter([next(it)]), 1)))
+  fixed = fixed_step.FixedStep(config, spec, builder, next(it))
   compiles.take()
   warmup_s, warmup_compiles = [], []  # Each warm-up step on its own: a recompilation after the first shows.
   for _ in range(max(FLAGS.warmup_steps, 1)):
     t0 = time.perf_counter()
-    state, metrics = p_train(state, device_batch, dropout_rng)
-    jax.block_until_ready((state, metrics))
+    fixed.step()
+    fixed.wait()
     warmup_s.append(time.perf_counter() - t0)
     warmup_compiles.append(compiles.take())
-  t0 = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    state, metrics = p_train(state, device_batch, dropout_rng)
-  jax.block_until_ready((state, metrics))
-  step_s = time.perf_counter() - t0
+  step_rate = fixed.images_per_s(FLAGS.steps)
+  step_s = FLAGS.steps * batch_size / step_rate
   timed_compiles = compiles.take()
   step = {'steps': FLAGS.steps, 'warmup_steps': len(warmup_s), 'warmup_step_s': warmup_s,
-          'seconds': step_s, 'images_per_s': _rate(FLAGS.steps * batch_size, step_s),
+          'seconds': step_s, 'images_per_s': step_rate,
           'ms_per_step': 1000 * step_s / max(FLAGS.steps, 1),
-          'final_loss': float(jax.device_get(metrics['loss'][0])),
+          'final_loss': float(jax.device_get(fixed.metrics['loss'][0])),
           'compile_s': warmup_compiles[0]['compile_s'],
           # XLA compilations in the calls after the first (0 unless the step recompiles, e.g. for a
           # change of the state's sharding between the first call and the next).
@@ -199,15 +187,9 @@ def run_benchmark(config) -> dict:
   fed = None
   if FLAGS.fed_steps > 0:
     feed = jax_utils.prefetch_to_device(it, config.input.prefetch_to_device)
-    for _ in range(max(FLAGS.warmup_steps, 1)):
-      state, metrics = p_train(state, next(feed), dropout_rng)
-    jax.block_until_ready((state, metrics))
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.fed_steps):
-      state, metrics = p_train(state, next(feed), dropout_rng)
-    jax.block_until_ready((state, metrics))
-    fed_s = time.perf_counter() - t0
-    fed = {'steps': FLAGS.fed_steps, 'seconds': fed_s, 'images_per_s': _rate(FLAGS.fed_steps * batch_size, fed_s),
+    fixed.images_per_s(max(FLAGS.warmup_steps, 1), feed)
+    fed_rate = fixed.images_per_s(FLAGS.fed_steps, feed)
+    fed = {'steps': FLAGS.fed_steps, 'seconds': FLAGS.fed_steps * batch_size / fed_rate, 'images_per_s': fed_rate,
            'recompiles': compiles.take()['xla_compiles']}
     print(f'fed: {fed["images_per_s"]:.1f} img/s', flush=True)
 

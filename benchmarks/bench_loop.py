@@ -36,8 +36,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+for path in (ROOT, HERE):  # The repo (jaxseg) and this folder (fixed_step).
+  if path not in sys.path:
+    sys.path.insert(0, path)
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -56,58 +57,18 @@ flags.DEFINE_integer('warmup_steps', 2, 'Untimed fixed-batch steps before the fi
 flags.DEFINE_string('json', None, 'Write the results to this JSON file.')
 
 
-class FixedStep:
-  """The config's pmapped train step on one device-resident batch from the training pipeline."""
-
-  def __init__(self, config):
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import jax_utils  # pylint: disable=g-import-not-at-top
-    from jaxseg import optim, train  # pylint: disable=g-import-not-at-top
-    from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
-    from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
-
-    spec, builder = datasets.open_dataset(config.dataset)
-    lr_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-    tx = optim.create_optimizer(config.optimizer, lr_fn)
-    model = state_lib.build_model(config, spec.num_classes)
-    host_state = state_lib.create_train_state(model, tx, jax.random.key(config.seed),
-                                              tuple(config.input.crop_size) + (3,))
-    self._p_train = train.make_train_step(config, spec, lr_fn, train.resolve_class_weights(config, spec, builder))
-    self._state = state_lib.replicate(host_state)
-    self._rng = state_lib.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
-    ds = pipeline.train_dataset(builder, spec, config.input, global_batch=config.batch_size,
-                                local_devices=jax.local_device_count(), seed=config.seed, start_step=0,
-                                process_index=0, process_count=1, cache=False, shuffle_buffer=16)
-    host_batch = next(pipeline.as_numpy(ds))
-    self._batch = jax.block_until_ready(next(jax_utils.prefetch_to_device(iter([host_batch]), 1)))
-    self._batch_size = config.batch_size
-    self.dataset = {'name': spec.name, 'num_classes': spec.num_classes,
-                    'train_examples': builder.info.splits[spec.train_split].num_examples}
-
-  def run(self, steps: int) -> float:
-    """Runs `steps` steps; returns images/s (synchronised at the two ends only)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.block_until_ready(self._state)
-    t0 = time.perf_counter()
-    metrics = None
-    for _ in range(steps):
-      self._state, metrics = self._p_train(self._state, self._batch, self._rng)
-    jax.block_until_ready((self._state, metrics))
-    return steps * self._batch_size / (time.perf_counter() - t0)
-
-
 def config_args(argv: list[str]) -> list[str]:
   """The --config / --config.FIELD arguments this benchmark was given, to hand on to run.py unchanged."""
   out, i = [], 0
   while i < len(argv):
     arg = argv[i]
-    if arg == '--config' or arg.startswith('--config.') and '=' not in arg:
-      out += argv[i:i + 2]  # '--config.x VALUE' form.
-      i += 2
-      continue
-    if arg.startswith('--config=') or arg.startswith('--config.'):
-      out.append(arg)
     i += 1
+    if arg != '--config' and not arg.startswith(('--config=', '--config.')):
+      continue
+    out.append(arg)
+    if '=' not in arg and i < len(argv) and not argv[i].startswith('--'):
+      out.append(argv[i])  # The '--config.x VALUE' form ('--config.flag' alone is a boolean).
+      i += 1
   if not any(a == '--config' or a.startswith('--config=') for a in out):
     out.insert(0, f'--config={FLAGS["config"].config_filename}')
   return out
@@ -152,19 +113,24 @@ def loop_rate(config, steps: int, argv: list[str]) -> dict:
 def run_benchmark(config, argv: list[str]) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from jaxseg import compilation_cache, config_utils  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import pipeline  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  import fixed_step  # pylint: disable=g-import-not-at-top  # After the device flags are set.
 
   config_utils.validate(config)
   config_utils.check_batch(config, jax.device_count(), jax.process_count())
   compilation_cache.enable(config)
   pipeline.hide_accelerators_from_tf()
-  fixed = FixedStep(config)
-  fixed.run(max(FLAGS.warmup_steps, 1))
+  spec, builder = datasets.open_dataset(config.dataset)
+  ds = pipeline.train_dataset(builder, spec, config.input, global_batch=config.batch_size,
+                              local_devices=jax.local_device_count(), seed=config.seed, start_step=0,
+                              process_index=0, process_count=1, cache=False, shuffle_buffer=16)
+  fixed = fixed_step.FixedStep(config, spec, builder, next(pipeline.as_numpy(ds)))
+  fixed.images_per_s(max(FLAGS.warmup_steps, 1))
   rounds = []
   for i in range(FLAGS.rounds):
-    before = fixed.run(FLAGS.fixed_steps)
+    before = fixed.images_per_s(FLAGS.fixed_steps)
     loop = loop_rate(config, FLAGS.loop_steps, argv)
-    after = fixed.run(FLAGS.fixed_steps)
+    after = fixed.images_per_s(FLAGS.fixed_steps)
     step_rate = (before + after) / 2
     rounds.append({'step_before_images_per_s': before, 'loop': loop, 'step_after_images_per_s': after,
                    'overhead': 1 - loop['images_per_s'] / step_rate})
@@ -173,7 +139,8 @@ def run_benchmark(config, argv: list[str]) -> dict:
   device = jax.devices()[0]
   return {
       'schema': SCHEMA,
-      'dataset': fixed.dataset,
+      'dataset': {'name': spec.name, 'num_classes': spec.num_classes,
+                  'train_examples': builder.info.splits[spec.train_split].num_examples},
       'config': {'file': FLAGS['config'].config_filename, 'batch_size': config.batch_size,
                  'crop_size': list(config.input.crop_size), 'model': config.model.to_dict(),
                  'log_every_steps': config.log_every_steps,
