@@ -5,7 +5,7 @@
       --model unet32 --image-size 128 --batch-size 4 --dtype bfloat16
   python benchmarks/bench_ops.py --smoke --json /tmp/ops.json     # tiny, for CI (not a timing)
 
-Three comparisons, on the JAX default device (the train step: on all local devices, as training runs):
+Four comparisons, on the JAX default device (the train step: on all local devices, as training runs):
 
 1. upconv: `nn.ConvTranspose(F, (2, 2), strides=(2, 2))` against `layers.UpConv2x2(F)` (a 1x1 matrix
    product to 4F channels + depth-to-space) on decoder-level activations (`--upconv-shapes`, NxHxWxC:F).
@@ -15,7 +15,13 @@ Three comparisons, on the JAX default device (the train step: on all local devic
 2. maxpool: `nn.max_pool(x, (2, 2), strides=(2, 2))` against `layers.max_pool_2x2` (reshape + max, whose
    gradient is an elementwise select instead of XLA's select-and-scatter) at encoder shapes
    (`--pool-shapes`, NxHxWxC), with the same equivalence check.
-3. step: the real pmapped train step (`train.make_train_step`, replicated state, stub dataset spec, as
+3. conv3x3: the 3x3 'SAME' convolution as shipped (flax's nn.Conv) against rewrites of it that were tried and
+   not adopted (benchmarks/NOTES.md): output channels zero-padded to 17 and sliced back (XLA:CPU hands a
+   convolution to YNNPACK only when it has more than 16 input or output channels), the three horizontal
+   taps moved into channels (3C channels, a 3x1 convolution), a 3x1 convolution to 3F channels followed by
+   a shifted sum, and im2col (9C-channel patches times the [9C, F] kernel). `--conv-shapes`, NxHxWxC:F; at
+   the default UNet's per-device shapes (8 images).
+4. step: the real pmapped train step (`train.make_train_step`, replicated state, stub dataset spec, as
    benchmarks/bench_train.py builds it) of a UNet (`--model`): (a) as shipped; (b) with the UNet's
    UpConv2x2 and max_pool_2x2 swapped for nn.ConvTranspose and nn.max_pool (same parameter tree, same
    initial state); (c) the shipped step without buffer donation of the state. images/s and the ratio to (a).
@@ -56,8 +62,11 @@ SCHEMA = 'jaxseg-bench-ops/1'
 DEFAULT_UPCONV = '16x8x8x128:64,16x16x16x64:32,16x32x32x32:16,4x16x16x256:128,4x64x64x64:32'
 # Encoder pooling inputs of the same two networks.
 DEFAULT_POOL = '16x64x64x16,16x32x32x32,16x16x16x64,4x128x128x32,4x32x32x128'
+# 3x3 convolutions of configs/unet.py's UNet at one device's share of the batch on a 2-core host: the
+# 16-channel 64x64 level (first layer, encoder, decoder after the skip concatenation) and one 32-channel one.
+DEFAULT_CONV = '8x64x64x3:16,8x64x64x16:16,8x64x64x32:16,8x32x32x32:32'
 DEFAULT_MODEL = 'unet-default'
-SMOKE = dict(upconv='2x4x4x8:4', pool='2x8x8x4', model='unet-tiny', image_size=32, batch_size=2, warmup=1,
+SMOKE = dict(upconv='2x4x4x8:4', pool='2x8x8x4', conv='2x8x8x4:4', model='unet-tiny', image_size=32, batch_size=2, warmup=1,
              repeats=2, iters=1, steps=1)
 STEP_VARIANTS = (('shipped', '(a) shipped'), ('flax_layers', '(b) nn.ConvTranspose+max_pool'),
                  ('no_donation', '(c) no donation'))
@@ -77,7 +86,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
   return dims
 
 
-def parse_upconv_shapes(text: str) -> list[tuple[tuple[int, ...], int]]:
+def parse_layer_shapes(text: str) -> list[tuple[tuple[int, ...], int]]:
   """'NxHxWxC:F,...' -> [((N, H, W, C), F), ...]."""
   out = []
   for item in filter(None, (s.strip() for s in text.split(','))):
@@ -142,15 +151,19 @@ def max_rel_diff(a, b) -> float:
 
 
 # ---------------------------------------------------------------------------
-# 1 and 2: single ops, forward + backward.
+# 1 to 3: single ops, forward + backward.
 # ---------------------------------------------------------------------------
 
 
 def op_comparison(name: str, case: str, variants: dict[str, Callable], args: tuple, *, baseline: str,
-                  settings: dict, events) -> dict:
+                  settings: dict, events, shipped: Optional[str] = None) -> dict:
   """Times value_and_grad(sum(f(*args) ** 2)) over all args for each variant; checks they agree.
 
-  `variants` maps a label to f; `baseline` is the plain Flax label, the other one is jaxseg's.
+  `variants` maps a label to f; `baseline` is the plain Flax label, `shipped` jaxseg's choice (default: the
+  one other label). Every variant gets its speed-up (its time / the shipped one's: > 1, jaxseg's choice is
+  faster) and its max output / relative gradient difference to the baseline; the comparison's own
+  `speedup` is the smallest of them (the shipped variant against its best alternative) and its
+  differences the largest.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -159,22 +172,29 @@ def op_comparison(name: str, case: str, variants: dict[str, Callable], args: tup
     loss = lambda a: jnp.sum(jnp.square(f(*a).astype(jnp.float32)))
     return jax.value_and_grad(loss)
 
-  jaxseg_label = next(v for v in variants if v != baseline)
-  ref_f, fast_f = variants[baseline], variants[jaxseg_label]
+  shipped = shipped or next(v for v in variants if v != baseline)
   # Equivalence first, at full float32 matmul/conv precision (its own jit cache entries).
+  diffs = {}
   with jax.default_matmul_precision('highest'):
-    out_ref, out_fast = jax.jit(ref_f)(*args), jax.jit(fast_f)(*args)
-    (_, g_ref), (_, g_fast) = jax.jit(fwd_bwd(ref_f))(args), jax.jit(fwd_bwd(fast_f))(args)
-    out_diff = float(jnp.abs(out_ref.astype(jnp.float32) - out_fast.astype(jnp.float32)).max())
-    grad_diff = max_rel_diff(g_ref, g_fast)
+    out_ref = jax.jit(variants[baseline])(*args)
+    _, g_ref = jax.jit(fwd_bwd(variants[baseline]))(args)
+    for label, f in variants.items():
+      _, g = jax.jit(fwd_bwd(f))(args)
+      diffs[label] = (float(jnp.abs(out_ref.astype(jnp.float32) - jax.jit(f)(*args).astype(jnp.float32)).max()),
+                      max_rel_diff(g_ref, g))
 
   steps = {label: jax.jit(fwd_bwd(f)) for label, f in variants.items()}
   timing = time_interleaved({label: (lambda s=s: s(args)) for label, s in steps.items()},
                             warmup=settings['warmup'], iters=settings['iters'], repeats=settings['repeats'],
                             events=events)
-  speedup = timing[baseline]['seconds'] / timing[jaxseg_label]['seconds']
-  return {'comparison': name, 'case': case, 'baseline': baseline, 'jaxseg': jaxseg_label, 'variants': timing,
-          'speedup': speedup, 'out_max_abs_diff': out_diff, 'grad_max_rel_diff': grad_diff}
+  for label, entry in timing.items():
+    entry['speedup'] = entry['seconds'] / timing[shipped]['seconds']
+    entry['out_max_abs_diff'], entry['grad_max_rel_diff'] = diffs[label]
+  others = [label for label in variants if label != shipped]
+  return {'comparison': name, 'case': case, 'baseline': baseline, 'jaxseg': shipped, 'variants': timing,
+          'speedup': min(timing[label]['speedup'] for label in others),
+          'out_max_abs_diff': max(d[0] for d in diffs.values()),
+          'grad_max_rel_diff': max(d[1] for d in diffs.values())}
 
 
 def upconv_comparisons(shapes, dtype, settings, events) -> list[dict]:
@@ -215,8 +235,61 @@ def pool_comparisons(shapes, dtype, settings, events) -> list[dict]:
   return results
 
 
+def conv_rewrites() -> dict[str, Callable]:
+  """Rewrites of a 3x3 'SAME' convolution f(x [N, H, W, C], kernel [3, 3, C, F]) (HWIO, no bias), same function."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+
+  def conv(x, kernel, padding='SAME'):
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def padded_to_17(x, kernel):
+    f = kernel.shape[-1]
+    extra = max(0, 17 - f)
+    return conv(x, jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, extra))))[..., :f]
+
+  def taps_in_channels(x, kernel):
+    w, c = x.shape[2], x.shape[3]
+    xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+    x3 = jnp.concatenate([xp[:, :, dx:dx + w] for dx in range(3)], axis=-1)  # channel (dx, c)
+    return conv(x3, kernel.reshape(3, 1, 3 * c, kernel.shape[-1]), ((1, 1), (0, 0)))
+
+  def shifted_sum(x, kernel):
+    w, (_, _, c, f) = x.shape[2], kernel.shape
+    y3 = conv(x, kernel.transpose(0, 2, 1, 3).reshape(3, 1, c, 3 * f), ((1, 1), (0, 0)))  # channel (dx, f)
+    y3 = jnp.pad(y3, ((0, 0), (0, 0), (1, 1), (0, 0)))
+    return sum(y3[:, :, dx:dx + w, dx * f:(dx + 1) * f] for dx in range(3))
+
+  def im2col(x, kernel):
+    h, w, c = x.shape[1:]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([xp[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=-1)
+    return jnp.einsum('nhwk,kf->nhwf', patches, kernel.reshape(9 * c, kernel.shape[-1]))
+
+  return {'out channels padded to 17': padded_to_17, 'taps in channels, 3x1 conv': taps_in_channels,
+          '3x1 conv to 3F, shifted sum': shifted_sum, 'im2col + matmul': im2col}
+
+
+def conv_comparisons(shapes, dtype, settings, events) -> list[dict]:
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  results = []
+  for shape, features in shapes:
+    shipped = nn.Conv(features, (3, 3), padding='SAME', use_bias=False, dtype=dtype)
+    kx, kp = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, shape).astype(dtype)
+    kernel = jax.jit(shipped.init)(kp, x)['params']['kernel']
+    variants = {'flax nn.Conv (shipped)': lambda k, a, m=shipped: m.apply({'params': {'kernel': k}}, a)}
+    variants.update({label: (lambda k, a, f=f: f(a, k)) for label, f in conv_rewrites().items()})
+    case = f'{"x".join(map(str, shape))}->{features}'
+    print(f'  conv3x3 {case} ...', flush=True)
+    results.append(op_comparison('conv3x3', case, variants, (kernel, x), baseline='flax nn.Conv (shipped)',
+                                 shipped='flax nn.Conv (shipped)', settings=settings, events=events))
+  return results
+
+
 # ---------------------------------------------------------------------------
-# 3: the whole train step.
+# 4: the whole train step.
 # ---------------------------------------------------------------------------
 
 
@@ -401,13 +474,13 @@ def format_table(results: list[dict]) -> str:
       else:
         name, ips, ratio = label, '-', '-'
         ref = label == r['jaxseg']
-        speedup = 'ref' if ref else f'{r["speedup"]:.2f}x'
-        diff = f'{r["out_max_abs_diff"]:.1e} | {r["grad_max_rel_diff"]:.1e}' if first else ''
+        speedup = 'ref' if ref else f'{entry["speedup"]:.2f}x'
+        diff = '' if label == r['baseline'] else f'{entry["out_max_abs_diff"]:.1e} | {entry["grad_max_rel_diff"]:.1e}'
       lines.append(f'{lead} {name:<31} {entry["ms"]:>9.3f} {ips:>9} {ratio:>6} {speedup:>8}  {diff:>17}')
       first = False
   lines.append('ms: median per call (train step: per step) of forward + backward (+ update); speed-up: this '
                "variant's time / jaxseg's (> 1: jaxseg's choice is faster); /(a): images/s over (a)'s; diff: max "
-               "abs output and max relative gradient difference at 'highest' precision (train step: relative "
+               "abs output and max relative gradient difference to the plain Flax variant at 'highest' precision (train step: relative "
                'spread of the first-step loss).')
   return '\n'.join(lines)
 
@@ -415,11 +488,14 @@ def format_table(results: list[dict]) -> str:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--comparisons', default='upconv,maxpool,step', help='comma list of upconv, maxpool, step')
-  p.add_argument('--upconv-shapes', type=parse_upconv_shapes, default=None,
+  p.add_argument('--comparisons', default='upconv,maxpool,conv3x3,step',
+                 help='comma list of upconv, maxpool, conv3x3, step')
+  p.add_argument('--upconv-shapes', type=parse_layer_shapes, default=None,
                  help=f'comma list of NxHxWxC:F (input activation : output features) (default: {DEFAULT_UPCONV})')
   p.add_argument('--pool-shapes', type=parse_pool_shapes, default=None,
                  help=f'comma list of NxHxWxC (default: {DEFAULT_POOL})')
+  p.add_argument('--conv-shapes', type=parse_layer_shapes, default=None,
+                 help=f'comma list of NxHxWxC:F (input activation : output features) (default: {DEFAULT_CONV})')
   p.add_argument('--model', default=None, help=f'UNet of benchmarks/bench_train.py MODELS for the train-step A/B '
                  f'(default: {DEFAULT_MODEL}, configs/unet.py\'s network)')
   p.add_argument('--image-size', type=int, default=None, help='train-step crop side (default: bench_train\'s CPU '
@@ -442,8 +518,8 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   comparisons = [c.strip() for c in args.comparisons.split(',') if c.strip()]
   for c in comparisons:
-    if c not in ('upconv', 'maxpool', 'step'):
-      raise SystemExit(f'unknown comparison {c!r}; choose from upconv, maxpool, step')
+    if c not in ('upconv', 'maxpool', 'conv3x3', 'step'):
+      raise SystemExit(f'unknown comparison {c!r}; choose from upconv, maxpool, conv3x3, step')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if args.smoke and 'jax' not in sys.modules:
     # Not a timing: cheaper XLA:CPU code generation (compiling dominates a smoke run).
@@ -460,7 +536,8 @@ def main(argv=None) -> dict:
   pick = lambda value, default, smoke: value if value is not None else (smoke if args.smoke else default)
   settings = {'warmup': pick(args.warmup, 2, SMOKE['warmup']), 'repeats': pick(args.repeats, 10, SMOKE['repeats']),
               'iters': pick(args.iters, 10, SMOKE['iters']), 'steps': pick(args.steps, 5, SMOKE['steps'])}
-  upconv_shapes = args.upconv_shapes or parse_upconv_shapes(SMOKE['upconv'] if args.smoke else DEFAULT_UPCONV)
+  upconv_shapes = args.upconv_shapes or parse_layer_shapes(SMOKE['upconv'] if args.smoke else DEFAULT_UPCONV)
+  conv_shapes = args.conv_shapes or parse_layer_shapes(SMOKE['conv'] if args.smoke else DEFAULT_CONV)
   pool_shapes = args.pool_shapes or parse_pool_shapes(SMOKE['pool'] if args.smoke else DEFAULT_POOL)
   model = args.model or (SMOKE['model'] if args.smoke else DEFAULT_MODEL)
   if model not in bt.MODELS:
@@ -493,6 +570,8 @@ def main(argv=None) -> dict:
     report['comparisons'] += upconv_comparisons(upconv_shapes, dtype, settings, events)
   if 'maxpool' in comparisons:
     report['comparisons'] += pool_comparisons(pool_shapes, dtype, settings, events)
+  if 'conv3x3' in comparisons:
+    report['comparisons'] += conv_comparisons(conv_shapes, dtype, settings, events)
   if 'step' in comparisons:
     print(f'  train step {model} {size}x{size} batch {batch} ...', flush=True)
     report['comparisons'].append(step_comparison(model, args.dtype, size, batch, settings, events))

@@ -55,6 +55,35 @@ def parse_trace(trace_dir: str):
   return ops, categories, counts, files[-1]
 
 
+def op_kinds(ops: dict, hlo_text: str) -> collections.Counter:
+  """Op seconds summed by what the op computes: convolutions (YNNPACK fusions / Eigen), transposes, matmuls, other.
+
+  A fusion counts as a convolution (or matrix product) when its fused computation contains one: XLA:CPU's
+  YNNPACK fusions carry a convolution together with the elementwise ops fused around it.
+  """
+  bodies = {m.group(1): m.group(2) for m in re.finditer(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo_text, re.M | re.S)}
+  lines = {m.group(1): m.group(2) for m in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*)$', hlo_text, re.M)}
+  kinds = collections.Counter()
+  for name, seconds in ops.items():
+    text = lines.get(name, '')
+    called = re.search(r'calls=%?([\w.\-]+)', text)
+    body = bodies.get(called.group(1), '') if called else ''
+    op = re.match(r'\S+ (\w[\w\-]*)\(', text)
+    op = op.group(1) if op else ''
+    if op == 'convolution':
+      kind = 'convolution, Eigen (not YNNPACK)'
+    elif 'convolution(' in body:
+      kind = 'convolution, YNNPACK fusion' if name.startswith('ynn_fusion') else 'convolution, other fusion'
+    elif op == 'dot' or ' dot(' in body:
+      kind = 'matrix product'
+    elif op in ('transpose', 'copy') or ' transpose(' in body or name.startswith(('transpose', 'copy')):
+      kind = 'transpose / copy'
+    else:
+      kind = 'other (normalisation, activations, loss, optimiser, ...)'
+    kinds[kind] += seconds
+  return kinds
+
+
 def entry_copy_bytes(hlo_text: str) -> int:
   """Bytes written by plain `copy` instructions of the entry computation."""
   entry = hlo_text[hlo_text.index('ENTRY'):] if 'ENTRY' in hlo_text else hlo_text
@@ -132,6 +161,9 @@ def main(argv=None):
   print('\nby category:')
   for name, seconds in categories.most_common(args.top):
     print(f'  {seconds:8.3f} s {100 * seconds / total:5.1f}%  {name}')
+  print('\nby kind (ms per step):')
+  for kind, seconds in op_kinds(ops, hlo).most_common():
+    print(f'  {1000 * seconds / args.steps:8.1f} ms {100 * seconds / total:5.1f}%  {kind}')
   print('\ntop ops:')
   lines = {m.group(1): m.group(0) for m in re.finditer(r'^\s*%([\w.\-]+) = .*$', hlo, re.M)}
   for name, seconds in ops.most_common(args.top):

@@ -148,11 +148,18 @@ def test_bench_ops_smoke_writes_the_report(tmp_path):
     for name, entry in comparison['variants'].items():
       assert np.isfinite(entry['ms']) and entry['ms'] > 0, (comparison['case'], name)
       assert entry['xla_compiles_in_timed'] == 0, (comparison['case'], name)
-  assert set(by_kind) == {'upconv', 'maxpool', 'train_step'}
+  assert set(by_kind) == {'upconv', 'maxpool', 'conv3x3', 'train_step'}
   for comparison in by_kind['upconv'] + by_kind['maxpool']:
     assert set(comparison['variants']) == {comparison['baseline'], comparison['jaxseg']}
+  [conv] = by_kind['conv3x3']
+  assert conv['baseline'] == conv['jaxseg'] == 'flax nn.Conv (shipped)' and len(conv['variants']) == 5
+  for comparison in by_kind['upconv'] + by_kind['maxpool'] + by_kind['conv3x3']:
     assert comparison['speedup'] > 0
     assert comparison['out_max_abs_diff'] < 1e-4 and comparison['grad_max_rel_diff'] < 1e-4, comparison
+    assert comparison['variants'][comparison['jaxseg']]['speedup'] == 1.0
+    assert comparison['variants'][comparison['baseline']]['out_max_abs_diff'] == 0.0
+    others = [v['speedup'] for k, v in comparison['variants'].items() if k != comparison['jaxseg']]
+    assert comparison['speedup'] == min(others)
   [step] = by_kind['train_step']
   assert (step['model'], step['devices_used'], step['batch_size']) == ('unet-tiny', 2, 2)
   assert set(step['variants']) == {'shipped', 'flax_layers', 'no_donation'}
@@ -181,3 +188,42 @@ def test_bench_conv_runs_and_agrees_with_pytorch(tmp_path):
     expected = sum(r['count'] * r[f'{framework}_ms'][p] for i, r in enumerate(report['rows'])
                    for p in ('forward', 'input_grad', 'kernel_grad') if not (i == 0 and p == 'input_grad'))
     assert totals['all'] == pytest.approx(expected) and totals['all'] > 0
+
+
+def test_profile_step_sorts_op_time_by_what_the_op_computes():
+  """profile_step's 'by kind' table: a fusion counts as a convolution or matmul when its body has one."""
+  import profile_step  # pylint: disable=g-import-not-at-top
+  hlo = '''HloModule m
+
+%ynn_fused_computation.1 (p: f32[8,64,64,32], k: f32[3,3,32,16]) -> f32[8,64,64,16] {
+  %p = f32[8,64,64,32]{3,2,1,0} parameter(0)
+  %k = f32[3,3,32,16]{3,2,1,0} parameter(1)
+  ROOT %c = f32[8,64,64,16]{3,2,1,0} convolution(%p, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+}
+
+%fused_computation.2 (a: f32[8,64,64,16]) -> f32[16,64,64,8] {
+  %a = f32[8,64,64,16]{3,2,1,0} parameter(0)
+  ROOT %t = f32[16,64,64,8]{3,2,1,0} transpose(%a), dimensions={3,1,2,0}
+}
+
+%fused_computation.3 (a: f32[128,64], b: f32[64,32]) -> f32[128,32] {
+  %a = f32[128,64]{1,0} parameter(0)
+  %b = f32[64,32]{1,0} parameter(1)
+  ROOT %d = f32[128,32]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: f32[8,64,64,32], k: f32[3,3,32,16], k2: f32[3,3,16,16]) -> f32[8,64,64,16] {
+  %x = f32[8,64,64,32]{3,2,1,0} parameter(0)
+  %ynn_fusion.1 = f32[8,64,64,16]{3,2,1,0} fusion(%x, %k), kind=kCustom, calls=%ynn_fused_computation.1
+  %convolution.2 = f32[8,64,64,16]{3,2,1,0} convolution(%ynn_fusion.1, %k2), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+  %transpose_copy_fusion = f32[16,64,64,8]{3,2,1,0} fusion(%convolution.2), kind=kLoop, calls=%fused_computation.2
+  %dot_fusion = f32[128,32]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused_computation.3
+  ROOT %add_maximum_fusion = f32[8,64,64,16]{3,2,1,0} fusion(%convolution.2), kind=kLoop, calls=%fused_computation.9
+}
+'''
+  ops = {'ynn_fusion.1': 5.0, 'convolution.2': 3.0, 'transpose_copy_fusion': 2.0, 'dot_fusion': 1.0,
+         'add_maximum_fusion': 0.5, 'ThunkExecutor::Execute': 0.25}
+  kinds = profile_step.op_kinds(ops, hlo)
+  assert kinds == {'convolution, YNNPACK fusion': 5.0, 'convolution, Eigen (not YNNPACK)': 3.0,
+                   'transpose / copy': 2.0, 'matrix product': 1.0,
+                   'other (normalisation, activations, loss, optimiser, ...)': 0.75}
