@@ -78,6 +78,37 @@ def test_upconv2x2_matches_conv_transpose():
   np.testing.assert_allclose(out_fast, out_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('shape,kernel', [((4, 4), 7), ((1, 1), 7), ((2, 3), 7), ((6, 6), 7), ((3, 3), 4),
+                                          ((5, 2), 5)])
+def test_patch_matmul_conv_matches_nn_conv_same(shape, kernel):
+  """Same parameters (names, shapes, initial values) and the same outputs and gradients as nn.Conv 'SAME',
+  for odd and even kernels larger than the map, including taps that only see padding."""
+  x = jax.random.normal(jax.random.key(0), (2,) + shape + (3,))
+  ref = nn.Conv(4, (kernel, kernel), padding='SAME')
+  fast = layers.PatchMatmulConv(4, (kernel, kernel))
+  variables = ref.init(jax.random.key(1), x)
+  same_init = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), variables, fast.init(jax.random.key(1), x))
+  assert all(jax.tree.leaves(same_init))
+  loss = lambda m: lambda v, a: jnp.sum(m.apply(v, a) ** 2)
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+    g_fast = jax.grad(loss(fast), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fcn_uses_the_matrix_product_fc6_only_on_maps_smaller_than_its_kernel():
+  kw = dict(num_classes=3, width_multiplier=0.125, fc_width=8, fc6_kernel=3, dropout_rate=0.0)
+  model = FCN(variant='fcn32s', **kw)
+  for size, expect_matmul in ((64, True), (96, False)):  # pool5 maps 2x2 and 3x3 for a 3x3 fc6
+    x = jnp.ones((1, size, size, 3))
+    jaxpr = str(jax.make_jaxpr(lambda v, a: model.apply(v, a))(model.init(jax.random.key(0), x), x))
+    convs_with_3x3_fc6 = jaxpr.count('conv_general_dilated')
+    # The backbone has 13 convolutions plus fc7 and score_fr (1x1); fc6 adds one unless it is a matmul.
+    assert convs_with_3x3_fc6 == (15 if expect_matmul else 16), (size, convs_with_3x3_fc6)
+
+
 def test_bilinear_kernel_upsamples_a_constant_to_a_constant_inside():
   k = layers.bilinear_kernel_init(None, (4, 4, 2, 2))
   up = nn.ConvTranspose(2, (4, 4), strides=(2, 2), padding='SAME', use_bias=False)

@@ -54,8 +54,13 @@ class FCN(nn.Module):
     make_norm = layers.make_norm(self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype)
 
     def conv_relu(x, feats, kernel, name):
-      x = nn.Conv(feats, (kernel, kernel), padding='SAME', use_bias=self.norm == 'none', dtype=self.dtype,
-                  kernel_init=nn.initializers.kaiming_normal(), name=name)(x)
+      kwargs = dict(use_bias=self.norm == 'none', dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal(),
+                    name=name)
+      if kernel > min(x.shape[1:3]):
+        # fc6 on a map smaller than its kernel (small images): a matrix product is ~20x faster on CPU.
+        x = layers.PatchMatmulConv(feats, (kernel, kernel), **kwargs)(x)
+      else:
+        x = nn.Conv(feats, (kernel, kernel), padding='SAME', **kwargs)(x)
       return nn.relu(make_norm(name=f'{name}_norm')(x))
 
     pools = []

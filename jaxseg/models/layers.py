@@ -60,6 +60,46 @@ class UpConv2x2(nn.Module):
     return depth_to_space_2x2(y, self.features) + bias
 
 
+class PatchMatmulConv(nn.Module):
+  """A stride-1 'SAME' convolution computed as one matrix product over the input's neighbourhoods.
+
+  For a kernel larger than its input map: FCN's fc6 (7x7, 4096 channels) on the 4x4 or smaller pool5 maps of
+  small images. XLA:CPU hands such a convolution (forward and input gradient) to Eigen's generic kernel,
+  which ran fc6 at ~1.5 GFLOP/s; here it is `patches [N*H*W, taps*C] @ kernel [taps*C, F]`, a matrix product
+  (see benchmarks/NOTES.md). Kernel taps that only ever see the zero padding are skipped, which does not
+  change the result. Parameters have nn.Conv's names, shapes and initialisers: the same parameters give the
+  same outputs as `nn.Conv(features, kernel_size, padding='SAME')`.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  use_bias: bool = True
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    (kh, kw), (_, h, w, c) = self.kernel_size, x.shape
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, c, self.features), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # 'SAME' pads (k - 1) // 2 before. Output i reads input i + t - pad for tap t, so tap t touches the
+    # image for some output iff pad - (size - 1) <= t <= pad + (size - 1).
+    taps = []
+    for k, size in ((kh, h), (kw, w)):
+      pad = (k - 1) // 2
+      first, last = max(0, pad - size + 1), min(k - 1, pad + size - 1)
+      taps.append((first, last + 1, pad))
+    (y0, y1, pad_y), (x0, x1, pad_x) = taps
+    xp = jnp.pad(x, ((0, 0), (pad_y - y0, y1 - 1 - pad_y), (pad_x - x0, x1 - 1 - pad_x), (0, 0)))
+    patches = jnp.concatenate([xp[:, dy:dy + h, dx:dx + w] for dy in range(y1 - y0) for dx in range(x1 - x0)],
+                              axis=-1)  # channel index (dy, dx, c), the order of the kernel's reshape
+    used = kernel[y0:y1, x0:x1].reshape(-1, self.features)
+    y = jnp.einsum('nhwk,kf->nhwf', patches, used)
+    return y + bias if bias is not None else y
+
+
 def bilinear_kernel_init(key, shape, dtype=jnp.float32):
   """Initialises a [k, k, C, C] transposed-conv kernel to bilinear up-sampling per channel (FCN paper)."""
   del key
