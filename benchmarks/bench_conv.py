@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
 
   import jax  # pylint: disable=g-import-not-at-top
+  import bench_train  # pylint: disable=g-import-not-at-top  # cpu_count (this folder: sys.path[0])
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
       f'({totals["jax"]["all"] / totals["torch"]["all"]:.2f}x)', flush=True)
   report = {'schema': 'jaxseg-bench-conv/1', 'batch': args.batch, 'repeats': args.repeats, 'rows': rows,
             'totals_ms': totals,
-            'host': {'affinity_cpus': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
+            'host': {'affinity_cpus': bench_train.cpu_count(),
                      'machine': platform.machine(), 'jax_version': jax.__version__,
                      'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads()}}
   if args.json:

@@ -135,6 +135,7 @@ def run_benchmark(config) -> dict:
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
   from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  import bench_train  # pylint: disable=g-import-not-at-top  # cpu_count (no jax at import)
   import fixed_step  # pylint: disable=g-import-not-at-top  # After the device flags are set.
 
   config_utils.validate(config)
@@ -204,7 +205,7 @@ def run_benchmark(config) -> dict:
                  'cache': bool(config.dataset.cache), 'prefetch_to_device': config.input.prefetch_to_device,
                  'model': config.model.to_dict(), 'half_precision': bool(config.half_precision)},
       'device': {'platform': device.platform, 'kind': device.device_kind, 'local_device_count': n_local},
-      'host': {'cpu_count': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
+      'host': {'cpu_count': bench_train.cpu_count(),
                'loadavg_start': load_start, 'loadavg_end': _loadavg(), 'machine': platform.machine(),
                'python': platform.python_version(), 'jax_version': jax.__version__},
       'pipeline': pipe,

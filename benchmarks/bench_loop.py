@@ -114,6 +114,7 @@ def run_benchmark(config, argv: list[str]) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from jaxseg import compilation_cache, config_utils  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  import bench_train  # pylint: disable=g-import-not-at-top  # cpu_count (no jax at import)
   import fixed_step  # pylint: disable=g-import-not-at-top  # After the device flags are set.
 
   config_utils.validate(config)
@@ -148,7 +149,7 @@ def run_benchmark(config, argv: list[str]) -> dict:
                  'prefetch_to_device': config.input.prefetch_to_device},
       'device': {'platform': device.platform, 'kind': device.device_kind,
                  'local_device_count': jax.local_device_count()},
-      'host': {'cpu_count': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
+      'host': {'cpu_count': bench_train.cpu_count(),
                'machine': platform.machine(), 'python': platform.python_version(), 'jax_version': jax.__version__},
       'settings': {'rounds': FLAGS.rounds, 'loop_steps': FLAGS.loop_steps, 'fixed_steps': FLAGS.fixed_steps},
       'rounds': rounds,

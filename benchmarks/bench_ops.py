@@ -174,14 +174,11 @@ def op_comparison(name: str, case: str, variants: dict[str, Callable], args: tup
 
   shipped = shipped or next(v for v in variants if v != baseline)
   # Equivalence first, at full float32 matmul/conv precision (its own jit cache entries).
-  diffs = {}
   with jax.default_matmul_precision('highest'):
-    out_ref = jax.jit(variants[baseline])(*args)
-    _, g_ref = jax.jit(fwd_bwd(variants[baseline]))(args)
-    for label, f in variants.items():
-      _, g = jax.jit(fwd_bwd(f))(args)
-      diffs[label] = (float(jnp.abs(out_ref.astype(jnp.float32) - jax.jit(f)(*args).astype(jnp.float32)).max()),
-                      max_rel_diff(g_ref, g))
+    results = {label: (jax.jit(f)(*args).astype(jnp.float32), jax.jit(fwd_bwd(f))(args)[1])
+               for label, f in variants.items()}
+  out_ref, g_ref = results[baseline]
+  diffs = {label: (float(jnp.abs(out_ref - out).max()), max_rel_diff(g_ref, g)) for label, (out, g) in results.items()}
 
   steps = {label: jax.jit(fwd_bwd(f)) for label, f in variants.items()}
   timing = time_interleaved({label: (lambda s=s: s(args)) for label, s in steps.items()},
