@@ -6,10 +6,11 @@
 
 For every row (model x dtype) it measures, on whatever JAX devices are present:
 
-* jaxseg: the real pmapped train step (`train.make_train_step`, or
-  `make_steps` in older trees) on a state replicated as training does, built from
-  configs/default.py with the row's model, crop and batch (a stub DatasetSpec,
-  so no dataset is opened). A fixed device-resident uint8 batch is fed, so
+* jaxseg: the real train step (`train.make_train_step`: jit over the mesh of
+  every device) on the state `state.build` lays out as training does
+  (`--sharding replicated` or `fsdp`), built from configs/default.py with the
+  row's model, crop and batch (a stub DatasetSpec, so no dataset is opened).
+  A fixed device-resident uint8 global batch is fed, so
   input loading is excluded. `--warmup` untimed steps (the first compiles),
   then `--steps` steps timed with `block_until_ready` only at the two ends;
   `--repeats` such blocks, the median reported.
@@ -265,26 +266,6 @@ def stub_spec(num_classes: int):
       train_split='train', eval_split='validation')
 
 
-class _Api:
-  """jaxseg's model/state/step entry points, wherever this version keeps them (jaxseg.state or jaxseg.train)."""
-
-  def __init__(self):
-    from jaxseg import train  # pylint: disable=g-import-not-at-top
-    try:
-      from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      state_lib = train
-    self.build_model = getattr(state_lib, 'build_model', None) or train.build_model
-    self.create_train_state = getattr(state_lib, 'create_train_state', None) or train.create_train_state
-    self._train = train
-
-  def make_train_step(self, config, spec, learning_rate_fn):
-    """The production pmapped train step (class weights None, as the default config)."""
-    if hasattr(self._train, 'make_train_step'):
-      return self._train.make_train_step(config, spec, learning_rate_fn, None)
-    return self._train.make_steps(config, spec, learning_rate_fn, None)[0]
-
-
 def count_matmul_flops(jaxpr) -> float:
   """2 x multiply-adds of conv_general_dilated and dot_general in a jaxpr (recursing into sub-jaxprs)."""
   import jax.extend.core as jex  # pylint: disable=g-import-not-at-top
@@ -314,8 +295,9 @@ def jaxseg_param_count(model: str) -> int:
   """Parameters of the jaxseg model (abstract init: nothing is computed or compiled)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   _, num_classes, _ = model_kwargs(model)
-  net = _Api().build_model(jaxseg_config(model, 'float32', 64, 1), num_classes, axis_name=None)
+  net = state_lib.build_model(jaxseg_config(model, 'float32', 64, 1), num_classes)
   variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
   return sum(math.prod(p.shape) for p in jax.tree.leaves(variables['params']))
 
@@ -325,9 +307,10 @@ def jaxseg_flops(model: str, image_size: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxseg import losses  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   config = jaxseg_config(model, 'float32', image_size, 1)
   _, num_classes, _ = model_kwargs(model)
-  net = _Api().build_model(config, num_classes, axis_name=None)
+  net = state_lib.build_model(config, num_classes)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype), train=False))
   forward = lambda v, img: net.apply(v, img, train=False)
@@ -384,51 +367,42 @@ def tree_bytes(tree) -> int:
 
 
 def run_jaxseg_row(row: dict) -> dict:
-  """Times jaxseg's production pmapped train step for one row."""
+  """Times jaxseg's production train step for one row."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxseg import optim  # pylint: disable=g-import-not-at-top
+  from jaxseg import sharding  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg import train  # pylint: disable=g-import-not-at-top
 
   model, dtype, size, batch = row['model'], row['dtype'], row['image_size'], row['batch_size']
-  n_dev = jax.local_device_count()
+  n_dev = jax.device_count()
   if batch % n_dev:
-    raise ValueError(f'--batch-size {batch} is not divisible by the {n_dev} local devices')
+    raise ValueError(f'--batch-size {batch} is not divisible by the {n_dev} devices')
   _, num_classes, _ = model_kwargs(model)
   config = jaxseg_config(model, dtype, size, batch)
+  config.sharding = row.get('sharding', 'replicated')
   spec = stub_spec(num_classes)
-  api = _Api()
-  net = api.build_model(config, num_classes)
-  lr_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  tx = optim.create_optimizer(config.optimizer, lr_fn)
   platform = jax.devices()[0].platform
   compiles = CompileEvents()
 
   t0 = time.perf_counter()
-  host_state = api.create_train_state(net, tx, jax.random.key(config.seed), (size, size, 3))
-  jax.block_until_ready(host_state)
+  setup = state_lib.build(config, num_classes, sharding.make_mesh())
+  state = jax.block_until_ready(setup.init_state())
   init_s = time.perf_counter() - t0
   init_compiles = compiles.take()
-  param_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(host_state.params))
-  state_bytes = tree_bytes(host_state)  # Per device: params, momentum, BatchNorm statistics, counters.
-  p_train = api.make_train_step(config, spec, lr_fn)
-  # As train_and_evaluate does: laid out on the pmap axis, so the step compiles once.
-  state = state_lib.replicate(host_state)
-  del host_state
-  dropout_rng = state_lib.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
+  param_count = sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))
+  # Per device: its shards of params, momentum, BatchNorm statistics, counters (all of them when replicated).
+  state_bytes = sharding.tree_bytes_per_device(state)
+  train_step = train.make_train_step(config, spec, setup, None)
   images, labels = make_batch(batch, size, num_classes)
-  per = batch // n_dev
-  host_batch = {'image': images.reshape(n_dev, per, size, size, 3), 'label': labels.reshape(n_dev, per, size, size)}
-  device_batch = jax.block_until_ready(jax.pmap(lambda b: b)(host_batch))  # Device-resident, one shard per device.
+  device_batch = jax.block_until_ready(sharding.global_batch({'image': images, 'label': labels}, setup.mesh))
   batch_bytes = (images.nbytes + labels.nbytes) // n_dev
-  del host_batch
   compiles.take()
 
   # Warm-up: each step timed on its own, so a recompilation after the first step shows.
   warmup_s = []
   for _ in range(max(1, row['warmup'])):
     t0 = time.perf_counter()
-    state, metrics = p_train(state, device_batch, dropout_rng)
+    state, metrics = train_step(state, device_batch)
     jax.block_until_ready((state, metrics))
     warmup_s.append(time.perf_counter() - t0)
   step_compiles = compiles.take()
@@ -440,7 +414,7 @@ def run_jaxseg_row(row: dict) -> dict:
   for _ in range(row['repeats']):
     t0 = time.perf_counter()
     for _ in range(row['steps']):
-      state, metrics = p_train(state, device_batch, dropout_rng)
+      state, metrics = train_step(state, device_batch)
     jax.block_until_ready((state, metrics))
     blocks.append(time.perf_counter() - t0)
   timed_compiles = compiles.take()
@@ -470,9 +444,9 @@ def run_jaxseg_row(row: dict) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     result['peak_memory_bytes'] = stats.get('peak_bytes_in_use')
     result['memory_method'] = 'jax_peak_bytes_in_use' if stats else 'unavailable'
-  host_metrics = jax.device_get(jax.tree.map(lambda m: m[0], metrics))
-  result['final_loss'] = float(host_metrics['loss'])
-  result['skipped_updates'] = int(jax.device_get(state.skipped_updates[0]))
+  result['sharding'] = config.sharding
+  result['final_loss'] = float(metrics['loss'])
+  result['skipped_updates'] = int(state.skipped_updates)
   del state, metrics, device_batch
   trim_memory()
   return result
@@ -746,6 +720,8 @@ def parse_args(argv=None):
   p.add_argument('--warmup', type=int, default=None, help='untimed steps first, the compiling one included '
                  '(default: 3; 2 on CPU; 1 --smoke)')
   p.add_argument('--repeats', type=int, default=1, help='timed blocks; the median is reported')
+  p.add_argument('--sharding', choices=('replicated', 'fsdp'), default='replicated',
+                 help="jaxseg's train state layout (config.sharding)")
   p.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True, help='PyTorch rows (if installed)')
   p.add_argument('--torch-compile', action=argparse.BooleanOptionalAction, default=None,
                  help='also a torch.compile variant (default: yes; no with --smoke)')
@@ -849,6 +825,7 @@ def main(argv=None) -> dict:
       'device': dict(info['device'], peak_flops={d: peak_flops(device_kind, d)[0] for d in ('float32', 'bfloat16')},
                      peak_flops_source=peak_flops(device_kind, 'float32')[1]),
       'settings': {'steps': steps, 'warmup': warmup, 'repeats': args.repeats, 'smoke': args.smoke,
+                   'sharding': args.sharding,
                    'isolate': isolate, 'torch_compile': run_torch and use_compile,
                    'torch_channels_last': args.channels_last},
       'conventions': CONVENTIONS,
@@ -867,7 +844,7 @@ def main(argv=None) -> dict:
     minfo = info['models'][m]
     for dtype in dtypes:
       base = {'model': m, 'dtype': dtype, 'image_size': size, 'batch_size': batch, 'steps': steps, 'warmup': warmup,
-              'repeats': args.repeats}
+              'repeats': args.repeats, 'sharding': args.sharding}
       row = dict(base, num_classes=MODELS[m]['num_classes'], forward_gflops_per_image=minfo['forward_flops_per_image'] / 1e9,
                  train_gflops_per_image=minfo['train_flops_per_image'] / 1e9,
                  param_count={'jaxseg': minfo['param_count_jaxseg'], 'torch': minfo.get('param_count_torch'),

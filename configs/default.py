@@ -35,8 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.ignore_values = placeholder(tuple)  # Raw mask values mapped to ignore_label; None: preset's.
   config.dataset.train_split = placeholder(str)  # None: preset's (usually 'train').
   config.dataset.eval_split = placeholder(str)  # None: preset's (usually 'validation').
-  config.dataset.cache = True         # Keep the encoded dataset in memory after the first epoch (small datasets).
-  config.dataset.shuffle_buffer = 10_000  # Examples in the shuffle buffer (the whole split when it is smaller).
+  config.dataset.cache = True         # Keep this process's share of the eval split in memory, decoded at input.eval_size, after the first evaluation.
 
   # ---- Input pipeline and augmentation (tf.data; see jaxseg/data/augment.py). ----
   config.input = ml_collections.ConfigDict()
@@ -89,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500  # Save a checkpoint every N steps and at the end.
   config.keep_checkpoints = 2         # Keep the last K checkpoints (plus the best by validation mean IoU).
   config.half_precision = False       # Compute in bfloat16 with float32 parameters and loss.
+  config.sharding = 'replicated'      # Train state layout over the devices: 'replicated', or 'fsdp' (each large parameter/optimiser array split over all devices; for models too big for one device).
   config.on_nonfinite_loss = 'stop'   # A NaN/inf loss: 'stop' with an error naming the step, or 'skip' that update.
   config.cpu_devices = 0               # run.py on a CPU-only host: JAX devices the cores form (data-parallel, a thread each); 0 = one per core that divides the batches, 1 = one.
   config.compilation_cache_dir = '~/.cache/jaxseg/xla'  # Where compiled XLA programs are kept across runs (resume, eval, predict); '' disables; ~, $VARS expanded.

@@ -1,17 +1,21 @@
 """Checkpoints: one orbax CheckpointManager owns saving, keeping, best-by-metric and restoring.
 
-The train state is saved unreplicated (one copy of every array), so a
-checkpoint restores onto any number of devices. The manager keeps the last
-`keep` checkpoints plus the one with the best validation mean IoU.
+The train state is saved as the global arrays it is (each array once,
+whatever its sharding) and restored straight into the layout the caller asks
+for (`abstract_state`: shapes, dtypes and shardings from `state.build`), so a
+checkpoint restores onto any number of devices, any mesh, replicated or
+fsdp. Checkpoints written by jaxseg 0.1 (host numpy arrays of the
+same TrainState) restore the same way. The manager keeps the last `keep`
+checkpoints plus the one with the best validation mean IoU.
 
-Several processes: every process calls save and restore with the same
-(replicated) host state; orbax writes the arrays from process 0 only (its
-numpy handler) and every process reads them back, so WORKDIR must be on a
-file system all hosts share (NFS, a mounted bucket). Saves are atomic: orbax writes
-`<step>.orbax-checkpoint-tmp` and renames it when complete, and the next
-run deletes such leftovers (a process killed mid-save).
+Several processes: every process calls save and restore; orbax writes each
+shard once and every process reads what its devices hold, so WORKDIR must be
+on a file system all hosts share (NFS, a mounted bucket). Saves are atomic:
+orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete, and
+the next run deletes such leftovers (a process killed mid-save).
 """
 
+import json
 import logging
 import os
 from typing import Any, Optional
@@ -21,19 +25,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxseg.errors import CheckpointError
+from jaxseg.errors import CheckpointError, ConfigError
 
 log = logging.getLogger('jaxseg')
 
-
-class _QuietUnscoredSaves(logging.Filter):
-  """Checkpoints between evaluations have no metrics by design; orbax warns about each one."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return 'did not provide metrics' not in record.getMessage()
-
-
-logging.getLogger('absl').addFilter(_QuietUnscoredSaves())
 
 BEST_METRIC = 'mean_iou'
 UNREADABLE_SUFFIX = '.unreadable'  # A checkpoint that failed to restore is renamed <step>.unreadable.
@@ -75,7 +70,8 @@ class Checkpoints:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, metrics: Optional[dict] = None) -> None:
-    """Saves the (unreplicated, host) state; `metrics` with mean_iou make it a candidate for best."""
+    """Saves the state (global arrays; orbax copies them to the host before returning, so the next step may
+    donate them) asynchronously; `metrics` with mean_iou make it a candidate for best."""
     if metrics is not None:
       metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     if step in self._manager.all_steps():
@@ -90,8 +86,8 @@ class Checkpoints:
     """Blocks until every save in flight is on disk."""
     self._manager.wait_until_finished()
 
-  def restore(self, target: Any, step: Optional[int] = None, *, fall_back: bool = True) -> tuple[Any, int]:
-    """Restores `step` (default: the latest) into the structure of `target`.
+  def restore(self, abstract_state: Any, step: Optional[int] = None, *, fall_back: bool = True) -> tuple[Any, int]:
+    """Restores `step` (default: the latest) into `abstract_state`'s structure, shapes, dtypes and shardings.
 
     A checkpoint that fails to restore (corrupted, or cut short) is reported
     with a warning naming it, and with `fall_back` the next older one is tried.
@@ -102,7 +98,7 @@ class Checkpoints:
     them continue from the same step.
 
     Returns:
-      (state as host numpy arrays, restored step).
+      (state as global arrays, restored step).
     """
     steps = self.all_steps()
     if not steps:
@@ -111,15 +107,13 @@ class Checkpoints:
       if step not in steps:
         raise CheckpointError(f'no checkpoint for step {step} in {self.directory}; there are {steps}')
       steps = [s for s in steps if s <= step]
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     errors, unreadable = [], []
     for s in reversed(steps):
       error = None
       try:
-        restored = self._manager.restore(s, args=ocp.args.StandardRestore(abstract))
-        # Every array read into host memory here, inside the try: a damaged file fails now, not
-        # halfway through the first training step.
-        restored = jax.tree.map(np.asarray, restored)
+        # Every array is read here, inside the try: a damaged file fails now, not halfway through
+        # the first training step.
+        restored = jax.block_until_ready(self._manager.restore(s, args=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types for a damaged checkpoint.
         error = f'{type(e).__name__}: {e}'
       all_ok = _all_processes_ok(error is None)
@@ -157,3 +151,52 @@ class Checkpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def check_model_matches_workdir(config, workdir: str) -> None:
+  """Fails clearly when the config's model differs from the one trained in `workdir` (its config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f).get('model')
+  except (OSError, ValueError):
+    return
+  current = json.loads(config.model.to_json_best_effort())
+  if saved is None or saved == current:
+    return
+  diffs = [f'model.{k}: {current.get(k)!r} here, {saved.get(k)!r} in training'
+           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  raise ConfigError(f'the config describes another model than the one trained in {workdir} ({path}): '
+                    + '; '.join(diffs) + '. Pass the same --config (and overrides) as for training.')
+
+
+def restore_trained(config, workdir: str, abstract_state: Any, *, checkpoint: str = 'best') -> tuple[Any, int]:
+  """The state of `workdir`'s best (or latest) checkpoint, in `abstract_state`'s layout (eval, predict, export).
+
+  Checks first that the config describes the model trained there. 'best'
+  falls back to the latest checkpoint (with a warning) when none was scored
+  by an evaluation yet.
+
+  Returns:
+    (state, restored step).
+  """
+  workdir = os.path.abspath(workdir)
+  if checkpoint not in ('best', 'latest'):
+    raise ConfigError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise CheckpointError(f'no checkpoints in {workdir}: train first (--mode=train) or pass the right --workdir')
+  check_model_matches_workdir(config, workdir)
+  ckpts = Checkpoints(workdir, read_only=True)
+  try:
+    step = ckpts.best_step() if checkpoint == 'best' else ckpts.latest_step()
+    if step is None and checkpoint == 'best':
+      step = ckpts.latest_step()
+      if step is not None:
+        log.warning('No evaluated checkpoint in %s yet: using the latest (step %d).', ckpts.directory, step)
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {ckpts.directory}')
+    return ckpts.restore(abstract_state, step)
+  finally:
+    ckpts.close()

@@ -29,6 +29,8 @@ def validate(config) -> None:
   if config.on_nonfinite_loss not in NONFINITE_POLICIES:
     raise ConfigError(f'config.on_nonfinite_loss must be one of {NONFINITE_POLICIES}, got '
                       f'{config.on_nonfinite_loss!r}')
+  if config.get('sharding', 'replicated') not in ('replicated', 'fsdp'):
+    raise ConfigError(f"config.sharding must be 'replicated' or 'fsdp', got {config.sharding!r}")
   if config.loss.class_weighting not in ('none', 'median_frequency'):
     raise ConfigError(f"config.loss.class_weighting must be 'none' or 'median_frequency', got "
                       f'{config.loss.class_weighting!r}')

@@ -51,28 +51,22 @@ def split_cpu_into_devices(config) -> None:
   """Lets the CPU backend expose several devices, one per core, so a CPU-only run uses every core.
 
   XLA:CPU runs most of a small network's convolutions on one thread; the
-  pmapped step runs one copy per device, each on its own thread, so two
-  devices on two cores train ~1.35x faster (benchmarks/NOTES.md). The math is
-  unchanged: the global batch is split and BatchNorm statistics, gradients
-  and the loss are summed across devices. Only the CPU backend is affected:
-  on GPU/TPU hosts the accelerators stay the devices. Does nothing when
-  XLA_FLAGS already sets the count or JAX's backends are already running.
+  step sharded over several devices runs each device's share on its own
+  thread, so two devices on two cores train ~1.35x faster
+  (benchmarks/NOTES.md). The math is unchanged: the global batch is split and
+  BatchNorm statistics, gradients and the loss are over the global batch.
+  Only the CPU backend is affected: on GPU/TPU hosts the accelerators stay
+  the devices. Does nothing when XLA_FLAGS already sets the count; XLA reads
+  the flag when JAX's backends start, so it must run before the first JAX
+  computation.
   """
   flags = os.environ.get('XLA_FLAGS', '')
-  if CPU_DEVICE_FLAG in flags or _backends_started():
+  if CPU_DEVICE_FLAG in flags:
     return
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
   count = cpu_device_count(config, cores, int(os.environ.get(ENV_NUM_PROCESSES, '1') or 1))
   if count > 1:
     os.environ['XLA_FLAGS'] = f'{flags} {CPU_DEVICE_FLAG}={count}'.strip()
-
-
-def _backends_started() -> bool:
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    return bool(xla_bridge.backends_are_initialized())
-  except (ImportError, AttributeError):
-    return False
 
 
 def enable_cpu_collectives() -> None:

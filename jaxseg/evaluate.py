@@ -1,10 +1,12 @@
-"""Evaluation: the pmapped eval step, the evaluation loop, and the --mode=eval job.
+"""Evaluation: the jitted eval step, the evaluation loop, and the --mode=eval job.
 
-Every device accumulates a confusion matrix; the psum over the pmap axis
-adds them up over all devices of all hosts, and padding pixels carry the
-ignore label, so each real pixel counts exactly once. Images larger than
-input.eval_size skip the devices' fixed-size batches: the inference Predictor
-segments them at full resolution and they are scored at the label's own size.
+The eval step runs on global batches over the mesh and returns the batch's
+confusion matrix and cross-entropy sums as replicated arrays (XLA sums them
+over all devices of all hosts); padding pixels carry the ignore label, so
+each real pixel counts exactly once. Images larger than input.eval_size skip
+the fixed-size batches: the inference Predictor segments them at full
+resolution on this process's devices and they are scored at the label's own
+size.
 """
 
 import collections
@@ -16,130 +18,111 @@ import os
 import sys
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg import inference as inference_lib
 from jaxseg import losses
 from jaxseg import metrics as metrics_lib
 from jaxseg import reporting
+from jaxseg import sharding
 from jaxseg import viz
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg import state as state_lib
-from jaxseg.state import AXIS, TrainState, normalize_images, variables_of
+from jaxseg.state import TrainState, normalize_images, variables_of
 
 log = logging.getLogger('jaxseg')
 
 
-def make_eval_step(config, spec: datasets.DatasetSpec):
-  """The pmapped evaluation step for this config."""
-  return jax.pmap(functools.partial(eval_step, num_classes=spec.num_classes, ignore_label=spec.ignore_label,
-                                    dtype=state_lib.compute_dtype(config)), axis_name=AXIS)
-
-
-def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label: int, dtype) -> dict:
-  """Confusion matrix and cross-entropy sums of one batch, summed over all devices, plus this device's predictions.
+def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label: int, dtype) -> tuple[dict, jax.Array]:
+  """Confusion matrix and cross-entropy sums of a global batch, and its predictions.
 
   Returns:
-    {'confusion', 'ce_sum', 'weight_sum'} (psum'd) and 'preds' (uint8 [b, H, W],
-    this device's; fetched only for the few images shown in TensorBoard).
+    ({'confusion' [K, K], 'ce_sum', 'weight_sum'} over the whole batch,
+     predictions uint8 [B, H, W], batch-sharded: fetched only for the few images shown in TensorBoard).
   """
   images = normalize_images(batch['image'], dtype)
   labels = batch['label'].astype(jnp.int32)
   logits = state.apply_fn(variables_of(state), images, train=False)
-  sums = lax.psum(eval_sums(logits, labels, num_classes=num_classes, ignore_label=ignore_label), AXIS)
-  sums['preds'] = jnp.argmax(logits, axis=-1).astype(jnp.uint8)
-  return sums
-
-
-def eval_sums(logits: jnp.ndarray, labels: jnp.ndarray, *, num_classes: int, ignore_label: int) -> dict:
   ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label)
   preds = jnp.argmax(logits, axis=-1)
-  return {'confusion': metrics_lib.confusion_matrix(labels, preds, num_classes, ignore_label),
+  sums = {'confusion': metrics_lib.confusion_matrix(labels, preds, num_classes, ignore_label),
           'ce_sum': ce_sum, 'weight_sum': weight_sum}
+  return sums, preds.astype(jnp.uint8)
 
 
 # Result keys that are not figures: log_eval turns them into pictures and strips them.
 EXAMPLES_KEY = '_examples'
 
 
-def run_evaluation(p_eval, state: TrainState, eval_ds, num_batches: int, spec: datasets.DatasetSpec,
-                   config: ml_collections.ConfigDict, *, num_examples: int = 3) -> dict:
-  """Evaluates the replicated `state` on the whole evaluation split; returns host metrics.
+class Evaluator:
+  """Evaluates a train state on the evaluation split; built (and compiled) once per run.
 
-  Examples that fit input.eval_size are scored on the devices (confusion
-  matrices psum'd over all devices and hosts). Larger examples are segmented
-  at full resolution by the inference Predictor and scored at their label's
-  own size (`_FullSizeScorer`), then added in. The result also holds, under
-  EXAMPLES_KEY, up to `num_examples` (image, label, prediction) triples of
-  the first batches for log_eval's pictures.
-  """
-  totals = None
-  examples = []
-  full_size = _FullSizeScorer(state, spec, config)
-  for batch in pipeline.as_numpy(eval_ds):
-    full_size.add(batch.pop('full_image'), batch.pop('full_label'))
-    sums = p_eval(state, batch)
-    preds = sums.pop('preds')
-    if len(examples) < num_examples:
-      examples.extend(_examples_of(batch, preds, spec.ignore_label, num_examples - len(examples)))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  # Every device holds the same psum'd totals: read device 0's copy.
-  totals = jax.device_get(jax.tree.map(lambda x: x[0], totals))
-  extra = full_size.totals()
-  totals = {k: np.asarray(v) + extra[k] for k, v in totals.items()}
-  result = metrics_lib.metrics_from_confusion(totals['confusion'], spec.class_names)
-  result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
-  result['confusion_matrix'] = totals['confusion'].tolist()
-  result[EXAMPLES_KEY] = examples
-  del num_batches
-  return result
-
-
-class _FullSizeScorer:
-  """Scores the examples larger than input.eval_size at full resolution, each at its label's own size.
-
-  They are segmented after the pass over the split, all together (tiles of
-  several images share batches), by the Predictor that --mode=predict uses,
-  with config.inference's mode, window and stride ('auto': a sliding window
-  of input.crop_size, the scale training saw) and without test-time
-  augmentation (that is --mode=eval's second scoring). The Predictor runs on
-  this process's devices without collectives, so processes may hold
-  different numbers of such examples; `totals()` adds the sums of all
-  processes, so every process must call it (run_evaluation does, once).
+  Examples that fit input.eval_size are scored in global batches by the
+  jitted eval step. Larger examples are segmented at full resolution by the
+  inference Predictor (on this process's devices, the one --mode=predict
+  uses, with config.inference's mode, window and stride and without TTA) and
+  scored at their label's own size; the sums of all processes are added up.
+  Every process calls `run` with its share of the split.
   """
 
-  def __init__(self, state: TrainState, spec: datasets.DatasetSpec, config: ml_collections.ConfigDict):
-    self._state, self._spec, self._config = state, spec, config
-    self._encoded = []  # (PNG image, PNG label) pairs.
+  def __init__(self, config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, setup: state_lib.Setup):
+    self._spec, self._setup = spec, setup
+    batch = sharding.batch_sharding(setup.mesh)
+    self._step = jax.jit(
+        functools.partial(eval_step, num_classes=spec.num_classes, ignore_label=spec.ignore_label, dtype=setup.dtype),
+        in_shardings=(setup.state_sharding, {'image': batch, 'label': batch}),
+        out_shardings=(sharding.replicated(setup.mesh), batch))
+    options = dataclasses.replace(inference_lib.options_from_config(config), flip=False, scales=(1.0,))
+    self._predictor = inference_lib.Predictor(setup.model, None, spec.num_classes, options, dtype=setup.dtype)
 
-  def add(self, full_images: np.ndarray, full_labels: np.ndarray) -> None:
-    self._encoded.extend((i, l) for i, l in zip(full_images, full_labels) if len(i))
+  def run(self, state: TrainState, eval_ds, *, num_examples: int = 3) -> dict:
+    """Host metrics of `state` on this process's eval batches (see pipeline.eval_dataset).
 
-  def _predictor(self) -> 'inference_lib.Predictor':
-    # The replicated state's copy on this process's first device, as host arrays.
-    variables = jax.device_get(jax.tree.map(lambda x: x.addressable_shards[0].data[0],
-                                            variables_of(self._state)))
-    model = state_lib.build_model(self._config, self._spec.num_classes, axis_name=None)
-    options = inference_lib.options_from_config(self._config)
-    options = dataclasses.replace(options, flip=False, scales=(1.0,))
-    return inference_lib.Predictor(model, variables, self._spec.num_classes, options,
-                                   dtype=state_lib.compute_dtype(self._config))
+    The result also holds, under EXAMPLES_KEY, up to `num_examples` (image,
+    label, prediction) triples of the first batches for log_eval's pictures.
+    """
+    totals = None
+    examples = []
+    full_size = []  # (PNG image, PNG label) of the examples larger than eval_size.
+    for batch in pipeline.as_numpy(eval_ds):
+      full_size.extend((i, l) for i, l in zip(batch.pop('full_image'), batch.pop('full_label')) if len(i))
+      sums, preds = self._step(state, sharding.global_batch(batch, self._setup.mesh))
+      if len(examples) < num_examples:
+        examples.extend(_examples_of(batch, preds, self._spec.ignore_label, num_examples - len(examples)))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = {k: np.asarray(v) for k, v in jax.device_get(totals).items()}
+    extra = self._full_size_sums(state, full_size)
+    totals = {k: v + extra[k] for k, v in totals.items()}
+    result = metrics_lib.metrics_from_confusion(totals['confusion'], self._spec.class_names)
+    result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
+    result['confusion_matrix'] = totals['confusion'].tolist()
+    result[EXAMPLES_KEY] = examples
+    return result
 
-  def totals(self) -> dict:
+  def _full_size_sums(self, state: TrainState, encoded: list) -> dict:
+    """Confusion and cross-entropy sums of the large examples of every process (a collective: all call it)."""
     k = self._spec.num_classes
     sums = {'confusion': np.zeros((k, k), np.int64), 'ce_sum': np.zeros((), np.float64),
             'weight_sum': np.zeros((), np.float64)}
-    if self._encoded:
+    any_large = encoded
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      any_large = bool(np.any(multihost_utils.process_allgather(np.array(bool(encoded)))))
+    if not any_large:
+      return sums
+    # Every process takes a full copy of the variables (a gather under fsdp), even one without large examples.
+    predictor = self._predictor.with_variables(sharding.fetch_replicated(variables_of(state), self._setup.mesh))
+    if encoded:
       decode = lambda data: np.asarray(Image.open(io.BytesIO(data)))
-      images = (decode(image) for image, _ in self._encoded)
-      for (_, label_png), logits in zip(self._encoded, self._predictor().iter_scores(images)):
+      images = (decode(image) for image, _ in encoded)
+      for (_, label_png), logits in zip(encoded, predictor.iter_scores(images)):
         label = decode(label_png)
         sums['confusion'] += numpy_confusion(label, logits.argmax(-1), k, self._spec.ignore_label)
         valid = label != self._spec.ignore_label
@@ -157,17 +140,14 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
   return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def _examples_of(batch: dict, preds, ignore_label: int, limit: int) -> list:
-  """Up to `limit` (image, label, pred) numpy triples of a device-shaped batch, padding examples left out."""
-  images = batch['image'].reshape((-1,) + batch['image'].shape[2:])
-  labels = batch['label'].reshape((-1,) + batch['label'].shape[2:])
-  out = []
+def _examples_of(batch: dict, preds: jax.Array, ignore_label: int, limit: int) -> list:
+  """Up to `limit` (image, label, pred) numpy triples of this process's batch, padding examples left out."""
+  images, labels = batch['image'], batch['label']
   real = [i for i in range(len(labels)) if np.any(labels[i] != ignore_label)][:limit]
-  if real:
-    preds = np.asarray(jax.device_get(preds))
-    preds = preds.reshape((-1,) + preds.shape[2:])
-    out = [(images[i], labels[i], preds[i]) for i in real]
-  return out
+  if not real:
+    return []
+  preds = sharding.local_rows(preds)
+  return [(images[i], labels[i], preds[i]) for i in real]
 
 
 def eval_pictures(result: dict, spec) -> dict:
@@ -212,12 +192,13 @@ def evaluate_with_predictor(predictor, builder, spec: datasets.DatasetSpec, *, s
   Each process scores its share of the split; the confusion matrices are
   summed over processes.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
-  subsplit = tfds.even_splits(spec.eval_split, n=jax.process_count(), drop_remainder=False)[jax.process_index()]
-  count = builder.info.splits[subsplit].num_examples
-  ds = builder.as_dataset(split=subsplit, shuffle_files=False, decoders={
-      spec.image_key: tfds.decode.SkipDecoding(), spec.label_key: tfds.decode.SkipDecoding()})
+  share = pipeline.process_share(pipeline.split_size(builder, spec.eval_split), jax.process_index(),
+                                 jax.process_count())
+  count = len(share)
+  ds = pipeline.records(builder, spec, spec.eval_split, tf.data.Dataset.from_tensor_slices(share))
   ds = ds.map(lambda ex: pipeline.decode_example(ex, spec))
   labels = collections.deque()
 
@@ -268,24 +249,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   config_utils.check_batch(config, jax.device_count(), jax.process_count())
   options = inference_lib.options_from_config(config)  # Checked before any work.
   spec, builder = datasets.open_dataset(config.dataset)
-  _, state, step = inference_lib.restore_state(config, workdir, spec, checkpoint=checkpoint)
-  host_variables = variables_of(state)
+  setup = state_lib.build(config, spec.num_classes, sharding.make_mesh())
+  state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
   log.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, os.path.join(workdir, 'checkpoints'))
-  state = state_lib.replicate(state)
-  p_eval = make_eval_step(config, spec)
-  eval_ds, eval_batches = pipeline.eval_dataset(
-      builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=jax.local_device_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(), cache=False)
-  result = run_evaluation(p_eval, state, eval_ds, eval_batches, spec, config)
+  eval_ds, _ = pipeline.eval_dataset(
+      builder, spec, config.input, global_batch=config.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), cache=False)
+  result = Evaluator(config, spec, setup).run(state, eval_ds)
   result['checkpoint_step'] = step
   writer = reporting.MetricWriter(workdir, enabled=is_primary)
   log_eval(writer, step, result, spec, is_primary, include_confusion=True)
 
   if options.uses_tta or options.mode != 'auto':
-    del state  # The predictor holds its own replicated copy.
-    model = state_lib.build_model(config, spec.num_classes, axis_name=None)
-    predictor = inference_lib.Predictor(model, host_variables, spec.num_classes, options,
-                                    dtype=state_lib.compute_dtype(config))
+    variables = sharding.fetch_replicated(variables_of(state), setup.mesh)
+    del state  # The predictor holds its own copy.
+    predictor = inference_lib.Predictor(setup.model, variables, spec.num_classes, options, dtype=setup.dtype)
     extra = evaluate_with_predictor(predictor, builder, spec)
     extra['settings'] = options.describe()
     extra['checkpoint_step'] = step

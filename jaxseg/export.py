@@ -92,8 +92,9 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
     The export directory.
   """
   from jaxseg import compilation_cache  # pylint: disable=g-import-not-at-top
+  from jaxseg import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
-  from jaxseg import inference  # pylint: disable=g-import-not-at-top
+  from jaxseg import sharding  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg import viz  # pylint: disable=g-import-not-at-top
   from jaxseg.data import augment  # pylint: disable=g-import-not-at-top
@@ -105,10 +106,12 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   workdir = os.path.abspath(workdir)
   out = os.path.abspath(output_dir or os.path.join(workdir, 'export'))
   spec = datasets.resolve_spec(config.dataset)
-  _, state, step = inference.restore_state(config, workdir, spec, checkpoint=checkpoint)
-  model = state_lib.build_model(config, spec.num_classes, axis_name=None)
+  # The weights go into the artefact as constants: one copy, on one device.
+  setup = state_lib.build(config, spec.num_classes, sharding.make_mesh(jax.local_devices()[:1]),
+                          sharding='replicated')
+  state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
   variables = jax.device_get(state_lib.variables_of(state))
-  fn = serving_function(model, variables, state_lib.compute_dtype(config))
+  fn = serving_function(setup.model, variables, setup.dtype)
   exported, multiple, shape_spec = export_function(fn, _size_multiples(config.model))
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, MODEL_FILE), 'wb') as f:

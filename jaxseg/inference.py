@@ -11,8 +11,9 @@ How an image is segmented (`Predictor`):
      `input.eval_size` -- the size the model is evaluated at during training --
      and takes smaller ones whole.
   3. Tiles of the same shape -- from any views of any images -- are stacked into
-     batches of `inference.batch_size`, padded to full size, and run by one
-     program pmapped over the local devices; each tile shape compiles once.
+     batches of `inference.batch_size`, padded, and run by one jitted program
+     over a mesh of this process's devices (no collectives, so processes may
+     run different numbers of batches); each tile shape compiles once.
   4. Logits of overlapping windows are averaged; a view's logits are cropped,
      flipped back and resized (bilinear) to the image's size.
   5. One view: the scores are those logits. Several views (TTA): the scores
@@ -27,7 +28,6 @@ import collections
 import dataclasses
 import functools
 import glob
-import json
 import logging
 import math
 import os
@@ -42,24 +42,14 @@ from PIL import Image
 from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import compilation_cache
 from jaxseg import config_utils
-from jaxseg import optim
+from jaxseg import sharding
 from jaxseg import state as state_lib
 from jaxseg import viz
 from jaxseg.data import datasets
-from jaxseg.errors import CheckpointError, ConfigError, DataError
+from jaxseg.errors import ConfigError, DataError
 
 log = logging.getLogger('jaxseg')
 
-
-class _QuietReadOnlyManager(logging.Filter):
-  """Orbax warns twice per read-only restore that the manager is read-only (as asked): nothing to act on."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return 'read_only=True' not in message and 'Given directory is read only' not in message
-
-
-logging.getLogger('absl').addFilter(_QuietReadOnlyManager())
 
 MODES = ('auto', 'whole', 'slide')
 OPTION_FIELDS = ('mode', 'window', 'stride', 'flip', 'scales', 'batch_size', 'size_multiple')
@@ -273,35 +263,48 @@ class Predictor:
   """Segments uint8 RGB images with a trained model (see the module docstring for the method).
 
   Args:
-    model: the Flax module (built with axis_name=None).
-    variables: its host variables ({'params': ..., 'batch_stats': ...}).
+    model: the Flax module.
+    variables: its variables ({'params': ..., 'batch_stats': ...}; numpy or jax arrays), or None to
+      give them later with `with_variables`.
     num_classes: K.
     options: InferenceOptions.
     dtype: compute dtype (bfloat16 with half precision).
-    devices: devices to pmap over (default: this process's local devices).
+    devices: the devices to run on (default: this process's local devices).
   """
 
-  def __init__(self, model, variables: dict, num_classes: int, options: InferenceOptions, *, dtype=jnp.float32,
-               devices: Optional[Sequence[Any]] = None):
+  def __init__(self, model, variables: Optional[dict], num_classes: int, options: InferenceOptions, *,
+               dtype=jnp.float32, devices: Optional[Sequence[Any]] = None):
     self.model = model
     self.num_classes = num_classes
     self.options = options
     self.dtype = dtype
     self.devices = list(devices or jax.local_devices())
+    self._mesh = sharding.make_mesh(self.devices)
     n = len(self.devices)
     self.per_device = max(1, -(-options.batch_size // n))
     self.batch_size = self.per_device * n
-    self._variables = state_lib.replicate(variables, devices=self.devices)
-    # Process-local: no collectives, so processes may run different numbers of batches.
-    self._p_forward = jax.pmap(functools.partial(forward, model, dtype=dtype), devices=self.devices)
+    self._variables = None if variables is None else self._place(variables)
+    tiles = sharding.batch_sharding(self._mesh)
+    self._forward = jax.jit(functools.partial(forward, model, dtype=dtype),
+                            in_shardings=(sharding.replicated(self._mesh), tiles), out_shardings=tiles)
+
+  def _place(self, variables: dict) -> dict:
+    return jax.device_put(variables, sharding.replicated(self._mesh))
 
   def with_options(self, **changes) -> 'Predictor':
-    """The same model with other options (shares the replicated variables and compiled programs)."""
+    """The same model with other options (shares the variables and compiled programs)."""
     other = object.__new__(Predictor)
     other.__dict__.update(self.__dict__)
     other.options = dataclasses.replace(self.options, **changes)
     other.per_device = max(1, -(-other.options.batch_size // len(self.devices)))
     other.batch_size = other.per_device * len(self.devices)
+    return other
+
+  def with_variables(self, variables: dict) -> 'Predictor':
+    """The same program with other variables of the same shapes (e.g. a later training step): no recompilation."""
+    other = object.__new__(Predictor)
+    other.__dict__.update(self.__dict__)
+    other._variables = self._place(variables)  # pylint: disable=protected-access
     return other
 
   # -- Tiles to logits. --
@@ -321,11 +324,10 @@ class Predictor:
         batch = np.zeros((n * b,) + shape + (3,), np.uint8)
         for j, (view, y, x) in enumerate(chunk):
           batch[j] = view.crop(y, x)
-        launched = (chunk, self._p_forward(self._variables, batch.reshape((n, b) + batch.shape[1:])))
+        launched = (chunk, self._forward(self._variables, batch))
       if pending is not None:
         done, out = pending
         logits = np.asarray(out)
-        logits = logits.reshape((-1,) + logits.shape[2:])
         for j, (view, y, x) in enumerate(done):
           view.add(y, x, logits[j])
       pending = launched
@@ -409,62 +411,6 @@ def check_image(image) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def check_model_matches_workdir(config, workdir: str) -> None:
-  """Fails clearly when the config's model differs from the one trained in `workdir` (config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return
-  try:
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f).get('model')
-  except (OSError, ValueError):
-    return
-  current = json.loads(config.model.to_json_best_effort())
-  if saved is None or saved == current:
-    return
-  diffs = [f'model.{k}: {current.get(k)!r} here, {saved.get(k)!r} in training'
-           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-  raise ConfigError(f'the config describes another model than the one trained in {workdir} ({path}): '
-                    + '; '.join(diffs) + '. Pass the same --config (and overrides) as for training.')
-
-
-def restore_state(config, workdir: str, spec: datasets.DatasetSpec, *, checkpoint: str = 'best',
-                  axis_name: Optional[str] = state_lib.AXIS):
-  """The host TrainState of `workdir`'s best (or latest) checkpoint.
-
-  'best' falls back to the latest checkpoint (with a warning) when none was
-  scored by an evaluation yet.
-
-  Returns:
-    (model, host state, restored step).
-  """
-  workdir = os.path.abspath(workdir)
-  if checkpoint not in ('best', 'latest'):
-    raise ConfigError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise CheckpointError(f'no checkpoints in {workdir}: train first (--mode=train) or pass the right --workdir')
-  check_model_matches_workdir(config, workdir)
-  model = state_lib.build_model(config, spec.num_classes, axis_name=axis_name)
-  learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
-  # Shapes only: restoring needs the structure, and compiling the initialiser costs more than the restore.
-  abstract_state = jax.eval_shape(lambda: state_lib.create_train_state(
-      model, tx, jax.random.key(config.seed), tuple(config.input.crop_size) + (3,)))
-  ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
-  try:
-    step = ckpts.best_step() if checkpoint == 'best' else ckpts.latest_step()
-    if step is None and checkpoint == 'best':
-      step = ckpts.latest_step()
-      if step is not None:
-        log.warning('No evaluated checkpoint in %s yet: using the latest (step %d).', ckpts.directory, step)
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {ckpts.directory}')
-    state, step = ckpts.restore(abstract_state, step)
-  finally:
-    ckpts.close()
-  return model, state, step
-
-
 def load_predictor(config, workdir: str, *, checkpoint: str = 'best', **overrides):
   """Restores `workdir`'s checkpoint into a Predictor (--mode=predict and jaxseg.api start here).
 
@@ -475,10 +421,10 @@ def load_predictor(config, workdir: str, *, checkpoint: str = 'best', **override
   compilation_cache.enable(config)
   spec = datasets.resolve_spec(config.dataset)
   options = options_from_config(config, **overrides)
-  _, state, step = restore_state(config, workdir, spec, checkpoint=checkpoint)
-  model = state_lib.build_model(config, spec.num_classes, axis_name=None)
-  predictor = Predictor(model, state_lib.variables_of(state), spec.num_classes, options,
-                        dtype=state_lib.compute_dtype(config))
+  # Each process restores a full copy onto its own devices: prediction runs without collectives.
+  setup = state_lib.build(config, spec.num_classes, sharding.make_mesh(jax.local_devices()), sharding='replicated')
+  state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
+  predictor = Predictor(setup.model, state_lib.variables_of(state), spec.num_classes, options, dtype=setup.dtype)
   return predictor, spec, step
 
 

@@ -17,8 +17,23 @@ import numpy as np
 
 log = logging.getLogger('jaxseg')
 
+class QuietOrbaxNotices(logging.Filter):
+  """Orbax notices that ask nothing of the user.
+
+  Checkpoints between evaluations have no metrics by design, and a read-only
+  manager (eval, predict) is read-only as asked: orbax warns about each.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(m in message for m in ('did not provide metrics', 'read_only=True', 'Given directory is read only'))
+
+
 def setup_console_logging(level: int = logging.INFO) -> None:
-  """Sends jaxseg's own log lines (progress, evaluation, warnings) to stdout, once."""
+  """Sends jaxseg's own log lines (progress, evaluation, warnings) to stdout, once; quiets orbax's notices."""
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, QuietOrbaxNotices) for f in absl_logger.filters):
+    absl_logger.addFilter(QuietOrbaxNotices())
   logger = logging.getLogger('jaxseg')
   logger.setLevel(level)
   if not any(getattr(h, '_jaxseg', False) for h in logger.handlers):

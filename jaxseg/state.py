@@ -1,18 +1,26 @@
-"""The train state and the model it holds: building, initialising, moving to and from the host."""
+"""The train state and the one place that builds it: model, schedule, optimiser and state layout from the config.
 
-from typing import Any, Optional
+`build(config, num_classes, mesh)` is what training, evaluation, inference,
+export, jaxseg.api, the benchmarks and the tests all call. It returns the
+abstract state (shapes, dtypes and shardings) without computing anything;
+`init_state()` initialises it directly in its sharded layout, and
+`checkpoint.Checkpoints.restore` fills it from a checkpoint instead.
+"""
 
-from flax import jax_utils
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import Mesh
 import optax
 
 from jaxseg import models
+from jaxseg import optim
+from jaxseg import sharding as sharding_lib
 from jaxseg.data import augment
-
-AXIS = 'batch'  # The pmap axis: one entry per device of every host.
 
 
 class TrainState(train_state.TrainState):
@@ -26,24 +34,74 @@ def compute_dtype(config) -> Any:
   return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
-def build_model(config, num_classes: int, *, axis_name: Optional[str] = AXIS):
-  return models.create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config),
-                             axis_name=axis_name)
+def build_model(config, num_classes: int) -> nn.Module:
+  return models.create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config))
 
 
-def initial_variables(model, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
-  """Initialises the model on one dummy image (on the host, jitted)."""
-  init = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False))
-  return dict(init(rng))
-
-
-def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        image_shape: tuple[int, ...]) -> TrainState:
-  variables = initial_variables(model, rng, image_shape)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}), tx=tx,
-                           skipped_updates=jnp.zeros((), jnp.int32),
-                           first_nonfinite_step=-jnp.ones((), jnp.int32))
+  """The initial state: the model initialised on one dummy image [1, *image_shape]."""
+  variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                            batch_stats=variables.get('batch_stats', {}), tx=tx,
+                            skipped_updates=jnp.zeros((), jnp.int32),
+                            first_nonfinite_step=-jnp.ones((), jnp.int32))
+  # A strongly typed step (TrainState.create's Python 0 would trace weakly typed): a fresh state and one
+  # restored from a checkpoint then trace to the same train step, which compiles once and hits the cache.
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What `build` makes from a config: the model, its optimiser, and the state's layout on a mesh.
+
+  Attributes:
+    model: the Flax module.
+    learning_rate_fn: the schedule (step -> learning rate).
+    tx: the optax optimiser.
+    mesh: the device mesh the state lives on.
+    abstract_state: the TrainState as jax.ShapeDtypeStructs carrying their shardings.
+    state_sharding: a NamedSharding per leaf of the state.
+    dtype: the compute dtype.
+  """
+  model: nn.Module
+  learning_rate_fn: optax.Schedule
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  abstract_state: TrainState
+  state_sharding: Any
+  dtype: Any
+  _create: Callable[[], TrainState] = dataclasses.field(repr=False)
+
+  def init_state(self) -> TrainState:
+    """The initial state, computed in its sharded layout (no device ever holds a replicated copy under fsdp)."""
+    return jax.jit(self._create, out_shardings=self.state_sharding)()
+
+
+def build(config, num_classes: int, mesh: Mesh, *, sharding: Optional[str] = None) -> Setup:
+  """Model, schedule, optimiser and the state's layout for `config` on `mesh`.
+
+  Args:
+    config: the experiment config (model, optimizer, input.crop_size, seed, sharding, half_precision).
+    num_classes: K.
+    mesh: the device mesh (sharding.make_mesh()).
+    sharding: overrides config.sharding (inference restores replicated onto its own devices).
+  """
+  model = build_model(config, num_classes)
+  learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
+  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
+  image_shape = tuple(config.input.crop_size) + (3,)
+  seed = int(config.seed)
+
+  def initial_state():
+    return create_train_state(model, tx, jax.random.key(seed), image_shape)
+
+  shapes = jax.eval_shape(initial_state)
+  state_sharding = sharding_lib.state_shardings(shapes, mesh, sharding or config.get('sharding', 'replicated'))
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                shapes, state_sharding)
+  return Setup(model=model, learning_rate_fn=learning_rate_fn, tx=tx, mesh=mesh, abstract_state=abstract_state,
+               state_sharding=state_sharding, dtype=compute_dtype(config), _create=initial_state)
 
 
 def normalize_images(images: jnp.ndarray, dtype) -> jnp.ndarray:
@@ -58,34 +116,3 @@ def variables_of(state: TrainState, params=None) -> dict:
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
   return variables
-
-
-def replicate(tree: Any, devices: Optional[list] = None) -> Any:
-  """One copy of every array on each local device, laid out as the pmapped steps return them.
-
-  `flax.jax_utils.replicate` places arrays on a mesh whose axis has another
-  name than the pmap axis, so the first step's output would not match its
-  input and the step would compile a second time.
-  """
-  devices = list(devices or jax.local_devices())
-  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  def put(x):
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      # Typed PRNG keys: replicate their raw data and wrap it again on the devices.
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-    return jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding)
-
-  return jax.tree.map(put, tree)
-
-
-def host_state(state: TrainState) -> TrainState:
-  """Replicated device state -> one host (numpy) copy."""
-  return jax.device_get(jax_utils.unreplicate(state))
-
-
-def host_state_like(state: TrainState) -> TrainState:
-  """The unreplicated host structure a checkpoint restores into."""
-  return jax.device_get(state)
-
-

@@ -1,4 +1,4 @@
-"""Training: the pmapped train step and the training job.
+"""Training: the jitted train step and the training job.
 
 `train_and_evaluate(config, workdir)` is the whole training job; run.py,
 notebooks and tests call it the same way. The loop reads top to bottom in
@@ -12,11 +12,9 @@ import logging
 import os
 import signal
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from flax import jax_utils
 import jax
-from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -26,45 +24,41 @@ from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg import evaluate
 from jaxseg import losses
-from jaxseg import optim
 from jaxseg import reporting
+from jaxseg import sharding
 from jaxseg import state as state_lib
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg.errors import ConfigError
-from jaxseg.state import AXIS, TrainState, normalize_images, variables_of
+from jaxseg.state import TrainState, normalize_images, variables_of
 
 log = logging.getLogger('jaxseg')
 
 
 # ---------------------------------------------------------------------------
-# Steps (run under pmap with axis AXIS).
+# The train step: one jit program over the mesh, on global arrays.
 # ---------------------------------------------------------------------------
 
 
-def sum_over_devices(tree):
-  """lax.psum over the pmap axis; the identity when it has one device.
+def train_step(state: TrainState, batch: dict, *, ignore_label: int, class_weights: Optional[tuple[float, ...]],
+               dice_weight: float, dtype, learning_rate_fn: Callable, dropout_seed: int,
+               gathered_params: Any = None, param_sharding: Any = None) -> tuple[TrainState, dict]:
+  """One optimiser step on the global batch (images uint8 [B, H, W, 3], labels uint8 [B, H, W]).
 
-  XLA:CPU runs a one-device all-reduce as a full pass over its operand: for
-  FCN-8s's 134M gradients, 0.18 s of a 1.38 s step (benchmarks/NOTES.md).
-  """
-  # psum of a Python constant is the static device count.
-  return tree if lax.psum(1, AXIS) == 1 else lax.psum(tree, AXIS)
-
-
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, ignore_label: int,
-               class_weights: Optional[tuple[float, ...]], dice_weight: float, dtype,
-               learning_rate_fn: Callable) -> tuple[TrainState, dict]:
-  """One SGD step on this device's share of the global batch.
-
-  The loss is the mean over the non-ignored pixels of the *global* batch: each
-  device divides its pixel sum by the global pixel count and the gradients
-  are summed across devices, which is exactly the gradient of that mean.
+  Written as single-device code on global arrays: the loss is the mean over
+  the non-ignored pixels of the whole batch, BatchNorm statistics and the Dice
+  terms are over the whole batch, and XLA's partitioner adds the cross-device
+  sums. Under FSDP (`gathered_params`/`param_sharding` set) the parameters are
+  gathered for the forward and backward passes and the gradients
+  reduce-scattered back to the parameters' shards.
   """
   images = normalize_images(batch['image'], dtype)
   labels = batch['label'].astype(jnp.int32)
-  # Distinct dropout masks per device and step.
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
+  # Dropout masks differ per step; the global array's random bits do not depend on the device count.
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), 1), state.step)
+  params = state.params
+  if gathered_params is not None:
+    params = jax.lax.with_sharding_constraint(params, gathered_params)
 
   def loss_fn(params):
     mutable = ['batch_stats'] if state.batch_stats else False
@@ -72,24 +66,16 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, ignore_label: 
     logits, new_vars = out if mutable else (out, {})
     ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label,
                                                    class_weights=class_weights)
-    global_weight = sum_over_devices(lax.stop_gradient(weight_sum))
-    loss = ce_sum / jnp.maximum(global_weight, 1.0)
-    reported = loss  # Summed over devices below: the global mean.
+    loss = ce_sum / jnp.maximum(weight_sum, 1.0)
     if dice_weight:
       inter, card = losses.dice_terms(logits, labels, ignore_label=ignore_label)
-      # Global Dice; the gradient flows through this device's own terms only, so the
-      # gradients summed across devices are exactly the global Dice gradient.
-      g_inter = sum_over_devices(lax.stop_gradient(inter)) + inter - lax.stop_gradient(inter)
-      g_card = sum_over_devices(lax.stop_gradient(card)) + card - lax.stop_gradient(card)
       classes = jnp.arange(1, logits.shape[-1]) if logits.shape[-1] == 2 else None
-      dice = losses.dice_loss_from_terms(g_inter, g_card, classes=classes)
-      loss = loss + dice_weight * dice
-      reported = reported + dice_weight * lax.stop_gradient(dice) / lax.psum(1, AXIS)
-    return loss, (reported, new_vars)
+      loss = loss + dice_weight * losses.dice_loss_from_terms(inter, card, classes=classes)
+    return loss, new_vars
 
-  (_, (reported, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = sum_over_devices(grads)
-  loss = sum_over_devices(reported)
+  (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  if param_sharding is not None:
+    grads = jax.lax.with_sharding_constraint(grads, param_sharding)
   new_state = state.apply_gradients(grads=grads, batch_stats=new_vars.get('batch_stats', state.batch_stats))
 
   # A non-finite loss or gradient never reaches the parameters: the update is
@@ -108,15 +94,24 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, ignore_label: 
   return new_state, metrics
 
 
-def make_train_step(config, spec: datasets.DatasetSpec, learning_rate_fn, class_weights):
-  """The pmapped train step for this config (donates the state it is given)."""
-  dtype = state_lib.compute_dtype(config)
-  p_train = jax.pmap(
-      functools.partial(train_step, ignore_label=spec.ignore_label, class_weights=class_weights,
-                        dice_weight=float(config.loss.dice_weight), dtype=dtype,
-                        learning_rate_fn=learning_rate_fn),
-      axis_name=AXIS, donate_argnums=(0,))
-  return p_train
+def make_train_step(config, spec: datasets.DatasetSpec, setup: state_lib.Setup, class_weights):
+  """The jitted train step for this config: (state, global batch) -> (state, metrics); the state is donated.
+
+  The state keeps its layout (out_shardings = in_shardings), so the step
+  compiles once and donation updates it in place; metrics are replicated
+  scalars, fetched by the host only at log steps.
+  """
+  fsdp = config.get('sharding', 'replicated') == 'fsdp'
+  params_sharding = setup.state_sharding.params
+  step = functools.partial(
+      train_step, ignore_label=spec.ignore_label, class_weights=class_weights,
+      dice_weight=float(config.loss.dice_weight), dtype=setup.dtype, learning_rate_fn=setup.learning_rate_fn,
+      dropout_seed=int(config.seed),
+      gathered_params=jax.tree.map(lambda _: sharding.replicated(setup.mesh), params_sharding) if fsdp else None,
+      param_sharding=params_sharding if fsdp else None)
+  batch = sharding.batch_sharding(setup.mesh)
+  return jax.jit(step, in_shardings=(setup.state_sharding, {'image': batch, 'label': batch}),
+                 out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)), donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------
@@ -242,43 +237,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   prepare_workdir_on_all_processes(workdir, config)
   n_devices, n_local = jax.device_count(), jax.local_device_count()
   config_utils.check_batch(config, n_devices, jax.process_count())
-  log.info('Devices: %d in all, %d local (%s); processes: %d; workdir: %s', n_devices, n_local,
-           jax.devices()[0].platform, jax.process_count(), workdir)
+  mesh = sharding.make_mesh()
+  log.info('Devices: %d in all, %d local (%s); processes: %d; state %s; workdir: %s', n_devices, n_local,
+           jax.devices()[0].platform, jax.process_count(), config.sharding, workdir)
 
   # ---- Data. ----
   spec, builder = datasets.open_dataset(config.dataset)
   class_weights = resolve_class_weights(config, spec, builder)
 
   # ---- Model, optimiser, steps. ----
-  model = state_lib.build_model(config, spec.num_classes)
-  learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
-  crop = tuple(config.input.crop_size)
-  state = state_lib.create_train_state(model, tx, jax.random.key(config.seed), crop + (3,))
-  p_train = make_train_step(config, spec, learning_rate_fn, class_weights)
-  p_eval = evaluate.make_eval_step(config, spec)
+  setup = state_lib.build(config, spec.num_classes, mesh)
+  train_step_fn = make_train_step(config, spec, setup, class_weights)
+  evaluator = evaluate.Evaluator(config, spec, setup)
 
   ckpts = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   writer = reporting.MetricWriter(workdir, enabled=is_primary)
   with _closed_on_exit(ckpts, writer):
     # ---- Restore or start. ----
     if ckpts.latest_step() is not None:
-      state, start_step = ckpts.restore(state_lib.host_state_like(state))
+      state, start_step = ckpts.restore(setup.abstract_state)
       if is_primary:
         log.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
     else:
-      start_step = 0
-    state = state_lib.replicate(state)
-    dropout_rng = state_lib.replicate(jax.random.fold_in(jax.random.key(config.seed), 1))
+      state, start_step = setup.init_state(), 0
 
     train_ds = pipeline.train_dataset(
-        builder, spec, config.input, global_batch=config.batch_size, local_devices=n_local, seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(),
-        cache=config.dataset.cache, shuffle_buffer=config.dataset.shuffle_buffer)
-    eval_ds, eval_batches = pipeline.eval_dataset(
-        builder, spec, config.input, global_batch=config.eval_batch_size, local_devices=n_local,
-        process_index=jax.process_index(), process_count=jax.process_count(), cache=config.dataset.cache)
-    train_iter = jax_utils.prefetch_to_device(pipeline.as_numpy(train_ds), config.input.prefetch_to_device)
+        builder, spec, config.input, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    eval_ds, _ = pipeline.eval_dataset(
+        builder, spec, config.input, global_batch=config.eval_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), cache=config.dataset.cache)
+    train_iter = sharding.prefetch(pipeline.as_numpy(train_ds), mesh, config.input.prefetch_to_device)
 
     # ---- Train loop. ----
     progress = reporting.Progress(config.num_train_steps, start_step, config.batch_size, enabled=is_primary)
@@ -290,13 +279,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with PreemptionWatcher() as preemption:
       while step < last_step:
         batch = next(train_iter)
-        state, step_metrics = p_train(state, batch, dropout_rng)
+        state, step_metrics = train_step_fn(state, batch)
         pending_metrics.append(step_metrics)
         step += 1
         is_last = step == last_step
 
         if step % config.log_every_steps == 0 or is_last:
-          fetched = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in pending_metrics])
+          fetched = jax.device_get(pending_metrics)
           pending_metrics = []
           skipped = check_finite(state, config, skipped)
           loss = float(np.mean([m['loss'] for m in fetched if np.isfinite(m['loss'])] or [np.nan]))
@@ -307,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         pause_start = time.perf_counter()
         evaluated = False
         if step % config.eval_every_steps == 0 or is_last:
-          eval_metrics = evaluate.run_evaluation(p_eval, state, eval_ds, eval_batches, spec, config)
+          eval_metrics = evaluator.run(state, eval_ds)
           evaluated = True
           evaluate.log_eval(writer, step, eval_metrics, spec, is_primary)
 
@@ -315,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         preempted = preemption.reached(step)
         if step % config.checkpoint_every_steps == 0 or is_last or evaluated or preempted:
           skipped = check_finite(state, config, skipped)
-          ckpts.save(step, state_lib.host_state(state), metrics=eval_metrics if evaluated else None)
+          ckpts.save(step, state, metrics=eval_metrics if evaluated else None)
         if evaluated or ckpts.latest_step() == step:
           progress.exclude(time.perf_counter() - pause_start)
         if preempted:
@@ -370,17 +359,17 @@ def check_finite(state: TrainState, config, reported: int = 0) -> int:
   """Stops with a message naming the step of the first non-finite loss (policy 'stop'), or logs skips.
 
   Args:
-    state: the replicated train state.
+    state: the train state (its counters are replicated scalars).
     config: the experiment config (reads on_nonfinite_loss).
     reported: the count of skipped updates already logged: 'skip' warns only when it grows.
 
   Returns:
     The number of updates skipped so far.
   """
-  skipped = int(jax.device_get(state.skipped_updates[0]))
+  skipped = int(jax.device_get(state.skipped_updates))
   if skipped == reported:
     return skipped
-  first = int(jax.device_get(state.first_nonfinite_step[0]))
+  first = int(jax.device_get(state.first_nonfinite_step))
   if config.on_nonfinite_loss == 'stop':
     raise NonFiniteLossError(
         f'The loss or a gradient became NaN or infinite at step {first + 1} (update dropped; parameters are '

@@ -3,7 +3,7 @@
 import os
 import sys
 
-# Before jax is imported anywhere: several CPU devices make the pmap paths real.
+# Before jax is imported anywhere: several CPU devices make the sharded paths real.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -14,14 +14,22 @@ if ROOT not in sys.path:
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+from tests.helpers import DEPRECATION_MODULES  # pylint: disable=g-import-not-at-top
+
+
+def pytest_configure(config):
+  config.addinivalue_line('filterwarnings', f'error::DeprecationWarning:{DEPRECATION_MODULES}')
+
 
 @pytest.fixture(scope='session')
 def shapes_data_dir(tmp_path_factory):
-  """A tfds data dir holding the prepared jaxseg_shapes dataset (prepared once per test session)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import shapes  # pylint: disable=g-import-not-at-top,unused-import
+  """A tfds data dir holding jaxseg_shapes, prepared (as ArrayRecord) by jaxseg's own opening path, once per session."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  tfds.builder('jaxseg_shapes', data_dir=data_dir).download_and_prepare()
+  config = default.get_config()
+  config.dataset.data_dir = data_dir
+  datasets.open_dataset(config.dataset)
   return data_dir
 
 

@@ -27,6 +27,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from tests.helpers import make_deprecations_errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+make_deprecations_errors()
+
 NAN_MARK = 7  # Pixel value of the injected batch: an image made only of it gives a NaN loss.
 
 

@@ -8,6 +8,16 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# DeprecationWarnings attributed to these modules fail the tests (pytest, via conftest) and the worker
+# processes (make_deprecations_errors): jaxseg must run on the APIs jax, flax, optax and orbax maintain.
+DEPRECATION_MODULES = r'(jax|flax|optax|orbax|jaxseg|tests|configs)(\.|$)'
+
+
+def make_deprecations_errors() -> None:
+  """In a worker process: DeprecationWarnings from DEPRECATION_MODULES raise."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  warnings.filterwarnings('error', category=DeprecationWarning, module=DEPRECATION_MODULES)
+
 
 def run_worker(data_dir, workdir, overrides, *, devices=1, stop_at=None, env=None, timeout=300, check=True):
   """Runs tests/train_worker.py in a subprocess with `devices` simulated CPU devices (env: None unsets)."""
@@ -28,11 +38,18 @@ def run_worker(data_dir, workdir, overrides, *, devices=1, stop_at=None, env=Non
 
 def load_checkpoint(workdir, step=None):
   """The raw saved train state (nested dict of numpy arrays) of WORKDIR's latest (or given) checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.join(str(workdir), 'checkpoints')
   steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
   step = steps[-1] if step is None else step
-  return ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), 'default')), step
+  path = os.path.join(directory, str(step), 'default')
+  checkpointer = ocp.StandardCheckpointer()
+  # Numpy targets of the saved shapes: read whatever device layout wrote the arrays, on any device count.
+  metadata = checkpointer.metadata(path)
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+  return checkpointer.restore(path, target), step
 
 
 def max_abs_diff(tree_a, tree_b) -> float:
@@ -41,3 +58,23 @@ def max_abs_diff(tree_a, tree_b) -> float:
   assert len(leaves_a) == len(leaves_b)
   return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
              for a, b in zip(leaves_a, leaves_b))
+
+
+def best_checkpoint_logits_fn(config, workdir):
+  """uint8 images [N, H, W, 3] -> float32 logits [N, H, W, K] of WORKDIR's best checkpoint.
+
+  An independent path: the raw arrays as orbax reads them (no jaxseg restore), applied with the bare
+  Flax module (no Predictor).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxseg import checkpoint, state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
+  ckpts = checkpoint.Checkpoints(str(workdir), read_only=True)
+  best = ckpts.best_step()
+  ckpts.close()
+  raw, _ = load_checkpoint(workdir, step=best)
+  variables = {'params': raw['params'], 'batch_stats': raw['batch_stats']}
+  model = state_lib.build_model(config, datasets.resolve_spec(config.dataset).num_classes)
+  fn = jax.jit(lambda x: model.apply(variables, state_lib.normalize_images(x, jnp.float32), train=False))
+  return lambda images: np.asarray(fn(np.asarray(images)))

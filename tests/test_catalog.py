@@ -1,16 +1,14 @@
-"""Tests for the tfds catalog presets (jaxseg/data/catalog.py) on mocked tfds data.
+"""Tests for the tfds catalog presets (jaxseg/data/catalog.py) on small local copies of the datasets.
 
-Nothing is downloaded. `tfds.testing.mock_data` is given:
-  * a data_dir holding each dataset's real feature spec (from the installed
-    tfds builder code) and split sizes, written by `_write_metadata`, so the
-    builders report themselves prepared and know their splits (without it tfds
-    falls back to MockPolicy.USE_CODE, whose `info.splits` is empty);
-  * an `as_dataset_fn` that yields encoded images and masks whose values are
-    those the real datasets hold (tfds's random generator would put arbitrary
-    0..255 values in the masks, and cannot even encode oxford_iiit_pet: it
-    draws head boxes with min > max).
+Nothing is downloaded. `_write_prepared` writes what `tfds build` would leave
+in a data dir: dataset_info.json with each dataset's real feature spec (from
+the installed tfds builder code) and small splits, and shards whose records
+hold an encoded image and mask with the values the real datasets hold (tfds's
+random mock data would put arbitrary 0..255 values in the masks). The other
+features of the real records are left out: the pipeline parses only these two.
 """
 
+import logging
 import math
 
 import ml_collections
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
 
 from configs import default
 from configs import fcn_scene_parse150
@@ -45,50 +44,42 @@ def _fake_mask(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarra
   return np.stack([red, green, np.zeros_like(red)], axis=-1).astype(np.uint8)
 
 
-def _fake_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
-  """Stands in for `FileReaderBuilder._as_dataset`: encoded (image, mask) examples of the split."""
-  del read_config, shuffle_files
-  image_key, label_key = FEATURE_KEYS[self.name]
-  for key in (image_key, label_key):
-    assert isinstance((decoders or {}).get(key), tfds.decode.SkipDecoding), 'the pipeline decodes itself'
-  n = self.info.splits[split].num_examples
-  rng = np.random.default_rng(len(str(split)) * 1000 + n)
-  images, masks = [], []
-  for _ in range(n):
-    # Some images larger than the eval size (shrunk), some smaller than the crop (padded).
-    h, w = rng.integers(20, 72, size=2)
-    images.append(tf.io.encode_jpeg(rng.integers(0, 256, size=(h, w, 3)).astype(np.uint8)).numpy())
-    masks.append(tf.io.encode_png(_fake_mask(self.name, rng, h, w)).numpy())
-  return tf.data.Dataset.from_tensor_slices({image_key: images, label_key: masks})
-
-
-def _write_metadata(data_dir: str, name: str) -> None:
-  """Writes NAME's dataset_info.json (real features, fake split sizes) as `tfds build` would."""
-  builder = tfds.builder(name, data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0) for split, n in SPLIT_SIZES.items()]))
+def _write_prepared(data_dir: str, name: str, file_format: str) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+  """Writes NAME, prepared in FILE_FORMAT, into DATA_DIR; returns each split's (image, mask) arrays in record order."""
+  builder = tfds.builder(name, data_dir=data_dir, file_format=file_format)
+  keys = FEATURE_KEYS[name]
+  features = tfds.features.FeaturesDict({k: builder.info.features[k] for k in keys})
+  adapter = file_adapters.ADAPTER_FOR_FORMAT[builder.info.file_format]
   tf.io.gfile.makedirs(builder.data_dir)
+  examples, split_infos = {}, []
+  for split, n in SPLIT_SIZES.items():
+    rng = np.random.default_rng(len(split) * 1000 + n)
+    # Some images larger than the eval size (set aside whole), some smaller than the crop (padded).
+    sizes = rng.integers(20, 72, size=(n, 2))
+    examples[split] = [(rng.integers(0, 256, size=(h, w, 3)).astype(np.uint8), _fake_mask(name, rng, h, w))
+                       for h, w in sizes]
+    template = tfds.core.naming.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=name, split=split,
+                                                    filetype_suffix=builder.info.file_format.file_suffix)
+    adapter.write_examples(template.sharded_filepath(shard_index=0, num_shards=1),
+                           enumerate(features.serialize_example(dict(zip(keys, ex))) for ex in examples[split]))
+    split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0, filename_template=template))
+  builder.info.set_splits(tfds.core.SplitDict(split_infos))
   builder.info.write_to_directory(builder.data_dir)
+  return examples
 
 
 @pytest.fixture(scope='module')
-def metadata_dir(tmp_path_factory):
+def catalog_dir(tmp_path_factory):
+  """A data dir where both catalog datasets are prepared as ArrayRecord."""
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   for name in RECIPES:
-    _write_metadata(data_dir, name)
+    _write_prepared(data_dir, name, 'array_record')
   return data_dir
 
 
-@pytest.fixture
-def mocked_catalog(metadata_dir):
-  """Within a test: every tfds builder reads metadata_dir and yields the fake examples."""
-  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=metadata_dir,
-                              as_dataset_fn=_fake_as_dataset):
-    yield metadata_dir
-
-
-def _small_recipe(name: str) -> ml_collections.ConfigDict:
+def _small_recipe(name: str, data_dir: str) -> ml_collections.ConfigDict:
   config = RECIPES[name].get_config()
+  config.dataset.data_dir = data_dir
   config.input.crop_size = CROP
   config.input.eval_size = EVAL
   return config
@@ -162,46 +153,64 @@ def test_decode_example_reads_category_channel():
 
 
 @pytest.mark.parametrize('name', list(RECIPES))
-def test_open_dataset_and_batches(name, mocked_catalog):
-  del mocked_catalog
-  config = _small_recipe(name)
+def test_open_dataset_and_batches(name, catalog_dir):
+  config = _small_recipe(name, catalog_dir)
   spec, builder = datasets.open_dataset(config.dataset)
   assert spec.name == name and builder.name == name
   assert builder.info.splits[spec.train_split].num_examples == SPLIT_SIZES['train']
 
-  train = pipeline.train_dataset(builder, spec, config.input, global_batch=2, local_devices=1, seed=0,
-                                 start_step=0, process_index=0, process_count=1,
-                                 cache=config.dataset.cache, shuffle_buffer=config.dataset.shuffle_buffer)
+  train = pipeline.train_dataset(builder, spec, config.input, global_batch=2, seed=0, start_step=0,
+                                 process_index=0, process_count=1)
   seen = set()
   for batch in pipeline.as_numpy(train.take(4)):  # 8 examples: wraps past the 5-example epoch.
-    assert batch['image'].shape == (1, 2) + CROP + (3,) and batch['image'].dtype == np.uint8
-    assert batch['label'].shape == (1, 2) + CROP and batch['label'].dtype == np.uint8
+    assert batch['image'].shape == (2,) + CROP + (3,) and batch['image'].dtype == np.uint8
+    assert batch['label'].shape == (2,) + CROP and batch['label'].dtype == np.uint8
     seen |= set(np.unique(batch['label']).tolist())
   assert seen <= _allowed(spec), sorted(seen - _allowed(spec))
   assert {0, 1}.issubset(seen)  # Mapped classes arrive (raw 1 -> 0, raw 2 -> 1).
 
-  evaluation, num_batches = pipeline.eval_dataset(builder, spec, config.input, global_batch=2, local_devices=1,
-                                                  process_index=0, process_count=1, cache=False)
+  evaluation, num_batches = pipeline.eval_dataset(builder, spec, config.input, global_batch=2, process_index=0,
+                                                  process_count=1, cache=False)
   assert num_batches == math.ceil(SPLIT_SIZES['test'] / 2)
   batches = list(pipeline.as_numpy(evaluation))
   assert len(batches) == num_batches
   for batch in batches:
-    assert batch['image'].shape == (1, 2) + EVAL + (3,) and batch['image'].dtype == np.uint8
-    assert batch['label'].shape == (1, 2) + EVAL and batch['label'].dtype == np.uint8
-  labels = np.concatenate([b['label'] for b in batches], axis=1)
+    assert batch['image'].shape == (2,) + EVAL + (3,) and batch['image'].dtype == np.uint8
+    assert batch['label'].shape == (2,) + EVAL and batch['label'].dtype == np.uint8
+  labels = np.concatenate([b['label'] for b in batches])
   assert set(np.unique(labels).tolist()) <= _allowed(spec)
   # The padding example (the 4th of 2 batches x 2) counts nowhere.
-  assert np.all(labels[0, SPLIT_SIZES['test']:] == spec.ignore_label)
+  assert np.all(labels[SPLIT_SIZES['test']:] == spec.ignore_label)
   if name == 'scene_parse150':
-    assert (labels[0, :SPLIT_SIZES['test']] == 99).any()  # Category 100 (flag) -> last class.
+    assert (labels[:SPLIT_SIZES['test']] == 99).any()  # Category 100 (flag) -> last class.
 
 
-def test_generic_tfds_name_without_preset(mocked_catalog, monkeypatch):
+def test_tfrecord_catalog_dataset_is_converted(tmp_path, caplog):
+  """A catalog dataset prepared as TFRecord (a plain `tfds build`) is converted in place and read by index."""
+  examples = _write_prepared(str(tmp_path), 'oxford_iiit_pet', 'tfrecord')
+  config = _small_recipe('oxford_iiit_pet', str(tmp_path))
+  with caplog.at_level(logging.INFO, logger='jaxseg.data.datasets'):
+    spec, builder = datasets.open_dataset(config.dataset)
+  assert 'Converting tfds dataset oxford_iiit_pet' in caplog.text
+  indices = tf.data.Dataset.range(SPLIT_SIZES['test'])
+  converted = list(tfds.as_numpy(pipeline.records(builder, spec, 'test', indices)))
+  # The same bytes as the TFRecord file holds, which stays in place.
+  [path] = (tmp_path / 'oxford_iiit_pet').glob('*/oxford_iiit_pet-test.tfrecord-*')
+  keys = {k: tf.io.FixedLenFeature([], tf.string) for k in FEATURE_KEYS['oxford_iiit_pet']}
+  stored = list(tfds.as_numpy(tf.data.TFRecordDataset(str(path)).map(lambda r: tf.io.parse_single_example(r, keys))))
+  assert len(converted) == len(stored) == SPLIT_SIZES['test']
+  for new, old, (image, mask) in zip(converted, stored, examples['test']):
+    assert new['image'] == old['image'] and new['segmentation_mask'] == old['segmentation_mask']
+    np.testing.assert_array_equal(tf.io.decode_png(new['segmentation_mask']).numpy(), mask)
+    assert tf.io.decode_image(new['image']).shape == image.shape
+
+
+def test_generic_tfds_name_without_preset(catalog_dir, monkeypatch):
   """A tfds name with no preset opens with the catalog opener when the config names classes and keys."""
-  del mocked_catalog
   monkeypatch.delitem(datasets.PRESETS, 'oxford_iiit_pet')
   config = default.get_config()
   config.dataset.name = 'oxford_iiit_pet'
+  config.dataset.data_dir = catalog_dir
   with pytest.raises(ConfigError, match='num_classes must be set'):
     datasets.resolve_spec(config.dataset)
   config.dataset.num_classes = 3
@@ -215,8 +224,7 @@ def test_generic_tfds_name_without_preset(mocked_catalog, monkeypatch):
   assert (spec.image_key, spec.label_key) == ('image', 'segmentation_mask')
   config.input.crop_size = CROP
   batch = next(pipeline.as_numpy(pipeline.train_dataset(
-      builder, spec, config.input, global_batch=2, local_devices=1, seed=0, start_step=0, process_index=0,
-      process_count=1, cache=False)))
+      builder, spec, config.input, global_batch=2, seed=0, start_step=0, process_index=0, process_count=1)))
   assert set(np.unique(batch['label']).tolist()) <= _allowed(spec)
 
   config.dataset.label_key = 'no_such_feature'

@@ -6,7 +6,7 @@ from PIL import Image
 
 from jaxseg import evaluate
 from jaxseg import inference
-from jaxseg import optim
+from jaxseg import sharding
 from jaxseg import state as state_lib
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
@@ -37,18 +37,15 @@ def test_images_larger_than_eval_size_are_scored_at_the_labels_own_size(tmp_path
       'dataset.name': 'folder', 'dataset.path': str(tmp_path / 'ds'), 'dataset.num_classes': NUM_CLASSES,
       'input.eval_size': EVAL_SIZE, 'eval_batch_size': 4})
   spec, builder = datasets.open_dataset(config.dataset)
-  model = state_lib.build_model(config, NUM_CLASSES)
-  tx = optim.create_optimizer(config.optimizer, optim.create_learning_rate_schedule(config.optimizer, 10))
-  state = state_lib.create_train_state(model, tx, jax.random.key(0), EVAL_SIZE + (3,))
+  setup = state_lib.build(config, NUM_CLASSES, sharding.make_mesh())
+  state = setup.init_state()
   # Non-trivial BatchNorm statistics, so predictions vary over the image.
   state = state.replace(batch_stats=jax.tree.map(lambda x: x + 0.1, state.batch_stats))
-  host_variables = state_lib.variables_of(state)
+  host_variables = jax.device_get(state_lib.variables_of(state))
 
-  eval_ds, num_batches = pipeline.eval_dataset(
-      builder, spec, config.input, global_batch=4, local_devices=jax.local_device_count(),
-      process_index=0, process_count=1, cache=False)
-  result = evaluate.run_evaluation(evaluate.make_eval_step(config, spec), state_lib.replicate(state), eval_ds,
-                                   num_batches, spec, config)
+  eval_ds, _ = pipeline.eval_dataset(builder, spec, config.input, global_batch=4, process_index=0, process_count=1,
+                                     cache=False)
+  result = evaluate.Evaluator(config, spec, setup).run(state, eval_ds)
 
   confusion = np.asarray(result['confusion_matrix'])
   labelled = sum(int((np.asarray(Image.open(tmp_path / 'ds' / 'val' / 'masks' / f'{i}.png')) != 255).sum())
@@ -58,8 +55,7 @@ def test_images_larger_than_eval_size_are_scored_at_the_labels_own_size(tmp_path
   # The same predictions as --mode=predict's Predictor scoring every image on its own: whole for the
   # ones that fit (padded to the same 24x24 frame), a sliding window of the crop for the larger ones.
   options = inference.options_from_config(config, size_multiple=EVAL_SIZE[0])
-  predictor = inference.Predictor(state_lib.build_model(config, NUM_CLASSES, axis_name=None), host_variables,
-                                  NUM_CLASSES, options)
+  predictor = inference.Predictor(state_lib.build_model(config, NUM_CLASSES), host_variables, NUM_CLASSES, options)
   reference = np.asarray(evaluate.evaluate_with_predictor(predictor, builder, spec,
                                                           show_progress=False)['confusion_matrix'])
   assert reference.sum() == labelled

@@ -4,11 +4,11 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.conftest import tiny_unet_config
+from tests.helpers import best_checkpoint_logits_fn
 
 
 @pytest.fixture(scope='module')
@@ -25,15 +25,8 @@ def exported(shapes_data_dir, tmp_path_factory):
 @pytest.fixture(scope='module')
 def live(exported):
   """The live model's logits function (restored from the same best checkpoint)."""
-  from jaxseg import inference, state as state_lib  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   config, workdir, _ = exported
-  spec = datasets.resolve_spec(config.dataset)
-  _, state, _ = inference.restore_state(config, workdir, spec)
-  model = state_lib.build_model(config, spec.num_classes, axis_name=None)
-  variables = state_lib.variables_of(state)
-  fn = jax.jit(lambda x: model.apply(variables, state_lib.normalize_images(x, jnp.float32), train=False))
-  return lambda images: np.asarray(fn(images))
+  return best_checkpoint_logits_fn(config, workdir)
 
 
 def images_of(*shape, seed=0):

@@ -88,11 +88,8 @@ def make_folder(root, *, val_count=2):
 
 
 def load_split(builder, split):
-  ds = builder.as_dataset(
-      split=split, read_config=tfds.ReadConfig(try_autocache=False)
-  )
   return {
-      ex['file_name'].decode(): ex for ex in tfds.as_numpy(ds)
+      ex['file_name'].decode(): ex for ex in builder.as_data_source(split)
   }
 
 
@@ -124,6 +121,7 @@ def test_prepares_and_loads(prepared):
   _, expected, builder = prepared
   assert builder.name == 'jaxseg_folder'
   assert builder.is_prepared()
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
   assert builder.info.splits['train'].num_examples == 6
   assert builder.info.splits['validation'].num_examples == 2
   got = {**load_split(builder, 'train'), **load_split(builder, 'validation')}
@@ -193,6 +191,15 @@ def test_changed_contents_are_prepared_again(tmp_path):
   assert folder.folder_fingerprint(root, 3, 255) != folder.folder_fingerprint(
       root, 4, 255
   )
+
+
+def test_fingerprint_covers_the_file_format(tmp_path, monkeypatch):
+  """A folder prepared in another format (older jaxseg wrote TFRecord) is prepared again, not read."""
+  root = tmp_path / 'ds'
+  make_folder(root, val_count=1)
+  array_record = folder.folder_fingerprint(root, NUM_CLASSES, 255)
+  monkeypatch.setattr(folder, 'ARRAY_RECORD', tfds.core.FileFormat.TFRECORD)
+  assert folder.folder_fingerprint(root, NUM_CLASSES, 255) != array_record
 
 
 # --- readers ----------------------------------------------------------------

@@ -20,12 +20,6 @@ from tests.test_losses_metrics import np_cross_entropy, np_log_softmax
 IGNORE = 255
 
 
-def _key(seed):
-  # 'rbg' keys: XLA:CPU compiles the default threefry initialisers several times slower, and which
-  # random bits the parameters start from does not matter here.
-  return jax.random.key(seed, impl='rbg')
-
-
 # ---------------------------------------------------------------------------
 # Helpers.
 # ---------------------------------------------------------------------------
@@ -148,12 +142,12 @@ def test_median_frequency_weights_from_a_folder_dataset(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# (c) The Dice loss in the pmapped train step is the global Dice.
+# (c) The Dice loss in the train step is the global Dice.
 # ---------------------------------------------------------------------------
 
 
 def _tiny_step_setup(num_classes, dice_weight):
-  from jaxseg import optim  # pylint: disable=g-import-not-at-top
+  from jaxseg import sharding  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data.datasets import DatasetSpec  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -168,10 +162,9 @@ def _tiny_step_setup(num_classes, dice_weight):
   spec = DatasetSpec(name='t', num_classes=num_classes, class_names=tuple(f'c{i}' for i in range(num_classes)),
                      ignore_label=IGNORE, image_key='image', label_key='segmentation_mask', label_offset=0,
                      ignore_values=(), train_split='train', eval_split='validation')
-  lr_fn = optim.create_learning_rate_schedule(config.optimizer, 10)
-  model = state_lib.build_model(config, num_classes)
-  state = state_lib.create_train_state(model, optim.create_optimizer(config.optimizer, lr_fn), _key(0), (8, 8, 3))
-  return config, spec, lr_fn, model, state
+  config.input.crop_size = (8, 8)
+  setup = state_lib.build(config, num_classes, sharding.make_mesh())
+  return config, spec, setup
 
 
 def _skewed_batch(num_classes, n_dev):
@@ -194,19 +187,21 @@ def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
   A mean of per-device Dice losses would differ (checked below), so the test tells the two apart. For a
   binary task only the foreground class counts in the Dice.
   """
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg import sharding  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
 
   n_dev = jax.local_device_count()
   assert n_dev == 4, 'tests run with 4 simulated devices (tests/conftest.py)'
   dice_weight = 0.7
-  config, spec, lr_fn, model, state = _tiny_step_setup(num_classes, dice_weight)
+  config, spec, setup = _tiny_step_setup(num_classes, dice_weight)
+  model = setup.model
+  state = setup.init_state()
   images, labels = _skewed_batch(num_classes, n_dev)
   classes = (1,) if num_classes == 2 else None
   flat_images = state_lib.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)), jnp.float32)
   flat_labels = labels.reshape(-1, 8, 8).astype(np.int64)
 
-  # Reference on one device (no pmap): the model's logits for the whole batch, and jax.grad of the global
+  # Reference on one device (no mesh): the model's logits for the whole batch, and jax.grad of the global
   # loss, with and without its Dice term; one jit so that it compiles once.
   def global_loss(params, weight):
     out = model.apply({'params': params}, flat_images)
@@ -221,7 +216,7 @@ def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
     return (logits, jax.value_and_grad(global_loss)(params, dice_weight),
             jax.grad(global_loss)(params, 0.0))
 
-  logits, (ref_loss, ref_grads), ce_grads = jax.device_get(reference(state.params))
+  logits, (ref_loss, ref_grads), ce_grads = jax.device_get(reference(jax.device_get(state.params)))
   ce = np_cross_entropy(logits, flat_labels)
   dice = np_soft_dice(logits, flat_labels, num_classes, classes=classes)
   per_device_dice = np.mean([np_soft_dice(l, y, num_classes, classes=classes)
@@ -230,16 +225,17 @@ def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
   assert abs(per_device_dice - dice) > 1e-2, 'the batch does not tell global from per-device Dice'
   np.testing.assert_allclose(float(ref_loss), ce + dice_weight * dice, rtol=1e-5)
 
-  p_train = train.make_train_step(config, spec, lr_fn, None)
+  step = train.make_train_step(config, spec, setup, None)
   old_params = jax.device_get(state.params)
-  new_state, step_metrics = p_train(jax_utils.replicate(state), {'image': images, 'label': labels},
-                                    jax_utils.replicate(_key(1)))
-  reported = np.asarray(step_metrics['loss'])
-  np.testing.assert_allclose(reported, reported[0])  # The same global figure on every device.
-  np.testing.assert_allclose(float(reported[0]) - ce, dice_weight * dice, rtol=1e-4, atol=1e-6)
+  # Row block d of the global batch lands on device d: each device holds different class content.
+  batch = sharding.global_batch({'image': images.reshape(-1, 8, 8, 3), 'label': labels.reshape(-1, 8, 8)},
+                                setup.mesh)
+  new_state, step_metrics = step(state, batch)
+  reported = float(step_metrics['loss'])
+  np.testing.assert_allclose(reported - ce, dice_weight * dice, rtol=1e-4, atol=1e-6)
 
   # lr 1, no momentum or weight decay: old - new = the gradient the step applied.
-  new_params = jax.device_get(jax_utils.unreplicate(new_state.params))
+  new_params = jax.device_get(new_state.params)
   step_grads = jax.tree.map(lambda o, n: np.asarray(o, np.float64) - np.asarray(n, np.float64),
                             old_params, new_params)
   scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
@@ -276,7 +272,7 @@ def test_binary_folder_task_trains_with_dice_and_reports_foreground_metrics(tmp_
       'num_train_steps': 3, 'log_every_steps': 3, 'eval_every_steps': 3, 'checkpoint_every_steps': 3,
       'optimizer.warmup_steps': 1})
   workdir = tmp_path / 'work'
-  with jax.default_prng_impl('rbg'):  # Faster to compile on CPU (see _key).
+  with jax.default_prng_impl('rbg'):  # XLA:CPU compiles threefry initialisers several times slower.
     result = train.train_and_evaluate(config, str(workdir))
   assert 0.0 <= result['foreground_iou'] <= 1.0 and 0.0 <= result['foreground_dice'] <= 1.0
   lines = [json.loads(l) for l in open(workdir / 'metrics.jsonl', encoding='utf-8')]

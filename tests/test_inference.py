@@ -5,15 +5,13 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
 from tests.conftest import tiny_unet_config
-from tests.helpers import ROOT
+from tests.helpers import ROOT, best_checkpoint_logits_fn
 
 TRAIN = dict(num_train_steps=16, log_every_steps=8, eval_every_steps=16, checkpoint_every_steps=16)
 # run.py flags giving the same model as tiny_unet_config (the checkpoint must fit it).
@@ -49,16 +47,10 @@ def restored(trained):
 
   model_logits is the model applied directly (jit): uint8 images [N, H, W, 3] -> float32 logits [N, H, W, K].
   """
-  from jaxseg import inference, state as state_lib  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
+  from jaxseg import inference  # pylint: disable=g-import-not-at-top
   config, workdir = trained
-  spec = datasets.resolve_spec(config.dataset)
-  _, state, _ = inference.restore_state(config, workdir, spec)
-  model = state_lib.build_model(config, spec.num_classes, axis_name=None)
-  variables = state_lib.variables_of(state)
-  fn = jax.jit(lambda x: model.apply(variables, state_lib.normalize_images(x, jnp.float32), train=False))
   predictor, _, _ = inference.load_predictor(config, workdir)
-  return (lambda images: np.asarray(fn(np.asarray(images)))), predictor
+  return best_checkpoint_logits_fn(config, workdir), predictor
 
 
 def softmax(x):
@@ -87,8 +79,8 @@ def numpy_mean_iou(labels, preds, num_classes, ignore_label=255):
 def validation_examples(data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from jaxseg.data import shapes  # pylint: disable=g-import-not-at-top,unused-import
-  ds = tfds.load('jaxseg_shapes', split='validation', data_dir=data_dir, shuffle_files=False)
-  return [(ex['image'], ex['segmentation_mask'][..., 0]) for ex in tfds.as_numpy(ds)]
+  source = tfds.data_source('jaxseg_shapes', split='validation', data_dir=data_dir)  # Decoded, in file order.
+  return [(ex['image'], ex['segmentation_mask'][..., 0]) for ex in source]
 
 
 def test_predict_mode_masks_score_the_mean_iou_that_eval_reports(trained, shapes_data_dir, tmp_path):

@@ -111,8 +111,7 @@ def test_binary_task_reports_foreground_iou_and_dice():
 def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_means():
   """Devices with very different numbers of valid pixels: the loss weighs every pixel equally."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
-  from jaxseg import optim, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import sharding, train  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data.datasets import DatasetSpec  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -125,19 +124,21 @@ def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_
   spec = DatasetSpec(name='t', num_classes=3, class_names=('a', 'b', 'c'), ignore_label=IGNORE, image_key='image',
                      label_key='segmentation_mask', label_offset=0, ignore_values=(), train_split='train',
                      eval_split='validation')
-  lr_fn = optim.create_learning_rate_schedule(config.optimizer, 10)
-  model = state_lib.build_model(config, 3)
-  state = state_lib.create_train_state(model, optim.create_optimizer(config.optimizer, lr_fn), jax.random.key(0),
-                                   (8, 8, 3))
-  p_train = train.make_train_step(config, spec, lr_fn, None)
+  config.input.crop_size = (8, 8)
+  mesh = sharding.make_mesh()
+  setup = state_lib.build(config, 3, mesh)
+  state = setup.init_state()
+  step = train.make_train_step(config, spec, setup, None)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(n_dev, 2, 8, 8, 3), dtype=np.uint8)
   labels = rng.integers(0, 3, size=(n_dev, 2, 8, 8)).astype(np.uint8)
   labels[0, :, :, :7] = IGNORE  # Device 0: few valid pixels; the others: all valid.
   # Reference: the same model applied to the global batch on the host.
-  variables = {'params': state.params}
-  logits = model.apply(variables, state_lib.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)), jnp.float32))
+  variables = {'params': jax.device_get(state.params)}
+  logits = setup.model.apply(variables, state_lib.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)),
+                                                                   jnp.float32))
   expected = np_cross_entropy(np.asarray(logits), labels.reshape(-1, 8, 8).astype(np.int64))
-  _, step_metrics = p_train(jax_utils.replicate(state), {'image': images, 'label': labels},
-                            jax_utils.replicate(jax.random.key(1)))
-  np.testing.assert_allclose(float(step_metrics['loss'][0]), expected, rtol=1e-5)
+  # Row block d of the global batch lands on device d.
+  batch = sharding.global_batch({'image': images.reshape(-1, 8, 8, 3), 'label': labels.reshape(-1, 8, 8)}, mesh)
+  _, step_metrics = step(state, batch)
+  np.testing.assert_allclose(float(step_metrics['loss']), expected, rtol=1e-5)

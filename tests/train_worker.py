@@ -13,6 +13,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from tests.helpers import make_deprecations_errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+make_deprecations_errors()
+
 
 def main():
   data_dir, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

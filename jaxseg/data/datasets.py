@@ -1,19 +1,33 @@
 """Dataset registry: `config.dataset` -> a resolved DatasetSpec and a prepared tfds builder.
 
 Every dataset reaches the pipeline as a tfds builder whose examples hold an
-encoded image and an encoded mask. A preset gives a dataset's defaults (which
-features, how mask values map to classes, class names); any field set in
-`config.dataset` overrides them, and a tfds name with no preset works when
-the config names its features and classes.
+encoded image and an encoded mask, stored as ArrayRecord: the pipeline reads
+examples by index (each process only its share), which TFRecord files cannot
+do. Data jaxseg prepares is written as ArrayRecord; a dataset already prepared
+as TFRecord (by a plain `tfds build`, or an older jaxseg) is converted once,
+in place (`as_array_record`).
+
+A preset gives a dataset's defaults (which features, how mask values map to
+classes, class names); any field set in `config.dataset` overrides them, and
+a tfds name with no preset works when the config names its features and
+classes.
 """
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Optional
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
+from tensorflow_datasets.core.utils import py_utils
 
 from jaxseg.errors import ConfigError, DataError
+
+_log = logging.getLogger(__name__)
+
+# The file format the pipeline reads (random access by example index).
+ARRAY_RECORD = file_adapters.FileFormat.ARRAY_RECORD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +68,43 @@ def _open_catalog(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder
 def _prepare_catalog(spec: DatasetSpec, builder) -> tfds.core.DatasetBuilder:
   if not builder.is_prepared():
     try:
-      builder.download_and_prepare()
+      builder.download_and_prepare(file_format=ARRAY_RECORD)
     except Exception as e:  # Network, manual-download and disk errors all land here.
       raise DataError(f'tfds dataset {spec.name!r} is not prepared in {builder.data_dir} and preparing it failed: '
                       f'{type(e).__name__}: {e}\nPrepare it first, e.g. `tfds build {spec.name} '
-                      f'--data_dir=DIR` (see README: Datasets).') from e
+                      f'--data_dir=DIR --file_format=array_record` (see README: Datasets).') from e
+  return as_array_record(builder)
+
+
+def as_array_record(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+  """`builder`, prepared, set to read its ArrayRecord files.
+
+  Data prepared in another format (TFRecord by a plain `tfds build` or an
+  older jaxseg) is converted once, in place: ArrayRecord shards holding the
+  same records in the same order are written next to the existing ones, and
+  dataset_info.json lists them as an alternative format, so later runs find
+  them and other tfds readers still read the original files. This does what
+  tfds's `convert_format` does, without the Apache Beam that it imports.
+  """
+  info = builder.info
+  if ARRAY_RECORD.value not in (info.file_format.value, *info.as_proto.alternative_file_formats):
+    _log.info('Converting tfds dataset %s in %s from %s to ArrayRecord, once (the pipeline reads examples by index)',
+              builder.name, builder.data_dir, info.file_format.value)
+    reader = file_adapters.ADAPTER_FOR_FORMAT[info.file_format]
+    writer = file_adapters.ADAPTER_FOR_FORMAT[ARRAY_RECORD]
+    for split in info.splits.values():
+      template = split.filename_template.replace(filetype_suffix=ARRAY_RECORD.file_suffix)
+      for shard, path in enumerate(split.filepaths):
+        out = template.sharded_filepath(shard_index=shard, num_shards=split.num_shards)
+        # Written under a temporary name and renamed when complete: a crash leaves no partial shard behind.
+        with py_utils.incomplete_file(out) as tmp:
+          writer.write_examples(tmp, enumerate(reader.make_tf_data(path).as_numpy_iterator()))
+    info.add_alternative_file_format(ARRAY_RECORD)
+    info.write_to_directory(builder.data_dir)
+  if info.file_format != ARRAY_RECORD:
+    # tfds restores a dataset_info.json's alternative formats into the info's proto only, where
+    # `as_data_source` does not look: point this builder at the ArrayRecord files itself.
+    info.set_file_format(ARRAY_RECORD, override=True, override_if_initialized=True)
   return builder
 
 
@@ -83,8 +129,8 @@ def _open_shapes(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
   def prepare():
     builder = tfds.builder('jaxseg_shapes', data_dir=_data_dir(dataset_config))
     if not builder.is_prepared():
-      builder.download_and_prepare()
-    return builder
+      builder.download_and_prepare(file_format=ARRAY_RECORD)
+    return as_array_record(builder)
 
   return prepare_once(prepare)
 

@@ -7,14 +7,15 @@ A folder dataset is a directory laid out as::
 
 Each mask has the same file stem as its image and holds one class index per
 pixel (`ignore_label`, 255 by default, marks pixels to ignore). The folder is
-validated completely, then written once into a tfds dataset under `data_dir`
-whose config name is a fingerprint of the folder's contents, so an unchanged
-folder is reused and a changed one is prepared again.
+validated completely, then written once into a tfds dataset (ArrayRecord
+files, read by index) under `data_dir` whose config name is a fingerprint of
+the folder's contents and the file format, so an unchanged folder is reused
+and a changed one is prepared again.
 
 Typical use::
 
   builder = prepare_folder_dataset(DIR, num_classes=5, data_dir=TFDS_DIR)
-  ds = builder.as_dataset(split='train')  # or 'validation'
+  examples = builder.as_data_source(split='train')  # or 'validation'
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
 
+from jaxseg.data.datasets import ARRAY_RECORD
 from jaxseg.errors import ConfigError
 from jaxseg.errors import DataError
 
@@ -228,13 +230,14 @@ def _check_layout(path: str) -> str:
 
 
 def folder_fingerprint(path: str, num_classes: int, ignore_label: int) -> str:
-  """Fingerprints a folder dataset's contents and label settings.
+  """Fingerprints a folder dataset's contents, label settings and file format.
 
   The fingerprint is a sha1 over the sorted relative paths, sizes and
   modification times (ns) of all files under `train/` and `val/`, plus
-  `num_classes` and `ignore_label`. It changes when any file is added,
-  removed, resized or touched, which makes it a cheap cache key (no file is
-  read).
+  `num_classes`, `ignore_label` and the file format (ArrayRecord). It changes
+  when any file is added, removed, resized or touched, which makes it a cheap
+  cache key (no file is read); a folder that an older jaxseg prepared as
+  TFRecord is prepared again.
 
   Args:
     path: The dataset folder.
@@ -266,6 +269,7 @@ def folder_fingerprint(path: str, num_classes: int, ignore_label: int) -> str:
   h = hashlib.sha1()
   h.update(f'num_classes={int(num_classes)}\n'.encode())
   h.update(f'ignore_label={int(ignore_label)}\n'.encode())
+  h.update(f'file_format={ARRAY_RECORD.value}\n'.encode())
   for rel, size, mtime in sorted(entries):
     h.update(f'{rel}\0{size}\0{mtime}\n'.encode('utf-8', 'surrogateescape'))
   return h.hexdigest()
@@ -583,7 +587,7 @@ def prepare_folder_dataset(
     ignore_label: Mask value meaning "ignore".
 
   Returns:
-    The prepared builder; read it with `builder.as_dataset(split='train')`
+    The prepared builder; read it with `builder.as_data_source(split='train')`
     or `split='validation'`.
 
   Raises:
@@ -615,6 +619,7 @@ def prepare_folder_dataset(
             try_download_gcs=False,
             compute_stats=tfds.download.ComputeStatsMode.SKIP,
         ),
+        file_format=ARRAY_RECORD,
     )
     if not _is_prepared(builder):  # Defensive: tfds returned without data.
       raise DataError(f'Preparing folder dataset {root} produced no dataset.')

@@ -1,15 +1,22 @@
-"""tf.data input pipelines: tfds examples -> device-shaped batches of uint8 images and labels.
+"""tf.data input pipelines: tfds examples -> batches of uint8 images and labels for this process.
 
-Batches are dicts of numpy arrays shaped for pmap:
-  'image': uint8 [local_devices, per_device_batch, H, W, 3]
-  'label': uint8 [local_devices, per_device_batch, H, W] (ignore_label where nothing counts)
-Normalisation happens on the device (uint8 moves a quarter of the bytes).
+Batches are dicts of numpy arrays holding this process's examples:
+  'image': uint8 [local_batch, H, W, 3]
+  'label': uint8 [local_batch, H, W] (ignore_label where nothing counts)
+with local_batch = global_batch / process_count. Normalisation happens on the
+device (uint8 moves a quarter of the bytes).
+
+Examples are read by index from the dataset's ArrayRecord files (`records`),
+so each process reads, and holds, only its own share of a split.
 
 Training order is a pure function of (seed, step), independent of the number
-of processes: one global stream of shuffled epochs is cut into global batches,
-and element k of the stream goes to process k % process_count. Resuming at
-step s rebuilds the stream from example s * global_batch, so an interrupted
-run continues exactly where it was.
+of processes: position k of one global stream of examples is example
+perm_e[k % n] of the train split, where n is its size, e = k // n its epoch
+and perm_e = numpy's default_rng([seed, e]).permutation(n). Step s takes
+positions s * global_batch .. (s + 1) * global_batch - 1, and position k goes
+to process k % process_count. Resuming at step s starts the stream at
+position s * global_batch, so an interrupted run continues exactly where it
+was.
 """
 
 import math
@@ -21,16 +28,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxseg.data import augment
-from jaxseg.data.datasets import DatasetSpec
+from jaxseg.data.datasets import ARRAY_RECORD, DatasetSpec
 
 # Explicit tf.data parallelism (autotuning is off, see _options): map functions on
 # every core, and a few batches ready ahead of the train step.
 PARALLEL_CALLS = max(1, os.cpu_count() or 1)
 PREFETCH = 4
-
-
-def _skip_decoding(spec: DatasetSpec) -> dict:
-  return {spec.image_key: tfds.decode.SkipDecoding(), spec.label_key: tfds.decode.SkipDecoding()}
+# Records read from the data source per Python call: few calls, yet little read ahead (PARALLEL_CALLS calls in flight).
+READ_BATCH = 8
 
 
 def decode_example(example: dict, spec: DatasetSpec) -> tuple[tf.Tensor, tf.Tensor]:
@@ -70,77 +75,122 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _raw_split(builder, spec: DatasetSpec, split: str, cache: bool) -> tf.data.Dataset:
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoding(spec),
-                          read_config=tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1))
-  ds = ds.map(lambda ex: {spec.image_key: ex[spec.image_key], spec.label_key: ex[spec.label_key]})
-  return ds.cache() if cache else ds
+def split_size(builder, split: str) -> int:
+  """Number of examples in `split` (any tfds split string, e.g. 'train[:90%]')."""
+  return builder.info.splits[split].num_examples
 
 
-def _to_device_shape(batch: dict, local_devices: int) -> dict:
-  """[B, ...] -> [local_devices, B / local_devices, ...] for the arrays the devices take ('image', 'label')."""
-  shape = lambda x: tf.reshape(x, tf.concat([[local_devices, -1], tf.shape(x)[1:]], axis=0))
-  return {k: shape(v) if k in ('image', 'label') else v for k, v in batch.items()}
+def process_share(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
+  """Indices of this process's contiguous share of range(num_examples), cut as tfds.even_splits does.
+
+  The first num_examples % process_count processes get one example more
+  (drop_remainder=False), so every example is in exactly one share.
+  """
+  per_process, extra = divmod(num_examples, process_count)
+  start = process_index * per_process + min(process_index, extra)
+  return np.arange(start, start + per_process + (process_index < extra), dtype=np.int64)
 
 
-def train_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, local_devices: int, seed: int,
-                  start_step: int, process_index: int, process_count: int, cache: bool = True,
-                  shuffle_buffer: int = 10_000) -> tf.data.Dataset:
-  """Endless, augmented training batches for this process, starting at global step `start_step`."""
-  num_examples = builder.info.splits[spec.train_split].num_examples
-  raw = _raw_split(builder, spec, spec.train_split, cache)
-  buffer = min(num_examples, shuffle_buffer)
-  start = start_step * global_batch
-  first_epoch, offset = divmod(start, num_examples)
+def records(builder, spec: DatasetSpec, split: str, indices: tf.data.Dataset) -> tf.data.Dataset:
+  """The examples of `split` at `indices` (int64 scalars), in that order: {image_key, label_key: encoded bytes}.
 
-  def epoch(e):
-    # A fixed permutation per epoch: the same on every process and every restart.
-    return raw.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
+  Only those records are read from the ArrayRecord files (random access),
+  READ_BATCH per Python call to keep the Python (and GIL) time per example
+  small; the data source shares one thread-safe reader per file, so parallel
+  calls may read at once. Only the two features are parsed; `decode_example`
+  decodes them.
+  """
+  source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
+                                  file_format=ARRAY_RECORD)
+  keys = (spec.image_key, spec.label_key)
+  features = tfds.features.FeaturesDict({k: builder.info.features[k] for k in keys})
+  decoders = {k: tfds.decode.SkipDecoding() for k in keys}
 
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-  ds = ds.skip(offset).enumerate(start=start)
-  ds = ds.shard(process_count, process_index)
+  def read(batch: tf.Tensor) -> tf.Tensor:
+    serialized = tf.numpy_function(lambda i: np.array([source[j] for j in i], dtype=object), [batch], tf.string,
+                                   stateful=False)
+    return tf.ensure_shape(serialized, batch.shape)
+
+  ds = indices.batch(READ_BATCH).map(read, num_parallel_calls=PARALLEL_CALLS, deterministic=True).unbatch()
+  return ds.map(lambda serialized: features.deserialize_example(serialized, decoders=decoders),
+                num_parallel_calls=PARALLEL_CALLS, deterministic=True)
+
+
+def _epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """Permutation of range(num_examples) that orders one epoch: a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, seed: int, start_step: int,
+                  process_index: int, process_count: int) -> tf.data.Dataset:
+  """Endless, augmented training batches for this process, starting at global step `start_step`.
+
+  Batch s holds this process's positions k of global step start_step + s
+  (k % process_count == process_index, in order): [global_batch /
+  process_count, ...]. Only those examples are read.
+  """
+  if global_batch % process_count:
+    raise ValueError(f'global batch {global_batch} does not split evenly over {process_count} processes')
+  if seed < 0:
+    raise ValueError(f'the data order needs a seed >= 0, got {seed}')
+  num_examples = split_size(builder, spec.train_split)
+  start = start_step * global_batch  # A multiple of process_count: this process's first position is start + index.
   crop_size = tuple(input_config.crop_size)
 
-  def preprocess(index, example):
+  def epoch_indices(epoch):
+    """The example indices at this process's positions in `epoch`, from `start` on."""
+    first = max(epoch * num_examples, start)
+    positions = np.arange(first + (process_index - first) % process_count, (epoch + 1) * num_examples,
+                          process_count)
+    return _epoch_order(seed, int(epoch), num_examples)[positions - epoch * num_examples]
+
+  def epoch_stream(epoch):
+    indices = tf.numpy_function(epoch_indices, [epoch], tf.int64, stateful=False)
+    return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(indices, [None]))
+
+  def preprocess(j, example):
+    k = start + process_index + process_count * j  # The position of this process's j-th example.
     image, label = decode_example(example, spec)
     image, label = augment.train_augment(
-        tf.cast(image, tf.float32), label, tf.stack([tf.cast(seed, tf.int64), index]),
+        tf.cast(image, tf.float32), label, tf.stack([tf.constant(seed, tf.int64), k]),
         crop_size=crop_size, scale_range=tuple(input_config.scale_range), hflip=input_config.hflip,
         photometric=input_config.photometric, ignore_label=spec.ignore_label)
-    return tf.cast(tf.round(image), tf.uint8), tf.cast(label, tf.uint8)
+    return {'image': tf.cast(tf.round(image), tf.uint8), 'label': tf.cast(label, tf.uint8)}
 
+  indices = tf.data.Dataset.range(start // num_examples, 2**62).flat_map(epoch_stream)
+  ds = records(builder, spec, spec.train_split, indices).enumerate()
   ds = ds.map(preprocess, num_parallel_calls=PARALLEL_CALLS, deterministic=True)
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
-  ds = ds.map(lambda i, l: _to_device_shape({'image': i, 'label': l}, local_devices))
   return ds.prefetch(PREFETCH).with_options(_options())
 
 
-def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, local_devices: int,
-                 process_index: int, process_count: int, cache: bool = True) -> tuple[tf.data.Dataset, int]:
+def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, process_index: int,
+                 process_count: int, cache: bool = True) -> tuple[tf.data.Dataset, int]:
   """This process's share of the evaluation split, padded so all processes run the same number of batches.
 
-  Padding examples have every label pixel set to ignore_label, so they count
-  nowhere; each real pixel is in exactly one process's share. Batches hold,
-  besides the device-shaped 'image' and 'label' (see `fit_for_eval`), two
-  host-side fields per example: 'full_image' and 'full_label', the PNG bytes
-  of an example larger than input.eval_size (empty for the others), which the
-  evaluation segments at its own size.
+  The share is contiguous (`process_share`) and only it is read; with
+  `cache` it is kept in memory, decoded, after the first pass. Padding
+  examples have every label pixel set to ignore_label, so they count
+  nowhere; each real pixel is in exactly one process's share. Batches hold
+  'image' [local_batch, h, w, 3] and 'label' [local_batch, h, w] (see
+  `fit_for_eval`), and two host-side fields per example: 'full_image' and
+  'full_label', the PNG bytes of an example larger than input.eval_size
+  (empty for the others), which the evaluation segments at its own size.
 
   Returns:
     (dataset, number of batches it yields).
   """
-  subsplits = tfds.even_splits(spec.eval_split, n=process_count, drop_remainder=False)
-  counts = [builder.info.splits[s].num_examples for s in subsplits]
+  num_examples = split_size(builder, spec.eval_split)
   local_batch = global_batch // process_count
-  num_batches = max(1, math.ceil(max(counts) / local_batch))
+  num_batches = max(1, math.ceil(math.ceil(num_examples / process_count) / local_batch))
   eval_size = tuple(input_config.eval_size)
 
   def preprocess(example):
     image, label = decode_example(example, spec)
     return fit_for_eval(image, label, eval_size, spec.ignore_label)
 
-  ds = _raw_split(builder, spec, subsplits[process_index], cache=False)
+  share = tf.data.Dataset.from_tensor_slices(process_share(num_examples, process_index, process_count))
+  ds = records(builder, spec, spec.eval_split, share)
   ds = ds.map(preprocess, num_parallel_calls=PARALLEL_CALLS, deterministic=True)
   if cache:
     ds = ds.cache()
@@ -149,7 +199,6 @@ def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int,
       'label': tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8)),
       'full_image': tf.constant(b''), 'full_label': tf.constant(b'')}).repeat()
   ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
-  ds = ds.map(lambda batch: _to_device_shape(batch, local_devices))
   return ds.prefetch(PREFETCH).with_options(_options()), num_batches
 
 
@@ -157,9 +206,9 @@ def fit_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], igno
   """One evaluation example in a fixed `size` frame for the devices, or set aside whole.
 
   An image that fits is padded (image 0, label ignore_label) to `size`: the
-  pmapped evaluation scores it exactly. A larger one is not shrunk (that would
-  score a shrunken label, at another scale than training saw): its frame is
-  empty (label all ignore_label) and the image and label travel as PNG bytes
+  evaluation on the devices scores it exactly. A larger one is not shrunk
+  (that would score a shrunken label, at another scale than training saw):
+  its frame is empty (label all ignore_label) and the image and label travel as PNG bytes
   in 'full_image'/'full_label', for the evaluation to segment at full
   resolution as --mode=predict does (config.inference; by default a sliding
   window of the training crop) and score at the label's own size.
@@ -204,9 +253,10 @@ def class_pixel_counts(builder, spec: DatasetSpec, max_examples: Optional[int] =
     (counts [K]: pixels of each class,
      present [K]: valid pixels of the images in which each class appears).
   """
-  ds = _raw_split(builder, spec, spec.train_split, cache=False)
+  num_examples = split_size(builder, spec.train_split)
   if max_examples:
-    ds = ds.take(max_examples)
+    num_examples = min(num_examples, max_examples)
+  ds = records(builder, spec, spec.train_split, tf.data.Dataset.range(num_examples))
   k = spec.num_classes
 
   def stats(example):

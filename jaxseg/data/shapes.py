@@ -13,10 +13,12 @@ The features use the same keys and layout as tfds' `oxford_iiit_pet`
 input pipeline reads both.
 
 Importing this module registers the builder with tfds under the name
-`jaxseg_shapes`:
+`jaxseg_shapes`. jaxseg prepares it as ArrayRecord and reads it by index:
 
   import jaxseg.data.shapes  # pylint: disable=unused-import
-  ds = tfds.load('jaxseg_shapes', split='train', data_dir='/tmp/tfds')
+  builder = tfds.builder('jaxseg_shapes', data_dir='/tmp/tfds', file_format='array_record')
+  builder.download_and_prepare()
+  examples = builder.as_data_source(split='train')  # examples[i]: a dict of numpy arrays
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Model registry: `config.model.name` -> a Flax linen module."""
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from jaxseg.errors import ConfigError
 from jaxseg.models.fcn import FCN
 from jaxseg.models.unet import UNet
 
-# name -> (module class, the config fields it takes besides num_classes/dtype/axis_name).
+# name -> (module class, the config fields it takes besides num_classes/dtype).
 MODELS: dict[str, tuple[type, tuple[str, ...]]] = {
     'unet': (UNet, ('base_width', 'depth', 'norm', 'upsample')),
     'fcn': (FCN, ('variant', 'width_multiplier', 'fc_width', 'fc6_kernel', 'dropout_rate', 'norm')),
@@ -21,8 +21,7 @@ def register_model(name: str, cls: type, fields: tuple[str, ...]) -> None:
   MODELS[name] = (cls, fields)
 
 
-def create_model(model_config: Any, *, num_classes: int, dtype: Any = jnp.float32,
-                 axis_name: Optional[str] = None) -> nn.Module:
+def create_model(model_config: Any, *, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
   """Builds the module named by `model_config.name` with its configured fields."""
   name = model_config.name
   if name not in MODELS:
@@ -33,6 +32,4 @@ def create_model(model_config: Any, *, num_classes: int, dtype: Any = jnp.float3
   if unknown:
     raise ConfigError(f'config.model has fields {sorted(unknown)} that model {name!r} does not take; '
                       f'it takes {list(fields)}')
-  if 'axis_name' in cls.__dataclass_fields__:
-    kwargs['axis_name'] = axis_name
   return cls(num_classes=num_classes, dtype=dtype, **kwargs)

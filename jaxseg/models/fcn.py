@@ -1,6 +1,6 @@
 """Fully convolutional networks (Long, Shelhamer & Darrell, 2015): FCN-32s, FCN-16s and FCN-8s on VGG16."""
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,7 +26,6 @@ class FCN(nn.Module):
     dropout_rate: dropout after fc6 and fc7 (0.5 in the paper).
     norm: 'none' (the paper's VGG16) or 'batch' (VGG16-BN: BatchNorm after
       every backbone conv and fc6/fc7, which trains from scratch far faster).
-    axis_name: pmap axis for cross-replica BatchNorm statistics in training.
     dtype: computation dtype; parameters stay float32.
   Uses 'same' padding instead of the paper's pad-100-and-crop, so the score
   maps align exactly; the input is zero-padded to a multiple of 32 and the
@@ -41,7 +40,6 @@ class FCN(nn.Module):
   fc6_kernel: int = 7
   dropout_rate: float = 0.5
   norm: str = 'none'
-  axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -51,7 +49,7 @@ class FCN(nn.Module):
     x, (h, w) = layers.pad_to_multiple(x, 32)
     # He initialisation: a plain 15-layer ReLU stack trained from scratch keeps its
     # activation scale (the paper started from ImageNet weights instead).
-    make_norm = layers.make_norm(self.norm, train=train, axis_name=self.axis_name, dtype=self.dtype)
+    make_norm = layers.make_norm(self.norm, train=train, dtype=self.dtype)
 
     def conv_relu(x, feats, kernel, name):
       kwargs = dict(use_bias=self.norm == 'none', dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal(),

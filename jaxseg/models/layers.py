@@ -113,14 +113,13 @@ def bilinear_kernel_init(key, shape, dtype=jnp.float32):
   return (filt[:, :, None, None] * eye[None, None]).astype(dtype)
 
 
-def make_norm(norm: str, *, train: bool, axis_name: Optional[str], dtype: Optional[Dtype]) -> Callable[..., nn.Module]:
+def make_norm(norm: str, *, train: bool, dtype: Optional[Dtype]) -> Callable[..., nn.Module]:
   """Returns a constructor for the configured normalisation layer ('batch', 'group' or 'none')."""
   if norm == 'batch':
-    # Cross-replica statistics when axis_name is set: the same numbers as one
-    # big batch, whatever the number of devices.
+    # The step runs on global arrays, so the statistics are over the global
+    # batch, whatever the number of devices (XLA adds the cross-device sums).
     return lambda name=None: nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-        axis_name=axis_name if train else None, name=name)
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
   if norm == 'group':
     return lambda name=None: nn.GroupNorm(num_groups=None, group_size=8, dtype=dtype, name=name)
   if norm == 'none':

@@ -1,6 +1,6 @@
 """UNet (Ronneberger et al., 2015) with 'same' padding, as most modern reimplementations use."""
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,12 +14,11 @@ class DoubleConv(nn.Module):
   features: int
   norm: str
   train: bool
-  axis_name: Optional[str]
   dtype: Any
 
   @nn.compact
   def __call__(self, x):
-    make_norm = layers.make_norm(self.norm, train=self.train, axis_name=self.axis_name, dtype=self.dtype)
+    make_norm = layers.make_norm(self.norm, train=self.train, dtype=self.dtype)
     for i in range(2):
       x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=self.norm == 'none', dtype=self.dtype,
                   name=f'conv{i}')(x)
@@ -38,7 +37,6 @@ class UNet(nn.Module):
     norm: 'batch' (paper-era reimplementations), 'group' or 'none'.
     upsample: 'transpose' (2x2 stride-2 transposed conv, as the paper) or
       'bilinear' (bilinear resize then 1x1 conv halving the channels).
-    axis_name: pmap axis for cross-replica BatchNorm statistics in training.
     dtype: computation dtype (e.g. bfloat16); parameters stay float32.
   Any input size is accepted: it is zero-padded to a multiple of 2**depth and
   the logits are cropped back to the input size.
@@ -48,13 +46,12 @@ class UNet(nn.Module):
   depth: int = 4
   norm: str = 'batch'
   upsample: str = 'transpose'
-  axis_name: Optional[str] = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     x, (h, w) = layers.pad_to_multiple(x, 2 ** self.depth)
-    block = lambda feats, name: DoubleConv(feats, self.norm, train, self.axis_name, self.dtype, name=name)
+    block = lambda feats, name: DoubleConv(feats, self.norm, train, self.dtype, name=name)
     skips = []
     x = block(self.base_width, 'enc0')(x)
     for level in range(1, self.depth + 1):

@@ -1,6 +1,6 @@
 """Writes a folder dataset of photo-based image/mask pairs, for trying jaxseg on real-looking data.
 
-  python benchmarks/make_photo_folder.py DIR [--train 300] [--val 60] [--seed 0] [--force]
+  python tools/make_photo_folder.py DIR [--train 300] [--val 60] [--seed 0] [--force]
   python run.py --config=configs/unet.py --config.dataset.name=folder --config.dataset.path=DIR \
       --config.dataset.num_classes=4 --config.dataset.class_names="('background','horse','ball','box')"
 

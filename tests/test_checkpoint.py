@@ -1,0 +1,49 @@
+"""Checkpoints written by jaxseg 0.1 (pmap era: host numpy arrays) restore into today's layouts and predict the same."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxseg import checkpoint
+from jaxseg import sharding
+from jaxseg import state as state_lib
+from jaxseg.api import Segmenter, load_workdir_config
+from tests.helpers import load_checkpoint, max_abs_diff
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'pmap_era_checkpoint')
+
+
+@pytest.fixture()
+def old_workdir(tmp_path):
+  workdir = tmp_path / 'wd'
+  shutil.copytree(FIXTURE, workdir)
+  return str(workdir)
+
+
+def test_a_pmap_era_checkpoint_predicts_what_that_code_predicted(old_workdir):
+  """The logits the commit that wrote the checkpoint computed (stored beside it) come out of today's Segmenter."""
+  expected = np.load(os.path.join(old_workdir, 'expected_logits.npz'))
+  seg = Segmenter.from_workdir(old_workdir, checkpoint='latest')
+  assert seg.step == int(expected['step']) == 2
+  np.testing.assert_allclose(seg.predictor.scores(expected['image']), expected['logits'], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('mode, devices', [('replicated', 1), ('fsdp', 4)])
+def test_a_pmap_era_checkpoint_restores_on_any_mesh(old_workdir, mode, devices, monkeypatch):
+  """Restored as global arrays (fsdp: split over 4 devices), the values are the ones orbax reads from the files."""
+  monkeypatch.setattr(sharding, 'FSDP_MIN_SIZE', 64)  # Split even the tiny model's kernels.
+  config = load_workdir_config(old_workdir)
+  config.sharding = mode
+  setup = state_lib.build(config, 4, sharding.make_mesh(jax.devices()[:devices]))
+  state, step = checkpoint.restore_trained(config, old_workdir, setup.abstract_state, checkpoint='latest')
+  raw, raw_step = load_checkpoint(old_workdir)
+  assert step == raw_step == 2
+  assert max_abs_diff(jax.device_get(state.params), raw['params']) == 0.0
+  assert max_abs_diff(jax.device_get(state.batch_stats), raw['batch_stats']) == 0.0
+  assert int(state.step) == 2
+  kernels = [x for x in jax.tree.leaves(state.params) if x.ndim == 4 and x.size >= 64]
+  split = [x for x in kernels if not x.sharding.is_fully_replicated]
+  assert (len(split) > 0) == (mode == 'fsdp')
