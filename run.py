@@ -19,7 +19,7 @@ from jaxseg import cli
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (a get_config() Python file).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and metrics go. Default: workdirs/<config name>.')
-flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do.')
+flags.DEFINE_enum('mode', 'train', list(cli.RUN_MODES), 'What to do.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint eval/predict/export restore.')
 flags.DEFINE_string('input', None, 'predict: an image, a folder of images or a glob ("imgs/*.jpg").')
 flags.DEFINE_string('output', None, 'predict: folder for masks and overlays (default WORKDIR/predictions); '

@@ -305,7 +305,7 @@ def run_benchmark(config, settings: dict, loop_args: list[str]) -> dict:
     raise ValueError(f'--loop_steps={s["loop_steps"]} must cover at least two log intervals of '
                      f'config.log_every_steps={config.log_every_steps}')
   pipeline.hide_accelerators_from_tf()
-  config_utils.check_batch(config, jax.device_count(), jax.process_count())
+  config_utils.check_batch(config, jax.device_count())
   load_start = _loadavg()
   spec, builder = datasets.open_dataset(config.dataset)
   batch_size = config.batch_size

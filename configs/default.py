@@ -20,6 +20,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.depth = 4              # Number of down-steps (the paper: 4). Inputs are padded to a multiple of 2**depth.
   config.model.norm = 'batch'         # 'batch' (cross-replica BatchNorm), 'group' or 'none'.
   config.model.upsample = 'transpose'  # 'transpose' (2x2 stride-2 up-conv, as the paper) or 'bilinear'.
+  config.model.encoder = placeholder(str)  # None: the UNet above. 'resnet18', 'resnet34', 'resnet50' or 'resnet101': UNet on that encoder with smp's decoder (base_width, depth, norm, upsample then unused; inputs padded to a multiple of 32).
+  config.model.encoder_weights = placeholder(str)  # Path of a torchvision/timm state dict (.safetensors; .pth/.pt with torch installed) that the encoder starts from; None: random init. Checked wherever the model is built; its values are the initial encoder when training starts from scratch. README "Pretrained encoders".
+  # Input contract, read by models with a pretrained encoder (not a field of unet/fcn, which reject it, so not set here):
+  config.model.in_channels = 3        # Channels of the input images. A pretrained RGB first convolution is adapted to it (jaxseg.finetune.adapt_first_conv: 1 = sum of R, G, B; 4+ = RGB repeated, x 3/in_channels). The data pipeline is RGB only today, so only 3 is accepted.
+  config.model.input_mean = placeholder(tuple)  # Per-channel mean (0-255 units) subtracted from the images; None: ImageNet's, which torchvision/timm weights expect.
+  config.model.input_std = placeholder(tuple)   # Per-channel standard deviation (0-255 units) the images are divided by; None: ImageNet's.
+
+  # ---- Fine-tuning a model with a pretrained encoder (its submodule 'encoder'; see jaxseg/finetune.py). ----
+  # Training controls, not the model: changing them between runs keeps the state's layout (a checkpoint of a frozen
+  # stage resumes unfrozen) and eval/predict/export do not compare them. Other than the defaults, they need a model
+  # with an encoder.
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.encoder_lr_multiplier = 1.0  # The encoder's learning rate is this x the schedule's (e.g. 0.1); the same optimiser, weight decay included.
+  config.finetune.freeze_encoder = False  # True: the encoder's parameters never move (no update, no weight decay; their gradients are not computed).
+  config.finetune.freeze_encoder_steps = 0  # N > 0: the encoder is frozen for the first N optimiser updates, then trains with fresh momentum/Adam moments at the schedule's learning rate of step N. 0: not frozen. Not with freeze_encoder.
+  config.finetune.freeze_encoder_batch_stats = False  # True: the encoder's BatchNorm statistics stay as loaded and it normalises with them in training too (frozen_bn; for small batches). Independent of freeze_encoder.
 
   # ---- Data (see jaxseg/data/datasets.py for the registry). ----
   config.dataset = ml_collections.ConfigDict()
@@ -68,11 +84,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Optimiser (see jaxseg/optim.py). ----
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'sgd'       # Only SGD with momentum, as the papers.
-  config.optimizer.learning_rate = 0.05  # Peak learning rate for the global batch.
-  config.optimizer.momentum = 0.9     # SGD momentum (0 disables it).
-  config.optimizer.nesterov = False   # Nesterov momentum.
-  config.optimizer.weight_decay = 1e-4  # L2 on kernels (not biases or norm scales).
+  config.optimizer.name = 'sgd'       # 'sgd' (with momentum, as the papers) or 'adamw' (Adam with decoupled weight decay; often better from scratch).
+  config.optimizer.learning_rate = 0.05  # Peak learning rate for the global batch (SGD; AdamW wants ~1e-3).
+  config.optimizer.momentum = 0.9     # SGD momentum (0 disables it). Ignored by adamw.
+  config.optimizer.nesterov = False   # SGD: Nesterov momentum. Ignored by adamw.
+  config.optimizer.b1 = 0.9           # AdamW: decay of the first-moment (mean) estimate, in [0, 1). Ignored by sgd.
+  config.optimizer.b2 = 0.999         # AdamW: decay of the second-moment estimate, in [0, 1). Ignored by sgd.
+  config.optimizer.eps = 1e-8         # AdamW: added to the root of the second moment, > 0. Ignored by sgd.
+  config.optimizer.weight_decay = 1e-4  # Kernels only (not biases or norm scales). SGD: L2 added to the gradient. AdamW: decoupled, param -= lr * weight_decay * param (typical 0.01-0.05).
   config.optimizer.schedule = 'cosine'  # 'constant', 'cosine' or 'poly'.
   config.optimizer.warmup_steps = 100  # Linear warmup from 0 over this many steps.
   config.optimizer.end_learning_rate = 0.0  # Learning rate at the end of the decay.
@@ -88,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500  # Save a checkpoint every N steps and at the end.
   config.keep_checkpoints = 2         # Keep the last K checkpoints (plus the best by validation mean IoU).
   config.half_precision = False       # Compute in bfloat16 with float32 parameters and loss.
+  config.ema_decay = 0.0              # Exponential moving average of the weights (and BatchNorm statistics), e.g. 0.999; evaluation, predict, the API and export use it. 0 = off. Decay warms up as min(ema_decay, (1 + step) / (10 + step)).
   config.sharding = 'replicated'      # Train state layout over the devices: 'replicated', or 'fsdp' (each large parameter/optimiser array split over all devices; for models too big for one device).
   config.on_nonfinite_loss = 'stop'   # A NaN/inf loss: 'stop' with an error naming the step, or 'skip' that update.
   config.cpu_devices = 0               # run.py on a CPU-only host: JAX devices the cores form (data-parallel, a thread each); 0 = one per core that divides the batches, 1 = one.

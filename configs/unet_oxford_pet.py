@@ -21,7 +21,7 @@ def get_config():
   config.input.crop_size = (256, 256)
   config.input.scale_range = (0.5, 2.0)
   config.input.photometric = True     # Colour jitter: pets come in every coat colour and lighting.
-  config.input.eval_size = (512, 512)  # Holds most test photos (~500x375) at full size; larger ones are shrunk to fit.
+  config.input.eval_size = (512, 512)  # Holds most test photos (~500x375) in one frame; larger ones are segmented at full size by a sliding window.
 
   config.optimizer.learning_rate = 0.01  # mmsegmentation's SGD rate for batch 16.
   config.optimizer.schedule = 'poly'  # Polynomial decay (power 0.9), the usual segmentation schedule.

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxseg import image_io
 from jaxseg import inference
 from jaxseg import viz
 from jaxseg.errors import CheckpointError
@@ -36,11 +37,10 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _read(image: ImageLike) -> np.ndarray:
   if isinstance(image, (str, os.PathLike)):
-    from jaxseg.data import folder  # pylint: disable=g-import-not-at-top
-    return folder.read_image(os.fspath(image))
+    return image_io.read_image(os.fspath(image))
   if isinstance(image, Image.Image):
     return np.asarray(image.convert('RGB'))
-  return inference.check_image(image)
+  return image_io.to_rgb_uint8(image)
 
 
 class Segmenter:

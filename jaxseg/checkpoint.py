@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxseg import finetune
 from jaxseg.errors import CheckpointError, ConfigError
 
 log = logging.getLogger('jaxseg')
@@ -153,21 +154,39 @@ class Checkpoints:
     self._manager.close()
 
 
+def _state_layout(config: dict) -> dict:
+  """The config values besides the model that shape the saved state: the optimiser and whether EMA is kept."""
+  return {'optimizer.name': (config.get('optimizer') or {}).get('name', 'sgd'),
+          'ema_decay > 0': float(config.get('ema_decay') or 0.0) > 0}
+
+
 def check_model_matches_workdir(config, workdir: str) -> None:
-  """Fails clearly when the config's model differs from the one trained in `workdir` (its config.json)."""
+  """Fails clearly when the config's model (or state layout) differs from the one trained in `workdir`."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
   try:
     with open(path, encoding='utf-8') as f:
-      saved = json.load(f).get('model')
+      saved_config = json.load(f)
   except (OSError, ValueError):
     return
+  saved = saved_config.get('model')
   current = json.loads(config.model.to_json_best_effort())
-  if saved is None or saved == current:
+  # Where the initial weights came from does not change the trained model (and the file is not needed).
+  for fields in (saved, current):
+    if fields is not None:
+      fields.pop('encoder_weights', None)
+  if saved is not None:  # Input-contract fields a config may leave out (in_channels: 3) compare as their defaults.
+    saved, current = ({**finetune.MODEL_INPUT_DEFAULTS, **saved}, {**finetune.MODEL_INPUT_DEFAULTS, **current})
+  diffs = []
+  if saved is not None and saved != current:
+    diffs = [f'model.{k}: {current.get(k)!r} here, {saved.get(k)!r} in training'
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  saved_layout, layout = _state_layout(saved_config), _state_layout(config)
+  diffs += [f'{k}: {layout[k]!r} here, {saved_layout[k]!r} in training' for k in layout
+            if layout[k] != saved_layout[k]]
+  if not diffs:
     return
-  diffs = [f'model.{k}: {current.get(k)!r} here, {saved.get(k)!r} in training'
-           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
   raise ConfigError(f'the config describes another model than the one trained in {workdir} ({path}): '
                     + '; '.join(diffs) + '. Pass the same --config (and overrides) as for training.')
 

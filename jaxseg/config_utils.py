@@ -40,16 +40,28 @@ def validate(config) -> None:
                       f'got {cache_dir!r}')
   if config.optimizer.learning_rate <= 0:
     raise ConfigError(f'config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}')
+  from jaxseg import optim  # pylint: disable=g-import-not-at-top
+  optim.check_config(config.optimizer, config.num_train_steps)
+  from jaxseg import finetune  # pylint: disable=g-import-not-at-top
+  finetune.settings(config)
+  in_channels = finetune.in_channels_of(config.model)
+  if in_channels != 3:
+    raise ConfigError(f'config.model.in_channels={in_channels}: the data pipeline, the inference and the export '
+                      f'read RGB images (3 channels) only; use 3')
+  finetune.input_statistics(config.model)
+  ema_decay = config.get('ema_decay', 0.0)
+  if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+    raise ConfigError(f'config.ema_decay must be a number in [0, 1) (0: no moving average; e.g. 0.999), '
+                      f'got {ema_decay!r}')
 
 
-def check_batch(config, device_count: int, process_count: int) -> None:
-  """The global batches must split evenly over all devices."""
+def check_batch(config, device_count: int) -> None:
+  """The global batches must split evenly over all devices (so over the processes too: each has as many)."""
   for field in ('batch_size', 'eval_batch_size'):
     value = config[field]
     if value % device_count:
       raise ConfigError(f'config.{field}={value} is not divisible by the number of devices ({device_count}); '
                         f'use a multiple of {device_count}')
-  del process_count  # Devices per process are equal, so divisibility by devices covers processes.
 
 
 def prepare_workdir(workdir: str, config, *, write: bool) -> None:

@@ -11,3 +11,7 @@ class DataError(ValueError):
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be saved or restored; the message names the path."""
+
+
+class WeightsError(CheckpointError):
+  """A pretrained-weights file cannot be read or does not fit the model; the message names the file (and key)."""

@@ -12,7 +12,6 @@ size.
 import collections
 import dataclasses
 import functools
-import io
 import logging
 import os
 import sys
@@ -21,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import compilation_cache
@@ -35,21 +33,23 @@ from jaxseg import viz
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg import state as state_lib
-from jaxseg.state import TrainState, normalize_images, variables_of
+from jaxseg.models import normalize_images
+from jaxseg.state import TrainState, inference_variables
 
 log = logging.getLogger('jaxseg')
 
 
-def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label: int, dtype) -> tuple[dict, jax.Array]:
+def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label: int, dtype,
+              input_stats: tuple) -> tuple[dict, jax.Array]:
   """Confusion matrix and cross-entropy sums of a global batch, and its predictions.
 
   Returns:
     ({'confusion' [K, K], 'ce_sum', 'weight_sum'} over the whole batch,
      predictions uint8 [B, H, W], batch-sharded: fetched only for the few images shown in TensorBoard).
   """
-  images = normalize_images(batch['image'], dtype)
+  images = normalize_images(batch['image'], dtype, *input_stats)
   labels = batch['label'].astype(jnp.int32)
-  logits = state.apply_fn(variables_of(state), images, train=False)
+  logits = state.apply_fn(inference_variables(state), images, train=False)
   ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label)
   preds = jnp.argmax(logits, axis=-1)
   sums = {'confusion': metrics_lib.confusion_matrix(labels, preds, num_classes, ignore_label),
@@ -64,6 +64,9 @@ EXAMPLES_KEY = '_examples'
 class Evaluator:
   """Evaluates a train state on the evaluation split; built (and compiled) once per run.
 
+  The weights are `state.inference_variables(state)`: the moving averages when
+  training keeps them (config.ema_decay > 0), else the live ones.
+
   Examples that fit input.eval_size are scored in global batches by the
   jitted eval step. Larger examples are segmented at full resolution by the
   inference Predictor (on this process's devices, the one --mode=predict
@@ -76,29 +79,30 @@ class Evaluator:
     self._spec, self._setup = spec, setup
     batch = sharding.batch_sharding(setup.mesh)
     self._step = jax.jit(
-        functools.partial(eval_step, num_classes=spec.num_classes, ignore_label=spec.ignore_label, dtype=setup.dtype),
+        functools.partial(eval_step, num_classes=spec.num_classes, ignore_label=spec.ignore_label, dtype=setup.dtype,
+                          input_stats=setup.input_stats),
         in_shardings=(setup.state_sharding, {'image': batch, 'label': batch}),
         out_shardings=(sharding.replicated(setup.mesh), batch))
     options = dataclasses.replace(inference_lib.options_from_config(config), flip=False, scales=(1.0,))
-    self._predictor = inference_lib.Predictor(setup.model, None, spec.num_classes, options, dtype=setup.dtype)
+    self._predictor = inference_lib.Predictor(setup.model, None, spec.num_classes, options, dtype=setup.dtype,
+                                              input_stats=setup.input_stats)
 
-  def run(self, state: TrainState, eval_ds, *, num_examples: int = 3) -> dict:
-    """Host metrics of `state` on this process's eval batches (see pipeline.eval_dataset).
+  def run(self, state: TrainState, eval_data: pipeline.EvalData, *, num_examples: int = 3) -> dict:
+    """Host metrics of `state` on this process's share of the evaluation split (pipeline.eval_dataset).
 
     The result also holds, under EXAMPLES_KEY, up to `num_examples` (image,
     label, prediction) triples of the first batches for log_eval's pictures.
     """
     totals = None
     examples = []
-    full_size = []  # (PNG image, PNG label) of the examples larger than eval_size.
-    for batch in pipeline.as_numpy(eval_ds):
-      full_size.extend((i, l) for i, l in zip(batch.pop('full_image'), batch.pop('full_label')) if len(i))
+    for batch in pipeline.as_numpy(eval_data.batches):
       sums, preds = self._step(state, sharding.global_batch(batch, self._setup.mesh))
       if len(examples) < num_examples:
         examples.extend(_examples_of(batch, preds, self._spec.ignore_label, num_examples - len(examples)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = {k: np.asarray(v) for k, v in jax.device_get(totals).items()}
-    extra = self._full_size_sums(state, full_size)
+    totals = {k: np.asarray(v, np.float64 if k != 'confusion' else np.int64)
+              for k, v in jax.device_get(totals).items()}
+    extra = self._large_example_sums(state, eval_data.large)
     totals = {k: v + extra[k] for k, v in totals.items()}
     result = metrics_lib.metrics_from_confusion(totals['confusion'], self._spec.class_names)
     result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
@@ -106,38 +110,70 @@ class Evaluator:
     result[EXAMPLES_KEY] = examples
     return result
 
-  def _full_size_sums(self, state: TrainState, encoded: list) -> dict:
-    """Confusion and cross-entropy sums of the large examples of every process (a collective: all call it)."""
-    k = self._spec.num_classes
-    sums = {'confusion': np.zeros((k, k), np.int64), 'ce_sum': np.zeros((), np.float64),
-            'weight_sum': np.zeros((), np.float64)}
-    any_large = encoded
+  def _large_example_sums(self, state: TrainState, large) -> dict:
+    """Sums over the examples larger than eval_size of every process (a collective: all processes call it)."""
+    sums = FullSizeSums(self._spec)
+    any_large = next(pipeline.as_numpy(large.take(1)), None) is not None  # Read from the cache: cheap.
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      any_large = bool(np.any(multihost_utils.process_allgather(np.array(bool(encoded)))))
+      any_large = bool(np.any(multihost_utils.process_allgather(np.array(any_large))))
     if not any_large:
-      return sums
-    # Every process takes a full copy of the variables (a gather under fsdp), even one without large examples.
-    predictor = self._predictor.with_variables(sharding.fetch_replicated(variables_of(state), self._setup.mesh))
-    if encoded:
-      decode = lambda data: np.asarray(Image.open(io.BytesIO(data)))
-      images = (decode(image) for image, _ in encoded)
-      for (_, label_png), logits in zip(encoded, predictor.iter_scores(images)):
-        label = decode(label_png)
-        sums['confusion'] += numpy_confusion(label, logits.argmax(-1), k, self._spec.ignore_label)
-        valid = label != self._spec.ignore_label
-        log_probs = logits[valid] - _logsumexp(logits[valid])
-        sums['ce_sum'] -= np.take_along_axis(log_probs, label[valid].astype(np.int64)[:, None], 1).sum()
-        sums['weight_sum'] += valid.sum()
+      return sums.totals()
+    # Every process takes a full copy of the variables (a gather under fsdp), with large examples or not.
+    predictor = self._predictor.with_variables(sharding.fetch_replicated(inference_variables(state), self._setup.mesh))
+    labels = collections.deque()
+
+    def images():
+      for example in pipeline.as_numpy(large):
+        labels.append(example['label'])
+        yield example['image']
+
+    for logits in predictor.iter_scores(images()):
+      sums.add(logits, labels.popleft())
+    return sums.totals()
+
+
+class FullSizeSums:
+  """Confusion matrix and cross-entropy sums of images scored one by one at their own size, over all processes.
+
+  The figures come from metrics.confusion_matrix and losses.cross_entropy_sums
+  (the eval step's own functions), jitted on the image padded with the ignore
+  label to a multiple of PAD_MULTIPLE: a few compiled shapes for any mix of
+  image sizes, and the padding counts nowhere.
+  """
+  PAD_MULTIPLE = 64
+
+  def __init__(self, spec: datasets.DatasetSpec):
+    self._spec = spec
+    k = spec.num_classes
+    self._sums = {'confusion': np.zeros((k, k), np.int64), 'ce_sum': np.zeros((), np.float64),
+                  'weight_sum': np.zeros((), np.float64)}
+
+  def add(self, scores: np.ndarray, label: np.ndarray) -> None:
+    """scores: float32 [H, W, K] (logits, or TTA's mean probabilities: their log is used); label: [H, W]."""
+    h, w = label.shape
+    m = self.PAD_MULTIPLE
+    ph, pw = -h % m, -w % m
+    label = np.pad(np.asarray(label, np.int32), ((0, ph), (0, pw)), constant_values=self._spec.ignore_label)
+    scores = np.pad(np.asarray(scores, np.float32), ((0, ph), (0, pw), (0, 0)))
+    sums = _image_sums(scores, label, num_classes=self._spec.num_classes, ignore_label=self._spec.ignore_label)
+    for key, value in jax.device_get(sums).items():
+      self._sums[key] = self._sums[key] + value
+
+  def totals(self) -> dict:
+    """The sums over every process (all processes must call it)."""
     if jax.process_count() == 1:
-      return sums
+      return dict(self._sums)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return {key: np.asarray(multihost_utils.process_allgather(v)).sum(axis=0) for key, v in sums.items()}
+    return {key: np.asarray(multihost_utils.process_allgather(v)).sum(axis=0) for key, v in self._sums.items()}
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-  m = x.max(axis=-1, keepdims=True)
-  return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+@functools.partial(jax.jit, static_argnames=('num_classes', 'ignore_label'))
+def _image_sums(logits, labels, *, num_classes: int, ignore_label: int) -> dict:
+  ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label)
+  preds = jnp.argmax(logits, axis=-1)
+  return {'confusion': metrics_lib.confusion_matrix(labels, preds, num_classes, ignore_label),
+          'ce_sum': ce_sum, 'weight_sum': weight_sum}
 
 
 def _examples_of(batch: dict, preds: jax.Array, ignore_label: int, limit: int) -> list:
@@ -207,28 +243,17 @@ def evaluate_with_predictor(predictor, builder, spec: datasets.DatasetSpec, *, s
       labels.append(label)
       yield image
 
-  k = spec.num_classes
-  confusion = np.zeros((k, k), np.int64)
+  sums = FullSizeSums(spec)
   with tqdm.tqdm(total=count, desc='Evaluating (' + predictor.options.describe() + ')', unit='img',
                  file=sys.stderr, disable=not show_progress or jax.process_index() != 0) as bar:
-    for mask in predictor.iter_masks(images()):
-      confusion += numpy_confusion(labels.popleft(), mask, k, spec.ignore_label)
+    for scores in predictor.iter_scores(images()):
+      sums.add(scores if not predictor.options.uses_tta else np.log(np.maximum(scores, 1e-30)), labels.popleft())
       bar.update(1)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)
-  result = metrics_lib.metrics_from_confusion(confusion, spec.class_names)
-  result['confusion_matrix'] = confusion.tolist()
+  totals = sums.totals()
+  result = metrics_lib.metrics_from_confusion(totals['confusion'], spec.class_names)
+  result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
+  result['confusion_matrix'] = totals['confusion'].tolist()
   return result
-
-
-def numpy_confusion(label: np.ndarray, pred: np.ndarray, num_classes: int, ignore_label: int) -> np.ndarray:
-  """[K, K] int64 counts (rows ground truth, columns prediction) of one image, ignored pixels left out."""
-  label = np.asarray(label).astype(np.int64).reshape(-1)
-  pred = np.asarray(pred).astype(np.int64).reshape(-1)
-  valid = label != ignore_label
-  index = label[valid] * num_classes + pred[valid]
-  return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best') -> dict:
@@ -246,24 +271,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(workdir)
   is_primary = jax.process_index() == 0
-  config_utils.check_batch(config, jax.device_count(), jax.process_count())
+  config_utils.check_batch(config, jax.device_count())
   options = inference_lib.options_from_config(config)  # Checked before any work.
   spec, builder = datasets.open_dataset(config.dataset)
   setup = state_lib.build(config, spec.num_classes, sharding.make_mesh())
   state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
   log.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, os.path.join(workdir, 'checkpoints'))
-  eval_ds, _ = pipeline.eval_dataset(
+  eval_data = pipeline.eval_dataset(
       builder, spec, config.input, global_batch=config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), cache=False)
-  result = Evaluator(config, spec, setup).run(state, eval_ds)
+      process_count=jax.process_count())
+  result = Evaluator(config, spec, setup).run(state, eval_data)
   result['checkpoint_step'] = step
   writer = reporting.MetricWriter(workdir, enabled=is_primary)
   log_eval(writer, step, result, spec, is_primary, include_confusion=True)
 
   if options.uses_tta or options.mode != 'auto':
-    variables = sharding.fetch_replicated(variables_of(state), setup.mesh)
+    variables = sharding.fetch_replicated(inference_variables(state), setup.mesh)
     del state  # The predictor holds its own copy.
-    predictor = inference_lib.Predictor(setup.model, variables, spec.num_classes, options, dtype=setup.dtype)
+    predictor = inference_lib.Predictor(setup.model, variables, spec.num_classes, options, dtype=setup.dtype,
+                                        input_stats=setup.input_stats)
     extra = evaluate_with_predictor(predictor, builder, spec)
     extra['settings'] = options.describe()
     extra['checkpoint_step'] = step

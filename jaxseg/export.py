@@ -37,12 +37,12 @@ SAVED_MODEL_DIR = 'saved_model'
 ALL_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
-def serving_function(model, variables: dict, dtype):
+def serving_function(model, variables: dict, dtype, input_stats=None):
   """uint8 [B, H, W, 3] -> {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]}, weights closed over."""
   from jaxseg import inference  # pylint: disable=g-import-not-at-top
 
   def serve(images):
-    logits = inference.forward(model, variables, images, dtype)
+    logits = inference.forward(model, variables, images, dtype, input_stats)
     return {'logits': logits, 'mask': jnp.argmax(logits, axis=-1).astype(jnp.int32)}
 
   return serve
@@ -97,7 +97,6 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   from jaxseg import sharding  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg import viz  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import augment  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   from jaxseg.data import pipeline  # pylint: disable=g-import-not-at-top
   config_utils.validate(config)
@@ -110,8 +109,8 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   setup = state_lib.build(config, spec.num_classes, sharding.make_mesh(jax.local_devices()[:1]),
                           sharding='replicated')
   state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
-  variables = jax.device_get(state_lib.variables_of(state))
-  fn = serving_function(setup.model, variables, setup.dtype)
+  variables = jax.device_get(state_lib.inference_variables(state))
+  fn = serving_function(setup.model, variables, setup.dtype, setup.input_stats)
   exported, multiple, shape_spec = export_function(fn, _size_multiples(config.model))
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, MODEL_FILE), 'wb') as f:
@@ -139,7 +138,7 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
                   'any height and width'},
       'outputs': {'logits': {'dtype': 'float32', 'shape': ['batch', 'height', 'width', k]},
                   'mask': {'dtype': 'int32', 'shape': ['batch', 'height', 'width']}},
-      'normalization': {'mean': list(augment.IMAGENET_MEAN), 'std': list(augment.IMAGENET_STD),
+      'normalization': {'mean': list(setup.input_stats[0]), 'std': list(setup.input_stats[1]),
                         'applied_inside': True},
       'num_classes': k, 'class_names': list(spec.class_names), 'ignore_label': spec.ignore_label,
       'palette': viz.palette_for(spec.name, k).tolist(), 'dataset': spec.name,

@@ -42,6 +42,8 @@ from PIL import Image
 from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import compilation_cache
 from jaxseg import config_utils
+from jaxseg import image_io
+from jaxseg import models
 from jaxseg import sharding
 from jaxseg import state as state_lib
 from jaxseg import viz
@@ -51,7 +53,7 @@ from jaxseg.errors import ConfigError, DataError
 log = logging.getLogger('jaxseg')
 
 
-MODES = ('auto', 'whole', 'slide')
+SEGMENTATION_MODES = ('auto', 'whole', 'slide')  # config.inference.mode.
 OPTION_FIELDS = ('mode', 'window', 'stride', 'flip', 'scales', 'batch_size', 'size_multiple')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
@@ -111,8 +113,8 @@ def options_from_config(config, **overrides) -> InferenceOptions:
   section.update({k: v for k, v in overrides.items() if v is not None})
   get = lambda key, default: default if section.get(key) is None else section[key]
   mode = get('mode', 'auto')
-  if mode not in MODES:
-    raise ConfigError(f'config.inference.mode must be one of {MODES}, got {mode!r}')
+  if mode not in SEGMENTATION_MODES:
+    raise ConfigError(f'config.inference.mode must be one of {SEGMENTATION_MODES}, got {mode!r}')
   window = _pair(get('window', tuple(config.input.crop_size)), 'window')
   stride = _pair(get('stride', tuple(max(1, (2 * w) // 3) for w in window)), 'stride')
   if any(s > w for s, w in zip(stride, window)):
@@ -201,9 +203,10 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def forward(model, variables: dict, images: jnp.ndarray, dtype) -> jnp.ndarray:
-  """uint8 images [N, H, W, 3] -> float32 logits [N, H, W, K] (normalisation on the device)."""
-  logits = model.apply(variables, state_lib.normalize_images(images, dtype), train=False)
+def forward(model, variables: dict, images: jnp.ndarray, dtype, input_stats: Optional[tuple] = None) -> jnp.ndarray:
+  """uint8 images [N, H, W, C] -> float32 logits [N, H, W, K] (normalised on the device: input_stats = (mean,
+  std), None for ImageNet's)."""
+  logits = model.apply(variables, models.normalize_images(images, dtype, *(input_stats or ())), train=False)
   return logits.astype(jnp.float32)
 
 
@@ -270,10 +273,11 @@ class Predictor:
     options: InferenceOptions.
     dtype: compute dtype (bfloat16 with half precision).
     devices: the devices to run on (default: this process's local devices).
+    input_stats: (mean, std) per channel that images are normalised with (None: ImageNet's).
   """
 
   def __init__(self, model, variables: Optional[dict], num_classes: int, options: InferenceOptions, *,
-               dtype=jnp.float32, devices: Optional[Sequence[Any]] = None):
+               dtype=jnp.float32, devices: Optional[Sequence[Any]] = None, input_stats: Optional[tuple] = None):
     self.model = model
     self.num_classes = num_classes
     self.options = options
@@ -285,7 +289,7 @@ class Predictor:
     self.batch_size = self.per_device * n
     self._variables = None if variables is None else self._place(variables)
     tiles = sharding.batch_sharding(self._mesh)
-    self._forward = jax.jit(functools.partial(forward, model, dtype=dtype),
+    self._forward = jax.jit(functools.partial(forward, model, dtype=dtype, input_stats=input_stats),
                             in_shardings=(sharding.replicated(self._mesh), tiles), out_shardings=tiles)
 
   def _place(self, variables: dict) -> dict:
@@ -374,7 +378,7 @@ class Predictor:
     max_images = chunk or self.batch_size
     views, count, tiles = [], 0, 0
     for image in images:
-      new = self._views_of(count, check_image(image))
+      new = self._views_of(count, image_io.to_rgb_uint8(image))
       views += new
       count += 1
       tiles += sum(len(v.starts) for v in new)
@@ -396,16 +400,6 @@ class Predictor:
     return next(self.iter_masks([image]))
 
 
-def check_image(image) -> np.ndarray:
-  """Any RGB/RGBA/grey array -> uint8 [H, W, 3]; floats in [0, 1] are taken as 0-1 intensities."""
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    if np.issubdtype(image.dtype, np.floating) and image.size and float(np.nanmax(image)) <= 1.0:
-      image = image * 255.0
-    image = np.clip(np.round(np.nan_to_num(image)), 0, 255).astype(np.uint8)
-  return viz.as_rgb(image)
-
-
 # ---------------------------------------------------------------------------
 # Restoring a trained model.
 # ---------------------------------------------------------------------------
@@ -424,7 +418,8 @@ def load_predictor(config, workdir: str, *, checkpoint: str = 'best', **override
   # Each process restores a full copy onto its own devices: prediction runs without collectives.
   setup = state_lib.build(config, spec.num_classes, sharding.make_mesh(jax.local_devices()), sharding='replicated')
   state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
-  predictor = Predictor(setup.model, state_lib.variables_of(state), spec.num_classes, options, dtype=setup.dtype)
+  predictor = Predictor(setup.model, state_lib.inference_variables(state), spec.num_classes, options, dtype=setup.dtype,
+                        input_stats=setup.input_stats)
   return predictor, spec, step
 
 
@@ -483,7 +478,6 @@ def predict(config, workdir: str, input_path: str, output_dir: Optional[str] = N
   Returns:
     {'written': [output mask paths], 'skipped': [input paths], 'step': checkpoint step}.
   """
-  from jaxseg.data import folder  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   output_dir = os.path.abspath(output_dir or os.path.join(workdir, 'predictions'))
@@ -524,7 +518,7 @@ def predict(config, workdir: str, input_path: str, output_dir: Optional[str] = N
     def images():
       for p in mine:
         try:
-          image = folder.read_image(p)
+          image = image_io.read_image(p)
         except DataError as e:
           log.warning('Skipping %s: %s', p, e)
           skipped.append(p)
@@ -536,7 +530,7 @@ def predict(config, workdir: str, input_path: str, output_dir: Optional[str] = N
     for mask in predictor.iter_masks(images()):
       p, image = decoded.popleft()
       stem = os.path.join(output_dir, names[p])
-      viz.indexed_png(mask, palette).save(stem + '.png')
+      image_io.mask_to_png(mask, palette).save(stem + '.png')
       Image.fromarray(viz.overlay(image, mask, palette, alpha=alpha, skip_classes=skip,
                                   ignore_label=spec.ignore_label)).save(stem + '_overlay.png')
       written.append(stem + '.png')

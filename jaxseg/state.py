@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import optax
 
+from jaxseg import finetune
 from jaxseg import models
 from jaxseg import optim
 from jaxseg import sharding as sharding_lib
-from jaxseg.data import augment
+from jaxseg.errors import ConfigError
 
 
 class TrainState(train_state.TrainState):
@@ -30,22 +31,65 @@ class TrainState(train_state.TrainState):
   first_nonfinite_step: jnp.ndarray  # int32: step of the first such update, -1 if none.
 
 
+class EmaTrainState(TrainState):
+  """A TrainState that also keeps an exponential moving average of the weights (config.ema_decay > 0).
+
+  A subclass rather than fields that are empty when EMA is off: a checkpoint's
+  tree must match the state's exactly, so without EMA the state (and its
+  checkpoints) keep TrainState's layout, and those written before EMA existed
+  still restore.
+
+  The average covers the BatchNorm running statistics too (as timm's
+  ModelEmaV2, which averages the whole state_dict, and TF's EfficientNet
+  recipes do): statistics are a function of the weights that produced the
+  activations, so the averaged weights are evaluated with statistics averaged
+  over the same window rather than with the live ones, which follow only the
+  last ~10 steps' weights (momentum 0.9) and would tie the evaluation back to
+  the noise the average removes.
+  """
+  ema_params: Any  # Same tree, shapes and shardings as params.
+  ema_batch_stats: Any  # Same tree as batch_stats ({} for models without BatchNorm).
+
+
 def compute_dtype(config) -> Any:
   return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
 def build_model(config, num_classes: int) -> nn.Module:
-  return models.create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config))
+  """The module of config.model; with config.finetune.freeze_encoder_batch_stats, built with frozen_bn=True.
+
+  Frozen encoder statistics have two sides: the train step keeps
+  batch_stats['encoder'] as it was (train.train_step), and the encoder
+  normalises with those running averages in training too, which a model with
+  a pretrained encoder does when its `frozen_bn` field is True (it passes it
+  to its encoder's BatchNorm layers as use_running_average). Both read the one
+  field; a model without `frozen_bn` cannot freeze them.
+  """
+  model = models.create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config))
+  if finetune.settings(config).freeze_encoder_batch_stats:
+    if 'frozen_bn' not in {f.name for f in dataclasses.fields(model)}:
+      raise ConfigError(f'config.finetune.freeze_encoder_batch_stats=True, but model {config.model.name!r} cannot '
+                        f'normalise its encoder with frozen statistics (it has no frozen_bn field)')
+    model = model.clone(frozen_bn=True)
+  return model
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: tuple[int, ...]) -> TrainState:
-  """The initial state: the model initialised on one dummy image [1, *image_shape]."""
+                       image_shape: tuple[int, ...], *, ema: bool = False) -> TrainState:
+  """The initial state: the model initialised on one dummy image [1, *image_shape].
+
+  With `ema`, an EmaTrainState whose averages start at the initial weights.
+  """
   variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
-                            batch_stats=variables.get('batch_stats', {}), tx=tx,
-                            skipped_updates=jnp.zeros((), jnp.int32),
-                            first_nonfinite_step=-jnp.ones((), jnp.int32))
+  batch_stats = variables.get('batch_stats', {})
+  extra = {}
+  if ema:
+    # Copies: the averages are arrays of their own (the state is donated leaf by leaf).
+    extra = {'ema_params': jax.tree.map(jnp.copy, variables['params']),
+             'ema_batch_stats': jax.tree.map(jnp.copy, batch_stats)}
+  state = (EmaTrainState if ema else TrainState).create(
+      apply_fn=model.apply, params=variables['params'], batch_stats=batch_stats, tx=tx,
+      skipped_updates=jnp.zeros((), jnp.int32), first_nonfinite_step=-jnp.ones((), jnp.int32), **extra)
   # A strongly typed step (TrainState.create's Python 0 would trace weakly typed): a fresh state and one
   # restored from a checkpoint then trace to the same train step, which compiles once and hits the cache.
   return state.replace(step=jnp.zeros((), jnp.int32))
@@ -63,6 +107,7 @@ class Setup:
     abstract_state: the TrainState as jax.ShapeDtypeStructs carrying their shardings.
     state_sharding: a NamedSharding per leaf of the state.
     dtype: the compute dtype.
+    input_stats: (mean, std) per input channel, 0-255 units: how the steps normalise images.
   """
   model: nn.Module
   learning_rate_fn: optax.Schedule
@@ -71,48 +116,81 @@ class Setup:
   abstract_state: TrainState
   state_sharding: Any
   dtype: Any
+  input_stats: tuple
   _create: Callable[[], TrainState] = dataclasses.field(repr=False)
+  _model_config: Any = dataclasses.field(repr=False)
 
   def init_state(self) -> TrainState:
-    """The initial state, computed in its sharded layout (no device ever holds a replicated copy under fsdp)."""
-    return jax.jit(self._create, out_shardings=self.state_sharding)()
+    """The initial state, computed in its sharded layout (no device ever holds a replicated copy under fsdp).
+
+    With config.model.encoder_weights, the encoder's variables (and their averages under EMA) are the
+    file's, read on the host and placed in the state's layout; a WeightsError names a file that does not fit.
+    """
+    state = jax.jit(self._create, out_shardings=self.state_sharding)()
+    if not self._model_config.get('encoder_weights'):
+      return state
+    loaded = models.load_pretrained(self._model_config, {'params': state.params, 'batch_stats': state.batch_stats})
+    changes = {'params': loaded['params'], 'batch_stats': loaded['batch_stats']}
+    if isinstance(state, EmaTrainState):
+      changes.update(ema_params=loaded['params'], ema_batch_stats=loaded['batch_stats'])
+    names = list(changes)
+    placed = jax.device_put([changes[n] for n in names], [getattr(self.state_sharding, n) for n in names])
+    return state.replace(**dict(zip(names, placed)))
 
 
 def build(config, num_classes: int, mesh: Mesh, *, sharding: Optional[str] = None) -> Setup:
   """Model, schedule, optimiser and the state's layout for `config` on `mesh`.
 
   Args:
-    config: the experiment config (model, optimizer, input.crop_size, seed, sharding, half_precision).
+    config: the experiment config (model, optimizer, finetune, input.crop_size, seed, sharding, half_precision,
+      ema_decay: > 0 makes the state an EmaTrainState, its averages laid out as the parameters).
     num_classes: K.
     mesh: the device mesh (sharding.make_mesh()).
     sharding: overrides config.sharding (inference restores replicated onto its own devices).
   """
   model = build_model(config, num_classes)
+  ft = finetune.settings(config)
   learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
-  image_shape = tuple(config.input.crop_size) + (3,)
+  tx = optim.create_optimizer(config.optimizer, learning_rate_fn, ft)
+  image_shape = tuple(config.input.crop_size) + (finetune.in_channels_of(config.model),)
   seed = int(config.seed)
+  ema = ema_decay_of(config) > 0
 
   def initial_state():
-    return create_train_state(model, tx, jax.random.key(seed), image_shape)
+    return create_train_state(model, tx, jax.random.key(seed), image_shape, ema=ema)
 
   shapes = jax.eval_shape(initial_state)
+  finetune.check_model_has_encoder(ft, shapes.params, config.model.name)
   state_sharding = sharding_lib.state_shardings(shapes, mesh, sharding or config.get('sharding', 'replicated'))
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 shapes, state_sharding)
   return Setup(model=model, learning_rate_fn=learning_rate_fn, tx=tx, mesh=mesh, abstract_state=abstract_state,
-               state_sharding=state_sharding, dtype=compute_dtype(config), _create=initial_state)
+               state_sharding=state_sharding, dtype=compute_dtype(config),
+               input_stats=finetune.input_statistics(config.model), _create=initial_state,
+               _model_config=config.model)
 
 
-def normalize_images(images: jnp.ndarray, dtype) -> jnp.ndarray:
-  """uint8 [.., H, W, 3] -> normalised float, on the device (see data/augment.py for the statistics)."""
-  mean = jnp.asarray(augment.IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(augment.IMAGENET_STD, jnp.float32)
-  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+def ema_decay_of(config) -> float:
+  """config.ema_decay (0: no average; configs saved before it existed have none)."""
+  return float(config.get('ema_decay', 0.0) or 0.0)
 
 
 def variables_of(state: TrainState, params=None) -> dict:
+  """The live variables (training's): params (or `params`) and the BatchNorm statistics when there are any."""
   variables = {'params': state.params if params is None else params}
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
+  return variables
+
+
+def inference_variables(state: TrainState) -> dict:
+  """The weights to predict with: the moving averages when the state keeps them (EmaTrainState), else the live ones.
+
+  What evaluation (during training and --mode=eval), --mode=predict, jaxseg.api and --mode=export use.
+  """
+  if not isinstance(state, EmaTrainState):
+    return variables_of(state)
+  variables = {'params': state.ema_params}
+  if state.ema_batch_stats:
+    variables['batch_stats'] = state.ema_batch_stats
   return variables

@@ -23,6 +23,7 @@ from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg import evaluate
+from jaxseg import finetune
 from jaxseg import losses
 from jaxseg import reporting
 from jaxseg import sharding
@@ -30,7 +31,8 @@ from jaxseg import state as state_lib
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg.errors import ConfigError
-from jaxseg.state import TrainState, normalize_images, variables_of
+from jaxseg.models import normalize_images
+from jaxseg.state import TrainState, variables_of
 
 log = logging.getLogger('jaxseg')
 
@@ -40,9 +42,11 @@ log = logging.getLogger('jaxseg')
 # ---------------------------------------------------------------------------
 
 
-def train_step(state: TrainState, batch: dict, *, ignore_label: int, class_weights: Optional[tuple[float, ...]],
-               dice_weight: float, dtype, learning_rate_fn: Callable, dropout_seed: int,
-               gathered_params: Any = None, param_sharding: Any = None) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_label: int,
+               class_weights: Optional[tuple[float, ...]], dice_weight: float, dtype, learning_rate_fn: Callable, dropout_seed: int,
+               gathered_params: Any = None, param_sharding: Any = None,
+               ema_decay: float = 0.0, freeze_encoder: bool = False,
+               freeze_encoder_batch_stats: bool = False) -> tuple[TrainState, dict]:
   """One optimiser step on the global batch (images uint8 [B, H, W, 3], labels uint8 [B, H, W]).
 
   Written as single-device code on global arrays: the loss is the mean over
@@ -50,9 +54,15 @@ def train_step(state: TrainState, batch: dict, *, ignore_label: int, class_weigh
   terms are over the whole batch, and XLA's partitioner adds the cross-device
   sums. Under FSDP (`gathered_params`/`param_sharding` set) the parameters are
   gathered for the forward and backward passes and the gradients
-  reduce-scattered back to the parameters' shards.
+  reduce-scattered back to the parameters' shards. With `ema_decay` > 0 (an
+  EmaTrainState) the moving averages follow the updated weights (`update_ema`).
+
+  Fine-tuning (config.finetune): with `freeze_encoder` no gradient flows into
+  params['encoder'] (its gradient is zero, so XLA drops the encoder's weight
+  gradients; the optimiser's frozen transformation is what keeps it fixed);
+  with `freeze_encoder_batch_stats` batch_stats['encoder'] stays as it was.
   """
-  images = normalize_images(batch['image'], dtype)
+  images = normalize_images(batch['image'], dtype, *input_stats)
   labels = batch['label'].astype(jnp.int32)
   # Dropout masks differ per step; the global array's random bits do not depend on the device count.
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), 1), state.step)
@@ -61,6 +71,8 @@ def train_step(state: TrainState, batch: dict, *, ignore_label: int, class_weigh
     params = jax.lax.with_sharding_constraint(params, gathered_params)
 
   def loss_fn(params):
+    if freeze_encoder and finetune.has_encoder(params):
+      params = {**params, finetune.ENCODER: jax.lax.stop_gradient(params[finetune.ENCODER])}
     mutable = ['batch_stats'] if state.batch_stats else False
     out = state.apply_fn(variables_of(state, params), images, train=True, mutable=mutable, rngs={'dropout': rng})
     logits, new_vars = out if mutable else (out, {})
@@ -76,7 +88,10 @@ def train_step(state: TrainState, batch: dict, *, ignore_label: int, class_weigh
   (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   if param_sharding is not None:
     grads = jax.lax.with_sharding_constraint(grads, param_sharding)
-  new_state = state.apply_gradients(grads=grads, batch_stats=new_vars.get('batch_stats', state.batch_stats))
+  new_batch_stats = new_vars.get('batch_stats', state.batch_stats)
+  if freeze_encoder_batch_stats:
+    new_batch_stats = finetune.keep_encoder_batch_stats(new_batch_stats, state.batch_stats)
+  new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
 
   # A non-finite loss or gradient never reaches the parameters: the update is
   # dropped and the step recorded; the host stops ('stop') or counts ('skip')
@@ -90,8 +105,37 @@ def train_step(state: TrainState, batch: dict, *, ignore_label: int, class_weigh
       skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
       first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                                      state.first_nonfinite_step))
+  if ema_decay:
+    new_state = update_ema(new_state, state.step, ema_decay, keep=finite)
   metrics = {'loss': loss, 'learning_rate': learning_rate_fn(state.step)}
   return new_state, metrics
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+  """The decay of the EMA update at 0-based update `step`: min(ema_decay, (1 + step) / (10 + step)).
+
+  The warm-up of TF's ExponentialMovingAverage(num_updates=...): early on the
+  average follows the weights closely (0.1 at the first update, 0.5 at the
+  9th, 0.9 at the 81st), so it does not drag the random initialisation into
+  evaluations of a short run; after ~10 / (1 - ema_decay) updates it is the
+  plain ema_decay.
+  """
+  t = step.astype(jnp.float32)
+  return jnp.minimum(jnp.float32(ema_decay), (1.0 + t) / (10.0 + t))
+
+
+def update_ema(state: state_lib.EmaTrainState, step: jax.Array, ema_decay: float, *,
+               keep: jax.Array) -> state_lib.EmaTrainState:
+  """ema = d * ema + (1 - d) * new for the parameters and the BatchNorm statistics, d = ema_decay_at(step).
+
+  Elementwise on arrays laid out as the parameters (FSDP: on the shards, no
+  collective). `keep` False (a dropped non-finite update) leaves the averages as
+  they were.
+  """
+  d = ema_decay_at(step, ema_decay)
+  average = lambda ema, new: jnp.where(keep, d * ema + (1.0 - d) * new, ema).astype(ema.dtype)
+  return state.replace(ema_params=jax.tree.map(average, state.ema_params, state.params),
+                       ema_batch_stats=jax.tree.map(average, state.ema_batch_stats, state.batch_stats))
 
 
 def make_train_step(config, spec: datasets.DatasetSpec, setup: state_lib.Setup, class_weights):
@@ -103,10 +147,13 @@ def make_train_step(config, spec: datasets.DatasetSpec, setup: state_lib.Setup, 
   """
   fsdp = config.get('sharding', 'replicated') == 'fsdp'
   params_sharding = setup.state_sharding.params
+  ft = finetune.settings(config)
   step = functools.partial(
-      train_step, ignore_label=spec.ignore_label, class_weights=class_weights,
+      train_step, input_stats=setup.input_stats, ignore_label=spec.ignore_label,
+      class_weights=class_weights,
       dice_weight=float(config.loss.dice_weight), dtype=setup.dtype, learning_rate_fn=setup.learning_rate_fn,
-      dropout_seed=int(config.seed),
+      dropout_seed=int(config.seed), ema_decay=state_lib.ema_decay_of(config),
+      freeze_encoder=ft.freeze_encoder, freeze_encoder_batch_stats=ft.freeze_encoder_batch_stats,
       gathered_params=jax.tree.map(lambda _: sharding.replicated(setup.mesh), params_sharding) if fsdp else None,
       param_sharding=params_sharding if fsdp else None)
   batch = sharding.batch_sharding(setup.mesh)
@@ -236,10 +283,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   is_primary = jax.process_index() == 0
   prepare_workdir_on_all_processes(workdir, config)
   n_devices, n_local = jax.device_count(), jax.local_device_count()
-  config_utils.check_batch(config, n_devices, jax.process_count())
+  config_utils.check_batch(config, n_devices)
   mesh = sharding.make_mesh()
   log.info('Devices: %d in all, %d local (%s); processes: %d; state %s; workdir: %s', n_devices, n_local,
-           jax.devices()[0].platform, jax.process_count(), config.sharding, workdir)
+           jax.devices()[0].platform, jax.process_count(), config.get('sharding', 'replicated'), workdir)
 
   # ---- Data. ----
   spec, builder = datasets.open_dataset(config.dataset)
@@ -250,9 +297,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step_fn = make_train_step(config, spec, setup, class_weights)
   evaluator = evaluate.Evaluator(config, spec, setup)
 
-  ckpts = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-  writer = reporting.MetricWriter(workdir, enabled=is_primary)
-  with _closed_on_exit(ckpts, writer):
+  with contextlib.ExitStack() as closing:
+    # Closed on the way out, also after an error: closing the checkpoints finishes the saves in flight
+    # (an async save cut off when the process exits leaves only a tmp dir).
+    ckpts = closing.enter_context(contextlib.closing(
+        checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)))
+    writer = closing.enter_context(contextlib.closing(reporting.MetricWriter(workdir, enabled=is_primary)))
     # ---- Restore or start. ----
     if ckpts.latest_step() is not None:
       state, start_step = ckpts.restore(setup.abstract_state)
@@ -264,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_ds = pipeline.train_dataset(
         builder, spec, config.input, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count())
-    eval_ds, _ = pipeline.eval_dataset(
+    eval_data = pipeline.eval_dataset(
         builder, spec, config.input, global_batch=config.eval_batch_size, process_index=jax.process_index(),
         process_count=jax.process_count(), cache=config.dataset.cache)
     train_iter = sharding.prefetch(pipeline.as_numpy(train_ds), mesh, config.input.prefetch_to_device)
@@ -296,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         pause_start = time.perf_counter()
         evaluated = False
         if step % config.eval_every_steps == 0 or is_last:
-          eval_metrics = evaluator.run(state, eval_ds)
+          eval_metrics = evaluator.run(state, eval_data)
           evaluated = True
           evaluate.log_eval(writer, step, eval_metrics, spec, is_primary)
 
@@ -313,26 +363,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       'the same command again to resume.', step, config.num_train_steps, ckpts.directory)
           break
   return eval_metrics
-
-
-@contextlib.contextmanager
-def _closed_on_exit(*closables):
-  """Closes `closables` on the way out, also after an error (which a failing close never hides).
-
-  Closing the checkpoints finishes the saves in flight: an async save cut off
-  when the process exits leaves only a tmp dir.
-  """
-  try:
-    yield
-  except BaseException:
-    for closable in closables:
-      try:
-        closable.close()
-      except Exception:  # pylint: disable=broad-except
-        log.warning('Could not close %s cleanly after an error.', type(closable).__name__, exc_info=True)
-    raise
-  for closable in closables:
-    closable.close()
 
 
 def prepare_workdir_on_all_processes(workdir: str, config) -> None:

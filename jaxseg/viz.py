@@ -9,9 +9,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxseg.image_io import IGNORE_COLOUR, to_rgb_uint8
+
 # Colour of pixels whose label is the ignore label (or not a class at all): the
 # Pascal VOC "void" cream, so they stand out from every class colour.
-IGNORE_COLOUR = (224, 224, 192)
 
 # Fixed palettes for well-known datasets, one RGB triple per class in class order.
 FIXED_PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
@@ -77,7 +78,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, *, alpha: 
   Returns:
     uint8 [H, W, 3].
   """
-  image = as_rgb(image)
+  image = to_rgb_uint8(image)
   mask = np.asarray(mask).astype(np.int64)
   if image.shape[:2] != mask.shape:
     raise ValueError(f'image {image.shape[:2]} and mask {mask.shape} differ in size')
@@ -90,25 +91,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, *, alpha: 
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def as_rgb(image: np.ndarray) -> np.ndarray:
-  """Grey [H, W], grey [H, W, 1], RGB or RGBA (alpha dropped) -> uint8 RGB [H, W, 3]."""
-  image = np.asarray(image)
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  if image.shape[-1] == 4:
-    image = image[..., :3]
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f'expected an image [H, W, 3], got shape {image.shape}')
-  if image.dtype != np.uint8:
-    image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-  return image
-
-
 def side_by_side(images: Sequence[np.ndarray], *, gap: int = 2, gap_colour=(255, 255, 255)) -> np.ndarray:
   """RGB images left to right with a gap between them; shorter ones are padded at the bottom. uint8 [H, W', 3]."""
-  images = [as_rgb(im) for im in images]
+  images = [to_rgb_uint8(im) for im in images]
   height = max(im.shape[0] for im in images)
   parts = []
   for i, im in enumerate(images):
@@ -195,13 +180,3 @@ def confusion_matrix_image(confusion: np.ndarray, class_names: Optional[Sequence
   return np.asarray(canvas)
 
 
-def indexed_png(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
-  """A class-index mask as a palette ('P') PNG image: pixel values are class indices, viewers show colours."""
-  mask = np.asarray(mask)
-  if mask.size and (mask.min() < 0 or mask.max() > 255):
-    raise ValueError('class indices must be in [0, 255] to be stored as a PNG')
-  img = Image.fromarray(mask.astype(np.uint8))
-  table = np.tile(np.asarray(IGNORE_COLOUR, np.uint8), (256, 1))
-  table[:len(palette)] = np.asarray(palette, np.uint8)[:256]
-  img.putpalette(table.reshape(-1).tolist())
-  return img

@@ -5,14 +5,14 @@
 Spec keys:
   data_dir, workdir: as for tests/train_worker.py.
   overrides: config overrides ({"num_train_steps": 6, "optimizer.learning_rate": 0.1}).
-  stop_at: stop with a checkpoint at this step (optional).
   mode: 'train' (default) or 'eval' (evaluate the latest checkpoint of workdir).
   hang_in_save_at: the checkpoint of this step hangs after its files are written, before orbax
     renames its tmp dir (prints 'HANGING IN SAVE <step>' first): a parent can SIGKILL it there.
   nan_at: the batch of this (1-based) step makes the loss NaN.
 
-Prints 'RESULT <json>' (mean_iou, confusion_matrix, pid) at the end. jaxseg's user errors (and a
-non-finite loss) print 'jaxseg: error: ...' to stderr and exit with status 2, as run.py does.
+The job runs through `jaxseg.cli.run(mode, config, workdir)`, run.py's own entry point: jaxseg's user
+errors (and a non-finite loss) print 'jaxseg: error: ...' to stderr and exit with status 2 there. Prints
+'RESULT <json>' (mean_iou, confusion_matrix of the result cli.run returns, pid) at the end.
 Used by tests/test_faults.py and tests/test_multihost.py, which start it with `launch` below.
 """
 
@@ -70,9 +70,9 @@ def nan_at(step: int) -> None:
 
   normalize = train.normalize_images
 
-  def normalize_images(images, dtype):
+  def normalize_images(images, dtype, *input_stats):
     poisoned = jnp.all(images == NAN_MARK)
-    return jnp.where(poisoned, jnp.nan, normalize(images, dtype)).astype(dtype)
+    return jnp.where(poisoned, jnp.nan, normalize(images, dtype, *input_stats)).astype(dtype)
 
   pipeline.train_dataset = train_dataset
   train.normalize_images = normalize_images
@@ -197,24 +197,18 @@ def logged_steps(workdir, split: str = 'train') -> list:
 
 def main():
   spec = json.loads(sys.argv[1])
-  from jaxseg import distributed, evaluate, reporting, train  # pylint: disable=g-import-not-at-top
-  from jaxseg.errors import CheckpointError, ConfigError, DataError  # pylint: disable=g-import-not-at-top
+  from jaxseg import cli  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_unet_config  # pylint: disable=g-import-not-at-top
-  reporting.setup_console_logging()
+  unknown = set(spec) - {'data_dir', 'workdir', 'overrides', 'mode', 'hang_in_save_at', 'nan_at'}
+  assert not unknown, f'unknown spec keys {sorted(unknown)}'
   if spec.get('hang_in_save_at') is not None:
     hang_in_save(int(spec['hang_in_save_at']))
   if spec.get('nan_at') is not None:
     nan_at(int(spec['nan_at']))
   config = tiny_unet_config(spec['data_dir'], **spec.get('overrides', {}))
-  try:
-    distributed.initialize()
-    if spec.get('mode', 'train') == 'eval':
-      result = evaluate.evaluate(config, spec['workdir'], checkpoint='latest')
-    else:
-      result = train.train_and_evaluate(config, spec['workdir'], stop_at_step=spec.get('stop_at'))
-  except (ConfigError, DataError, CheckpointError, train.NonFiniteLossError) as e:
-    print(f'jaxseg: error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+  mode = spec.get('mode', 'train')
+  # What run.py runs: device set-up, the mode, and its handling of user errors (exit status 2).
+  result = cli.run(mode, config, spec['workdir'], checkpoint='latest' if mode == 'eval' else 'best')
   print('RESULT ' + json.dumps({'mean_iou': result.get('mean_iou'), 'pid': os.getpid(),
                                 'confusion_matrix': result.get('confusion_matrix')}), flush=True)
 

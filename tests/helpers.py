@@ -68,7 +68,7 @@ def best_checkpoint_logits_fn(config, workdir):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxseg import checkpoint, state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg import checkpoint, models, state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   ckpts = checkpoint.Checkpoints(str(workdir), read_only=True)
   best = ckpts.best_step()
@@ -76,5 +76,5 @@ def best_checkpoint_logits_fn(config, workdir):
   raw, _ = load_checkpoint(workdir, step=best)
   variables = {'params': raw['params'], 'batch_stats': raw['batch_stats']}
   model = state_lib.build_model(config, datasets.resolve_spec(config.dataset).num_classes)
-  fn = jax.jit(lambda x: model.apply(variables, state_lib.normalize_images(x, jnp.float32), train=False))
+  fn = jax.jit(lambda x: model.apply(variables, models.normalize_images(x, jnp.float32), train=False))
   return lambda images: np.asarray(fn(np.asarray(images)))

@@ -135,6 +135,17 @@ def test_report_prints_the_overhead_as_a_percentage():
 # ---------------------------------------------------------------------------
 
 
+def allowed_cpus_from_proc() -> int:
+  """The CPUs this process may run on, counted from the kernel's Cpus_allowed_list (e.g. '0-3,8,10-11')."""
+  with open('/proc/self/status', encoding='utf-8') as f:
+    [line] = [l for l in f if l.startswith('Cpus_allowed_list:')]
+  count = 0
+  for part in line.split(':', 1)[1].strip().split(','):
+    first, _, last = part.partition('-')
+    count += int(last or first) - int(first) + 1
+  return count
+
+
 def test_bench_input_smoke_writes_the_report(shapes_data_dir, tmp_path):
   """Every phase with a tiny UNet on 2 CPU devices, one loop round of 6 run.py steps: every field is written, the
   figures are positive and finite, the loop's temporary workdir is removed."""
@@ -163,7 +174,7 @@ def test_bench_input_smoke_writes_the_report(shapes_data_dir, tmp_path):
   config = report['config']
   assert config['batch_size'] == 8 and config['crop_size'] == [32, 32] and config['sharding'] == 'replicated'
   assert config['model']['base_width'] == 4 and config['file'].endswith('configs/unet.py')
-  assert report['host']['cpu_count'] >= 1
+  assert report['host']['cpu_count'] == allowed_cpus_from_proc()  # The benchmark inherits this process's CPUs.
   # run.py got the same config: the default file, the overrides, and the --data_dir shorthand as a config field.
   assert report['loop_args'][0].endswith('configs/unet.py')
   assert '--config.batch_size=8' in report['loop_args']

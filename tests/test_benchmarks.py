@@ -17,12 +17,39 @@ import bench_train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ENTRY_FIELDS = ('images_per_s', 'images_per_s_per_device', 'step_ms', 'compile_s', 'peak_memory_bytes',
                 'memory_method', 'param_count', 'devices_used', 'achieved_tflops')
+# CI (.ci/run) installs PyTorch and sets this: the PyTorch checks must then run, never skip.
+REQUIRE_TORCH = os.environ.get('JAXSEG_REQUIRE_TORCH') == '1'
+
+
+def import_torch_or_skip(name='torch'):
+  """`name` (torch, or benchmarks/torch_models which needs it); a skip without PyTorch, a failure in CI."""
+  if REQUIRE_TORCH:
+    return __import__(name)
+  return pytest.importorskip(name)
+
+
+def unet_tiny_forward_flops_by_hand(size=32):
+  """2 x multiply-adds of unet-tiny's convolutions at SIZE x SIZE (3 -> 3 classes, base width 4, depth 2).
+
+  Levels at SIZE, SIZE/2, SIZE/4; each level is two 3x3 convs; each 2x2 stride-2 up-convolution writes
+  every output pixel once from its C_in input channels (no zeros of a dilated input); the head is 1x1.
+  """
+  conv = lambda hw, k, cin, cout: 2 * hw * hw * k * k * cin * cout
+  s0, s1, s2 = size, size // 2, size // 4
+  encoder = conv(s0, 3, 3, 4) + conv(s0, 3, 4, 4) + conv(s1, 3, 4, 8) + conv(s1, 3, 8, 8) \
+      + conv(s2, 3, 8, 16) + conv(s2, 3, 16, 16)
+  decoder = conv(s1, 2, 16, 8) // 4 + conv(s1, 3, 16, 8) + conv(s1, 3, 8, 8) \
+      + conv(s0, 2, 8, 4) // 4 + conv(s0, 3, 8, 4) + conv(s0, 3, 4, 4)
+  head = conv(s0, 1, 4, 3)
+  return encoder + decoder + head
 
 
 def test_smoke_run_writes_the_report(tmp_path):
   """One tiny UNet row on 2 simulated CPU devices: the table is printed and the JSON has every field."""
   out = tmp_path / 'smoke.json'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  # A cache of its own, empty: the step's compilations are counted cold (a cache hit compiles nothing).
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'))
   cmd = [sys.executable, os.path.join(BENCH_DIR, 'bench_train.py'), '--smoke', '--models', 'unet-tiny',
          '--dtypes', 'float32', '--json', str(out)]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -38,19 +65,22 @@ def test_smoke_run_writes_the_report(tmp_path):
   assert set(report['conventions']) >= {'throughput', 'compile', 'flops', 'mfu', 'memory', 'ratio'}
   [row] = report['rows']
   assert (row['model'], row['dtype'], row['image_size'], row['batch_size']) == ('unet-tiny', 'float32', 32, 2)
-  assert row['forward_gflops_per_image'] > 0
-  assert row['train_gflops_per_image'] == pytest.approx(3 * row['forward_gflops_per_image'])
+  flops = unet_tiny_forward_flops_by_hand(32)
+  assert flops == 3_325_952
+  assert row['forward_gflops_per_image'] == pytest.approx(flops / 1e9, rel=1e-12)
+  assert row['train_gflops_per_image'] == pytest.approx(3 * flops / 1e9, rel=1e-12)  # The convention: 3 x forward.
   jax_entry = row['jaxseg']
   assert jax_entry['status'] == 'ok', jax_entry
   for field in ENTRY_FIELDS:
     assert field in jax_entry, field
   assert jax_entry['images_per_s'] > 0 and jax_entry['devices_used'] == 2
   assert jax_entry['param_count'] == row['param_count']['jaxseg'] == 7559
-  assert jax_entry['train_step_xla_compiles'] >= 1
+  assert jax_entry['train_step_xla_compiles'] == 1  # Compiled at its first call, never again.
   assert jax_entry['peak_memory_bytes'] > jax_entry['state_bytes_per_device'] > 0
   assert np.isfinite(jax_entry['final_loss'])
   assert 'mfu' not in jax_entry  # No MFU on CPU.
 
+  assert bench_train.torch_available() or not REQUIRE_TORCH, 'JAXSEG_REQUIRE_TORCH=1 but torch is not installed'
   if bench_train.torch_available():
     assert report['torch_version'] and report['torch_skipped'] is None
     assert row['param_count'] == {'jaxseg': 7559, 'torch': 7559, 'equal': True}
@@ -81,14 +111,14 @@ def test_table_shows_unavailable_variants():
 
 @pytest.mark.parametrize('model,expected', [('unet-tiny', 7559), ('fcn8s-tiny', 63213), ('unet64', 31_037_698)])
 def test_parameter_counts_match_jaxseg(model, expected):
-  torch_models = pytest.importorskip('torch_models')  # Needs torch.
+  torch_models = import_torch_or_skip('torch_models')  # Needs torch.
   kind, num_classes, kw = bench_train.model_kwargs(model)
   jax_count = bench_train.jaxseg_param_count(model)
   assert jax_count == torch_models.meta_param_count(kind, num_classes, **kw) == expected
 
 
 def test_fcn8s_full_parameter_counts_match():
-  torch_models = pytest.importorskip('torch_models')
+  torch_models = import_torch_or_skip('torch_models')
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxseg.models.fcn import FCN  # pylint: disable=g-import-not-at-top
@@ -100,7 +130,7 @@ def test_fcn8s_full_parameter_counts_match():
 @pytest.mark.parametrize('model,size', [('unet-tiny', (37, 50)), ('fcn8s-tiny', (70, 45))])
 def test_torch_peer_computes_the_same_function(model, size):
   """jaxseg's weights copied into the PyTorch peer give the same logits (eval mode; odd sizes exercise padding)."""
-  torch = pytest.importorskip('torch')
+  torch = import_torch_or_skip('torch')
   import torch_models  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -169,10 +169,11 @@ def test_open_dataset_and_batches(name, catalog_dir):
   assert seen <= _allowed(spec), sorted(seen - _allowed(spec))
   assert {0, 1}.issubset(seen)  # Mapped classes arrive (raw 1 -> 0, raw 2 -> 1).
 
-  evaluation, num_batches = pipeline.eval_dataset(builder, spec, config.input, global_batch=2, process_index=0,
-                                                  process_count=1, cache=False)
+  evaluation = pipeline.eval_dataset(builder, spec, config.input, global_batch=2, process_index=0,
+                                     process_count=1, cache=False)
+  num_batches = evaluation.num_batches
   assert num_batches == math.ceil(SPLIT_SIZES['test'] / 2)
-  batches = list(pipeline.as_numpy(evaluation))
+  batches = list(pipeline.as_numpy(evaluation.batches))
   assert len(batches) == num_batches
   for batch in batches:
     assert batch['image'].shape == (2,) + EVAL + (3,) and batch['image'].dtype == np.uint8
@@ -181,8 +182,8 @@ def test_open_dataset_and_batches(name, catalog_dir):
   assert set(np.unique(labels).tolist()) <= _allowed(spec)
   # The padding example (the 4th of 2 batches x 2) counts nowhere.
   assert np.all(labels[SPLIT_SIZES['test']:] == spec.ignore_label)
-  if name == 'scene_parse150':
-    assert (labels[:SPLIT_SIZES['test']] == 99).any()  # Category 100 (flag) -> last class.
+  # The last class arrives: oxford_iiit_pet's raw 3 (border) -> 2, scene_parse150's category 100 (flag) -> 99.
+  assert (labels[:SPLIT_SIZES['test']] == spec.num_classes - 1).any()
 
 
 def test_tfrecord_catalog_dataset_is_converted(tmp_path, caplog):

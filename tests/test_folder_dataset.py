@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from jaxseg import image_io
 from jaxseg.data import folder
 from jaxseg.errors import DataError
 
@@ -209,10 +210,10 @@ def test_read_mask_modes(tmp_path):
   idx = _mask_values(7)
   idx[idx == 255] = 1
   _palette_image(idx).save(tmp_path / 'p.png')
-  np.testing.assert_array_equal(folder.read_mask(str(tmp_path / 'p.png')), idx)
+  np.testing.assert_array_equal(image_io.read_mask(str(tmp_path / 'p.png')), idx)
   Image.fromarray(np.stack([idx] * 3, -1)).save(tmp_path / 'rgb_gray.png')
   np.testing.assert_array_equal(
-      folder.read_mask(str(tmp_path / 'rgb_gray.png')), idx
+      image_io.read_mask(str(tmp_path / 'rgb_gray.png')), idx
   )
 
 
@@ -220,13 +221,13 @@ def test_read_image_sixteen_bit_and_la(tmp_path):
   g16 = np.full((H, W), 65535, np.uint16)
   g16[0, 0] = 0
   Image.fromarray(g16).save(tmp_path / 'g16.png')
-  img = folder.read_image(str(tmp_path / 'g16.png'))
+  img = image_io.read_image(str(tmp_path / 'g16.png'))
   assert img.shape == (H, W, 3) and img.dtype == np.uint8
   assert img[0, 0].tolist() == [0, 0, 0] and img[1, 1].tolist() == [255] * 3
   la = np.zeros((H, W, 2), np.uint8)
   la[..., 0] = 9
   Image.fromarray(la, mode='LA').save(tmp_path / 'la.png')
-  assert folder.read_image(str(tmp_path / 'la.png'))[0, 0].tolist() == [9] * 3
+  assert image_io.read_image(str(tmp_path / 'la.png'))[0, 0].tolist() == [9] * 3
 
 
 def test_orphan_mask_is_ignored_with_warning(tmp_path, caplog):

@@ -15,6 +15,7 @@ from jaxseg import losses
 from jaxseg import train
 from jaxseg.errors import ConfigError
 from tests.conftest import tiny_unet_config
+from tests.helpers import best_checkpoint_logits_fn
 from tests.test_losses_metrics import np_cross_entropy, np_log_softmax
 
 IGNORE = 255
@@ -188,7 +189,7 @@ def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
   binary task only the foreground class counts in the Dice.
   """
   from jaxseg import sharding  # pylint: disable=g-import-not-at-top
-  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg import models  # pylint: disable=g-import-not-at-top
 
   n_dev = jax.local_device_count()
   assert n_dev == 4, 'tests run with 4 simulated devices (tests/conftest.py)'
@@ -198,7 +199,7 @@ def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
   state = setup.init_state()
   images, labels = _skewed_batch(num_classes, n_dev)
   classes = (1,) if num_classes == 2 else None
-  flat_images = state_lib.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)), jnp.float32)
+  flat_images = models.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)), jnp.float32)
   flat_labels = labels.reshape(-1, 8, 8).astype(np.int64)
 
   # Reference on one device (no mesh): the model's logits for the whole batch, and jax.grad of the global
@@ -274,16 +275,32 @@ def test_binary_folder_task_trains_with_dice_and_reports_foreground_metrics(tmp_
   workdir = tmp_path / 'work'
   with jax.default_prng_impl('rbg'):  # XLA:CPU compiles threefry initialisers several times slower.
     result = train.train_and_evaluate(config, str(workdir))
-  assert 0.0 <= result['foreground_iou'] <= 1.0 and 0.0 <= result['foreground_dice'] <= 1.0
+
+  # Reference: the checkpoint's raw arrays applied by the bare Flax module to the validation images, padded
+  # at the bottom/right to input.eval_size as evaluation pads them; foreground counts by hand.
+  logits_fn = best_checkpoint_logits_fn(config, str(workdir))
+  images = [np.asarray(Image.open(tmp_path / 'data' / 'val' / 'images' / f'{i:03d}.png')) for i in range(3)]
+  padded = np.zeros((3, 48, 48, 3), np.uint8)
+  for i, image in enumerate(images):
+    padded[i, :image.shape[0], :image.shape[1]] = image
+  preds = logits_fn(padded).argmax(-1)[:, :40, :44]
+  labels = np.stack(val_masks)
+  valid = labels != IGNORE
+  tp = int(np.sum(valid & (labels == 1) & (preds == 1)))
+  fp = int(np.sum(valid & (labels == 0) & (preds == 1)))
+  fn = int(np.sum(valid & (labels == 1) & (preds == 0)))
+  print(f'foreground: tp {tp}, fp {fp}, fn {fn}; reported IoU {result["foreground_iou"]}, '
+        f'Dice {result["foreground_dice"]}')
+  assert tp > 0 and fp + fn > 0, 'the model should predict some foreground, not all of it right'
+  iou, dice = tp / (tp + fp + fn), 2 * tp / (2 * tp + fp + fn)
+  assert result['foreground_iou'] == pytest.approx(iou, abs=1e-3)
+  assert result['foreground_dice'] == pytest.approx(dice, abs=1e-3)
+
   lines = [json.loads(l) for l in open(workdir / 'metrics.jsonl', encoding='utf-8')]
   evals = [l for l in lines if l['split'] == 'eval']
   trains = [l for l in lines if l['split'] == 'train']
-  assert evals and trains
-  for e in evals:
-    assert 'foreground_iou' in e and 'foreground_dice' in e, e
-    assert len(e['per_class_iou']) == 2
+  assert [e['step'] for e in evals] == [3] and [t['step'] for t in trains] == [3]
+  assert len(evals[0]['per_class_iou']) == 2
   assert all(np.isfinite(t['loss']) for t in trains)
-  # Dice = 2 IoU / (1 + IoU) for the same confusion matrix.
-  last = evals[-1]
-  if last['foreground_iou'] is not None:
-    assert last['foreground_dice'] == pytest.approx(2 * last['foreground_iou'] / (1 + last['foreground_iou']))
+  assert evals[0]['foreground_iou'] == pytest.approx(iou, abs=1e-3)
+  assert evals[0]['foreground_dice'] == pytest.approx(dice, abs=1e-3)

@@ -62,6 +62,41 @@ def random_image(h, w, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def reference_logits(model_logits, image, *, multiple=32, starts=None, window=(32, 32)):
+  """The bare model's logits [H, W, K] for one image, by the method inference.py documents.
+
+  Whole (starts None): zero-padded at the bottom/right to a multiple of `multiple`, cropped back. Sliding:
+  the windows at the given (row starts, column starts), the image zero-padded only where smaller than the
+  window, logits averaged where windows overlap.
+  """
+  h, w = image.shape[:2]
+  if starts is None:
+    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+  else:
+    ph, pw = max(h, window[0]), max(w, window[1])
+  padded = np.zeros((ph, pw, 3), np.uint8)
+  padded[:h, :w] = image
+  if starts is None:
+    return model_logits(padded[None])[0, :h, :w]
+  corners = [(y, x) for y in starts[0] for x in starts[1]]
+  tiles = model_logits(np.stack([padded[y:y + window[0], x:x + window[1]] for y, x in corners]))
+  total = np.zeros((ph, pw, tiles.shape[-1]))
+  count = np.zeros((ph, pw, 1))
+  for (y, x), logits in zip(corners, tiles):
+    total[y:y + window[0], x:x + window[1]] += logits
+    count[y:y + window[0], x:x + window[1]] += 1
+  assert count.min() >= 1, 'the windows must cover the image'
+  return (total / count)[:h, :w]
+
+
+def assert_masks_agree(got, expected_logits, max_fraction=1e-3):
+  """Masks equal to the reference's argmax, but for the rare near-tie pixels programs may break differently."""
+  expected = np.argmax(expected_logits, -1)
+  assert got.shape == expected.shape
+  differ = float(np.mean(got != expected))
+  assert differ <= max_fraction, f'{differ:.2%} of the pixels differ from the reference'
+
+
 def numpy_mean_iou(labels, preds, num_classes, ignore_label=255):
   """Independent mean IoU: classes absent from both labels and predictions are left out."""
   inter = np.zeros(num_classes)
@@ -155,7 +190,8 @@ def test_sliding_window_segments_a_large_image_at_full_resolution(trained, resto
   assert max(trained[0].input.eval_size) < 128
   np.testing.assert_allclose(auto.scores(image), scores, atol=1e-5)
   small = random_image(*(s // 2 for s in trained[0].input.eval_size), seed=2)
-  np.testing.assert_allclose(auto.scores(small), base.with_options(mode='whole').scores(small), atol=1e-5)
+  assert small.shape[:2] == (48, 48)  # Whole: padded to 64 x 64 (a multiple of 32), cropped back.
+  np.testing.assert_allclose(auto.scores(small), reference_logits(model_logits, small), atol=1e-4)
 
 
 def test_flip_tta_is_the_mean_of_the_image_and_the_flipped_back_flipped_image(restored):
@@ -166,23 +202,38 @@ def test_flip_tta_is_the_mean_of_the_image_and_the_flipped_back_flipped_image(re
   flipped = flipped[:, ::-1]
   np.testing.assert_allclose(scores, (plain + flipped) / 2, atol=1e-5)
 
-  # Multi-scale (with flip): probabilities at the input's size.
-  multi = base.with_options(mode='whole', flip=True, scales=(0.5, 1.0, 1.5)).scores(random_image(50, 70))
+  # Multi-scale (with flip): each view is the image resized (PIL, bilinear) to round(scale x size), maybe
+  # flipped, padded to a multiple of 32; its logits are cropped, flipped back, resized to the input's size
+  # (bilinear, half-pixel centres: tf.image.resize here); the scores are the mean of the views' softmax.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = random_image(50, 70)
+  multi = base.with_options(mode='whole', flip=True, scales=(0.5, 1.0, 1.5)).scores(image)
+  views = []
+  for (h, w) in ((25, 35), (50, 70), (75, 105)):
+    scaled = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    for flip in (False, True):
+      logits = reference_logits(model_logits, scaled[:, ::-1] if flip else scaled)
+      logits = logits[:, ::-1] if flip else logits
+      views.append(softmax(tf.image.resize(logits, (50, 70), method='bilinear').numpy()))
   assert multi.shape == (50, 70, 4)
-  np.testing.assert_allclose(multi.sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(multi, np.mean(views, axis=0), atol=1e-5)
 
 
 def test_images_of_several_sizes_batch_together_in_input_order(restored):
-  _, base = restored
+  model_logits, base = restored
   predictor = base.with_options(mode='auto', batch_size=4)
   images = [random_image(*s, seed=i) for i, s in enumerate([(40, 40), (96, 64), (40, 40), (130, 60), (20, 33)])]
   together = list(predictor.iter_masks(images, chunk=5))
+  assert len(together) == len(images)
+  # 'auto' with eval_size 96 x 96: the 130 x 60 image slides (window 32 x 32, stride 21: rows 0, 21, ..., 84,
+  # then 98 flush with the end; columns 0, 21, then 28); the others go whole.
+  slide = ([0, 21, 42, 63, 84, 98], [0, 21, 28])
   for image, mask in zip(images, together):
-    assert mask.shape == image.shape[:2]
-    np.testing.assert_array_equal(mask, predictor.predict(image))
+    starts = slide if image.shape[:2] == (130, 60) else None
+    assert_masks_agree(mask, reference_logits(model_logits, image, starts=starts))
 
 
-def test_eval_with_tta_reports_both_figures_and_pictures(trained, tmp_path):
+def test_eval_with_tta_reports_both_figures_and_pictures(trained, restored, shapes_data_dir, tmp_path):
   """--mode=eval with flip TTA: mean IoU with and without it, metrics.jsonl records, TensorBoard images."""
   import shutil  # pylint: disable=g-import-not-at-top
   from jaxseg import evaluate  # pylint: disable=g-import-not-at-top
@@ -192,7 +243,19 @@ def test_eval_with_tta_reports_both_figures_and_pictures(trained, tmp_path):
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('metrics.jsonl', 'tensorboard'))
   config = with_inference(config.copy_and_resolve_references(), flip=True)
   result = evaluate.evaluate(config, str(copy))
-  assert 0.0 <= result['inference']['mean_iou'] <= 1.0
+  # Reference: flip TTA by hand with the bare model (96 x 96 images go whole, no padding): the mean of the
+  # softmax of the image's logits and of the flipped image's logits flipped back; mean IoU in numpy.
+  model_logits, _ = restored
+  examples = validation_examples(shapes_data_dir)
+  preds = []
+  for start in range(0, len(examples), 50):
+    images = np.stack([image for image, _ in examples[start:start + 50]])
+    probs = softmax(model_logits(images)) + softmax(model_logits(images[:, :, ::-1]))[:, :, ::-1]
+    preds.extend(np.argmax(probs, -1))
+  assert len(np.unique(np.concatenate([p.ravel() for p in preds]))) > 1, 'the model predicts one class only'
+  tta_iou = numpy_mean_iou([label for _, label in examples], preds, 4)
+  print(f'TTA mean IoU {result["inference"]["mean_iou"]:.6f}, numpy {tta_iou:.6f}')
+  assert result['inference']['mean_iou'] == pytest.approx(tta_iou, abs=1e-3)
   assert result['inference']['settings'] == 'auto, flip'
   assert '_examples' not in result
   records = [json.loads(l) for l in open(copy / 'metrics.jsonl')]
@@ -215,8 +278,9 @@ def tensorboard_tags(directory):
   return tags
 
 
-def test_run_py_predict_skips_a_corrupt_file_and_writes_the_rest(trained, tmp_path):
+def test_run_py_predict_skips_a_corrupt_file_and_writes_the_rest(trained, restored, tmp_path):
   config, workdir = trained
+  model_logits, _ = restored
   inputs = tmp_path / 'in'
   inputs.mkdir()
   sizes = {'a.png': (96, 96), 'b.jpg': (50, 70), 'big.png': (150, 130)}
@@ -232,10 +296,15 @@ def test_run_py_predict_skips_a_corrupt_file_and_writes_the_rest(trained, tmp_pa
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert str(inputs / 'corrupt.png') in proc.stdout + proc.stderr
   assert 'Wrote 3 mask(s)' in proc.stdout
+  # configs/unet.py's 'auto' with eval_size 96 x 96: a.png and b.jpg go whole, big.png slides (window 32 x 32
+  # from the crop size, stride 21: starts every 21 pixels, then one flush with the end).
+  slide = {'big.png': ([0, 21, 42, 63, 84, 105, 118], [0, 21, 42, 63, 84, 98])}
   for name, (h, w) in sizes.items():
     stem = os.path.splitext(name)[0]
     mask = np.asarray(Image.open(tmp_path / 'out' / f'{stem}.png'))
-    assert mask.shape == (h, w) and mask.max() < 4
+    assert mask.shape == (h, w)
+    image = np.asarray(Image.open(inputs / name).convert('RGB'))  # The JPEG as decoded, losses included.
+    assert_masks_agree(mask, reference_logits(model_logits, image, starts=slide.get(name)))
     assert np.asarray(Image.open(tmp_path / 'out' / f'{stem}_overlay.png')).shape == (h, w, 3)
   assert sorted(os.listdir(tmp_path / 'out')) == sorted(
       [f'{os.path.splitext(n)[0]}{s}.png' for n in sizes for s in ('', '_overlay')])
@@ -293,9 +362,9 @@ def test_palettes_overlays_panels_and_confusion_image():
 
 
 def test_mask_png_holds_class_indices(tmp_path):
-  from jaxseg import viz  # pylint: disable=g-import-not-at-top
+  from jaxseg import image_io, viz  # pylint: disable=g-import-not-at-top
   mask = np.arange(12, dtype=np.uint8).reshape(3, 4) % 4
-  viz.indexed_png(mask, viz.palette_for('jaxseg_shapes', 4)).save(tmp_path / 'm.png')
+  image_io.mask_to_png(mask, viz.palette_for('jaxseg_shapes', 4)).save(tmp_path / 'm.png')
   back = Image.open(tmp_path / 'm.png')
   assert back.mode == 'P'
   np.testing.assert_array_equal(np.asarray(back), mask)

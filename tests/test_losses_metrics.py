@@ -111,7 +111,7 @@ def test_binary_task_reports_foreground_iou_and_dice():
 def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_means():
   """Devices with very different numbers of valid pixels: the loss weighs every pixel equally."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from jaxseg import sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import models, sharding, train  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data.datasets import DatasetSpec  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -135,7 +135,7 @@ def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_
   labels[0, :, :, :7] = IGNORE  # Device 0: few valid pixels; the others: all valid.
   # Reference: the same model applied to the global batch on the host.
   variables = {'params': jax.device_get(state.params)}
-  logits = setup.model.apply(variables, state_lib.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)),
+  logits = setup.model.apply(variables, models.normalize_images(jnp.asarray(images.reshape(-1, 8, 8, 3)),
                                                                    jnp.float32))
   expected = np_cross_entropy(np.asarray(logits), labels.reshape(-1, 8, 8).astype(np.int64))
   # Row block d of the global batch lands on device d.

@@ -24,9 +24,39 @@ def test_unet_paper_parameter_count():
   assert param_count(UNet(num_classes=2, base_width=64, depth=4, norm='batch', upsample='transpose')) == 31_037_698
 
 
-def test_fcn8s_vgg16_parameter_count_is_about_134m():
-  count = param_count(FCN(num_classes=21, variant='fcn8s'))
-  assert 134_000_000 <= count <= 134_500_000, count
+def fcn8s_vgg16_layer_counts_by_hand(k):
+  """FCN-8s on VGG16 with K classes, layer by layer as the paper's net (and jaxseg's) is built.
+
+  Convs are kernel h x w x in x out + bias; the two 2x up-samplings (upscore2, upscore_pool4) are 4x4
+  transposed convs K -> K without bias; the final x8 up-sampling is a fixed bilinear resize (no parameters).
+  """
+  conv = lambda kh, kw, cin, cout, bias=True: kh * kw * cin * cout + (cout if bias else 0)
+  vgg16 = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+           (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+  names = ['conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
+           'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3']
+  counts = {name: conv(3, 3, cin, cout) for name, (cin, cout) in zip(names, vgg16)}
+  counts['fc6'] = conv(7, 7, 512, 4096)
+  counts['fc7'] = conv(1, 1, 4096, 4096)
+  counts['score_fr'] = conv(1, 1, 4096, k)
+  counts['upscore2'] = conv(4, 4, k, k, bias=False)
+  counts['score_pool4'] = conv(1, 1, 512, k)
+  counts['upscore_pool4'] = conv(4, 4, k, k, bias=False)
+  counts['score_pool3'] = conv(1, 1, 256, k)
+  return counts
+
+
+def test_fcn8s_vgg16_parameter_count_by_hand():
+  """134,376,863 for 21 classes (PASCAL VOC): 14,714,688 in VGG16's convs, 102,764,544 in fc6, 16,781,312 in fc7."""
+  expected = fcn8s_vgg16_layer_counts_by_hand(21)
+  assert sum(expected[n] for n in expected if n.startswith('conv')) == 14_714_688
+  assert expected['fc6'] == 7 * 7 * 512 * 4096 + 4096 == 102_764_544
+  assert sum(expected.values()) == 134_376_863
+  variables = jax.eval_shape(lambda: FCN(num_classes=21, variant='fcn8s').init(jax.random.key(0),
+                                                                                 jnp.zeros((1, 64, 64, 3))))
+  got = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layer))
+         for name, layer in variables['params'].items()}
+  assert got == expected  # Hence 134,376,863 in all.
 
 
 @pytest.mark.parametrize('variant', ['fcn32s', 'fcn16s', 'fcn8s'])

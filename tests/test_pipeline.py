@@ -200,9 +200,10 @@ def test_eval_shares_make_up_the_split(folder_dataset, monkeypatch):
   images, labels = [], []
   for process_index in range(2):
     reads.clear()
-    ds, num_batches = pipeline.eval_dataset(builder, spec, input_config, global_batch=4,
-                                            process_index=process_index, process_count=2)
-    batches = list(pipeline.as_numpy(ds))
+    eval_data = pipeline.eval_dataset(builder, spec, input_config, global_batch=4, process_index=process_index,
+                                      process_count=2)
+    num_batches = eval_data.num_batches
+    batches = list(pipeline.as_numpy(eval_data.batches))
     assert num_batches == len(batches) == 2  # ceil(ceil(7 / 2) / 2): both processes run 2 batches.
     share = pipeline.process_share(NUM_VAL, process_index, 2)
     assert reads == share.tolist()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_unet_config
-from tests.helpers import ROOT, load_checkpoint, max_abs_diff, run_worker
+from tests.helpers import ROOT, best_checkpoint_logits_fn, load_checkpoint, max_abs_diff, run_worker
 
 STEPS = {'num_train_steps': 6, 'checkpoint_every_steps': 3, 'eval_every_steps': 6, 'log_every_steps': 3}
 
@@ -119,7 +119,41 @@ def test_train_and_evaluate_in_process_learns_something(shapes_data_dir, tmp_pat
   config = tiny_unet_config(shapes_data_dir, num_train_steps=30, log_every_steps=10, eval_every_steps=30,
                             checkpoint_every_steps=30)
   config.optimizer.learning_rate = 0.1
+  config.loss.class_weights = (0.2, 1.0, 1.0, 1.0)  # A lighter background: 30 steps predict several classes.
   result = train.train_and_evaluate(config, str(tmp_path / 'wd'))
   losses = [json.loads(l)['loss'] for l in open(tmp_path / 'wd' / 'metrics.jsonl') if '"train"' in l]
   assert losses[-1] < losses[0]
-  assert 0.0 <= result['mean_iou'] <= 1.0
+  # The returned figures are those of the step-30 checkpoint scored independently: its raw orbax arrays
+  # applied with the bare Flax module to the decoded validation split, confusion, IoU and loss in numpy.
+  confusion, mean_iou, loss = numpy_scores(best_checkpoint_logits_fn(config, str(tmp_path / 'wd')), shapes_data_dir)
+  assert (confusion.sum(0) > 0).sum() >= 2, 'the model predicts one class only'
+  got = np.asarray(result['confusion_matrix'])
+  print(f'mean IoU {result["mean_iou"]:.6f} (numpy {mean_iou:.6f}), loss {result["loss"]:.6f} (numpy {loss:.6f}); '
+        f'confusion matrices differ by {np.abs(got - confusion).sum()} pixels')
+  assert got.sum() == confusion.sum() == 200 * 96 * 96  # Every validation pixel once.
+  assert np.abs(got - confusion).sum() <= 1e-4 * confusion.sum()  # Near-ties may flip a few argmaxes.
+  assert result['mean_iou'] == pytest.approx(mean_iou, abs=1e-3)
+  assert result['loss'] == pytest.approx(loss, rel=1e-4)
+
+
+def numpy_scores(logits_fn, data_dir, num_classes=4):
+  """(confusion matrix, mean IoU, mean pixel cross-entropy) of logits_fn on jaxseg_shapes' validation split."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import shapes  # pylint: disable=g-import-not-at-top,unused-import  # Registers the builder.
+  source = tfds.data_source('jaxseg_shapes', split='validation', data_dir=data_dir)
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  ce_sum = 0.0
+  for start in range(0, len(source), 50):
+    examples = [source[i] for i in range(start, min(start + 50, len(source)))]
+    labels = np.stack([ex['segmentation_mask'][..., 0] for ex in examples]).astype(np.int64)
+    logits = logits_fn(np.stack([ex['image'] for ex in examples])).astype(np.float64)
+    preds = logits.argmax(-1)
+    confusion += np.bincount((labels * num_classes + preds).ravel(),
+                             minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    ce_sum -= np.take_along_axis(log_probs, labels[..., None], -1).sum()
+  tp = np.diag(confusion)
+  union = confusion.sum(0) + confusion.sum(1) - tp
+  present = union > 0  # Classes absent from labels and predictions have no IoU.
+  return confusion, float(np.mean(tp[present] / union[present])), ce_sum / confusion.sum()

@@ -24,10 +24,6 @@ import tensorflow as tf
 
 from jaxseg.errors import ConfigError
 
-# ImageNet statistics in 0-255 units (RGB), the same values as mmsegmentation.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-
 # Fixed number of sub-seeds split off the example seed. It never depends on
 # which augmentations are enabled, so turning e.g. photometric distortion on
 # or off does not change the crops and flips a given seed produces.
@@ -92,23 +88,6 @@ def _as_seed(seed) -> tf.Tensor:
   # augmentation whether the caller passes int32 or int64.
   seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
   return tf.ensure_shape(seed, [2])
-
-
-def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tensor:
-  """Normalises an image with per-channel statistics.
-
-  Args:
-    image: [..., 3] image in 0-255 units (any real dtype).
-    mean: per-channel mean, 0-255 units.
-    std: per-channel standard deviation, 0-255 units.
-
-  Returns:
-    float32 tensor `(image - mean) / std`.
-  """
-  image = _as_image(image)
-  mean = tf.constant(mean, tf.float32)
-  std = tf.constant(std, tf.float32)
-  return (image - mean) / std
 
 
 def _pad_bottom_right(image, label, pad_h, pad_w, ignore_label):

@@ -49,6 +49,18 @@ class DatasetSpec:
                                                                                              default=None)
 
 
+def segmentation_features(size: Optional[int] = None) -> tfds.features.FeaturesDict:
+  """The features of the datasets jaxseg writes itself: PNG image [H, W, 3], PNG mask [H, W, 1], file name.
+
+  `size`: a fixed height and width, or None for any.
+  """
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(size, size, 3), encoding_format='png'),
+      'segmentation_mask': tfds.features.Image(shape=(size, size, 1), encoding_format='png'),
+      'file_name': tfds.features.Text(),
+  })
+
+
 def _data_dir(dataset_config) -> Optional[str]:
   return dataset_config.get('data_dir') or os.environ.get('TFDS_DATA_DIR') or None
 

@@ -34,7 +34,9 @@ from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
 
+from jaxseg.data import datasets
 from jaxseg.data.datasets import ARRAY_RECORD
+from jaxseg.image_io import open_decoded, read_image, read_mask
 from jaxseg.errors import ConfigError
 from jaxseg.errors import DataError
 
@@ -53,129 +55,6 @@ class Pair(NamedTuple):
   image: str  # Absolute path of the image.
   mask: str  # Absolute path of the mask.
   file_name: str  # Image path relative to the dataset folder, '/'-separated.
-
-
-# ---------------------------------------------------------------------------
-# Reading single files (shared with inference code).
-# ---------------------------------------------------------------------------
-
-
-def _open_loaded(path: str, what: str) -> Image.Image:
-  """Opens and fully decodes an image file, raising DataError if it fails.
-
-  `.load()` is what decodes the pixel data; calling it here is what catches
-  truncated files (PIL's `open` only parses the header).
-  """
-  try:
-    img = Image.open(path)
-    img.load()
-  except FileNotFoundError as e:
-    raise DataError(f'{what} file {path} does not exist.') from e
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL reports corruption with OSError, SyntaxError, ValueError, zlib and
-    # struct errors, depending on where the file breaks.
-    raise DataError(
-        f'{what} file {path} is unreadable or corrupt '
-        f'({type(e).__name__}: {e}).'
-    ) from e
-  return img
-
-
-def _sixteen_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
-  """Scales 16-bit (or 32-bit int) gray pixel values to uint8 by range."""
-  arr = arr.astype(np.int64)
-  # 16-bit PNGs load as 'I;16' or 'I'; scale 0..65535 to 0..255. Data in
-  # 0..255 stored as 16-bit is unlikely enough not to special-case.
-  arr = np.clip(arr, 0, 65535)
-  return ((arr * 255 + 32767) // 65535).astype(np.uint8)
-
-
-def read_image(path: str) -> np.ndarray:
-  """Reads an image file as an RGB uint8 array.
-
-  Grayscale, gray+alpha, RGBA, palette, CMYK and 16-bit images are converted
-  to RGB; alpha is dropped (not composited). EXIF orientation is not applied,
-  so the pixels stay aligned with a mask drawn on the stored pixel grid.
-
-  Args:
-    path: Path of a png/jpg (or any PIL-readable) image.
-
-  Returns:
-    Array of shape (height, width, 3) and dtype uint8.
-
-  Raises:
-    DataError: The file is missing, unreadable or corrupt; names the file.
-  """
-  img = _open_loaded(path, 'Image')
-  if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'):
-    gray = _sixteen_bit_to_uint8(np.asarray(img))
-    return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
-  if img.mode == 'F':
-    raise DataError(
-        f'Image file {path} has floating-point pixels (mode F); save it as an '
-        '8-bit RGB or grayscale png/jpg.'
-    )
-  if img.mode != 'RGB':
-    try:
-      img = img.convert('RGB')
-    except Exception as e:  # pylint: disable=broad-except
-      raise DataError(
-          f'Image file {path} has mode {img.mode}, which cannot be converted '
-          f'to RGB ({e}).'
-      ) from e
-  return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
-
-
-def read_mask(path: str) -> np.ndarray:
-  """Reads a segmentation mask as a 2-D uint8 array of class indices.
-
-  Palette ("P") masks are read as their palette indices, not their colours;
-  grayscale ("L") masks as their values. A mask whose three colour channels
-  are identical is read as its first channel; an RGB colour mask (differing
-  channels) is an error, since masks must hold class indices.
-
-  Args:
-    path: Path of the mask (a png for folder datasets).
-
-  Returns:
-    Array of shape (height, width) and dtype uint8.
-
-  Raises:
-    DataError: The file is missing, corrupt, a colour mask, or holds values
-      outside 0..255; the message names the file.
-  """
-  img = _open_loaded(path, 'Mask')
-  mode = img.mode
-  if mode in ('P', 'L', '1'):
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
-  if mode in ('PA', 'LA'):
-    # The alpha channel carries no class information.
-    return np.ascontiguousarray(np.asarray(img)[..., 0].astype(np.uint8))
-  if mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'):
-    arr = np.asarray(img).astype(np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-      bad = np.unique(arr[(arr < 0) | (arr > 255)])[:10].tolist()
-      raise DataError(
-          f'Mask file {path} is a {mode} image with values {bad} outside '
-          '0..255; mask pixels must be class indices (255 = ignore).'
-      )
-    return np.ascontiguousarray(arr.astype(np.uint8))
-  if mode in ('RGB', 'RGBA'):
-    arr = np.asarray(img)[..., :3]
-    if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(
-        arr[..., 0], arr[..., 2]
-    ):
-      return np.ascontiguousarray(arr[..., 0].astype(np.uint8))
-    raise DataError(
-        f'Mask file {path} is an {mode} colour image with differing '
-        'channels. Masks must hold class indices: one value per pixel '
-        '(0..num_classes-1, 255 = ignore), saved as a single-channel (L) or '
-        'palette (P) png. Convert colour-coded masks to index masks first.'
-    )
-  raise DataError(
-      f'Mask file {path} has unsupported mode {mode}; save it as a '
-      'single-channel (L) or palette (P) png of class indices.'
-  )
 
 
 # ---------------------------------------------------------------------------
@@ -358,7 +237,7 @@ def _match_split(root: str, split_dir: str) -> List[Tuple[str, str]]:
 
 def _image_size(path: str) -> Tuple[int, int]:
   """Decodes an image fully (to catch corruption); returns (width, height)."""
-  img = _open_loaded(path, 'Image')
+  img = open_decoded(path, 'Image')
   size = img.size
   img.close()
   return size
@@ -478,15 +357,7 @@ class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
             'Images and class-index masks from a user folder '
             '(train/ -> train, val/ -> validation).'
         ),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(None, None, 3), encoding_format='png'
-            ),
-            'segmentation_mask': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png'
-            ),
-            'file_name': tfds.features.Text(),
-        }),
+        features=datasets.segmentation_features(),
         supervised_keys=('image', 'segmentation_mask'),
     )
 

@@ -19,6 +19,7 @@ position s * global_batch, so an interrupted run continues exactly where it
 was.
 """
 
+import dataclasses
 import math
 import os
 from typing import Iterator, Optional
@@ -164,72 +165,77 @@ def train_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int
   return ds.prefetch(PREFETCH).with_options(_options())
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+  """This process's share of the evaluation split, as the evaluation consumes it.
+
+  Attributes:
+    batches: {'image': uint8 [local_batch, *eval_size, 3], 'label': uint8 [local_batch, *eval_size]}, the
+      same number on every process. An example that fits eval_size is padded into its frame (image 0, label
+      ignore_label); a larger one leaves its frame blank (all ignore_label) and goes to `large` instead;
+      padding examples at the end are blank too, so they count nowhere.
+    large: the examples larger than eval_size, unbatched at their own size: {'image': uint8 [h, w, 3],
+      'label': uint8 [h, w]}. They are segmented at full resolution (as --mode=predict does) rather than
+      shrunk, which would score a shrunken label at another scale than training saw.
+    num_batches: how many batches `batches` yields.
+  """
+  batches: tf.data.Dataset
+  large: tf.data.Dataset
+  num_batches: int
+
+
 def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int, process_index: int,
-                 process_count: int, cache: bool = True) -> tuple[tf.data.Dataset, int]:
-  """This process's share of the evaluation split, padded so all processes run the same number of batches.
+                 process_count: int, cache: bool = True) -> EvalData:
+  """This process's contiguous share of the evaluation split (`process_share`); only it is read.
 
-  The share is contiguous (`process_share`) and only it is read; with
-  `cache` it is kept in memory, decoded, after the first pass. Padding
-  examples have every label pixel set to ignore_label, so they count
-  nowhere; each real pixel is in exactly one process's share. Batches hold
-  'image' [local_batch, h, w, 3] and 'label' [local_batch, h, w] (see
-  `fit_for_eval`), and two host-side fields per example: 'full_image' and
-  'full_label', the PNG bytes of an example larger than input.eval_size
-  (empty for the others), which the evaluation segments at its own size.
-
-  Returns:
-    (dataset, number of batches it yields).
+  With `cache`, the decoded share is kept in memory after the first pass, so
+  later evaluations, and the pass over `large` after `batches`, decode nothing.
   """
   num_examples = split_size(builder, spec.eval_split)
   local_batch = global_batch // process_count
   num_batches = max(1, math.ceil(math.ceil(num_examples / process_count) / local_batch))
   eval_size = tuple(input_config.eval_size)
 
-  def preprocess(example):
+  def decode(example):
     image, label = decode_example(example, spec)
-    return fit_for_eval(image, label, eval_size, spec.ignore_label)
+    return {'image': image, 'label': tf.cast(label, tf.uint8)}
 
   share = tf.data.Dataset.from_tensor_slices(process_share(num_examples, process_index, process_count))
-  ds = records(builder, spec, spec.eval_split, share)
-  ds = ds.map(preprocess, num_parallel_calls=PARALLEL_CALLS, deterministic=True)
+  decoded = records(builder, spec, spec.eval_split, share).map(decode, num_parallel_calls=PARALLEL_CALLS,
+                                                                deterministic=True)
   if cache:
-    ds = ds.cache()
+    decoded = decoded.cache()
+  frames = decoded.map(lambda ex: frame_for_eval(ex['image'], ex['label'], eval_size, spec.ignore_label),
+                       num_parallel_calls=PARALLEL_CALLS, deterministic=True)
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros(eval_size + (3,), tf.uint8),
-      'label': tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8)),
-      'full_image': tf.constant(b''), 'full_label': tf.constant(b'')}).repeat()
-  ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
-  return ds.prefetch(PREFETCH).with_options(_options()), num_batches
+      'label': tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8))}).repeat()
+  batches = frames.concatenate(padding).take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
+  large = decoded.filter(lambda ex: _larger_than(ex['image'], eval_size))
+  return EvalData(batches=batches.prefetch(PREFETCH).with_options(_options()),
+                  large=large.with_options(_options()), num_batches=num_batches)
 
 
-def fit_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ignore_label: int) -> dict:
-  """One evaluation example in a fixed `size` frame for the devices, or set aside whole.
-
-  An image that fits is padded (image 0, label ignore_label) to `size`: the
-  evaluation on the devices scores it exactly. A larger one is not shrunk
-  (that would score a shrunken label, at another scale than training saw):
-  its frame is empty (label all ignore_label) and the image and label travel as PNG bytes
-  in 'full_image'/'full_label', for the evaluation to segment at full
-  resolution as --mode=predict does (config.inference; by default a sliding
-  window of the training crop) and score at the label's own size.
-  """
+def _larger_than(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
   hw = tf.shape(image)[:2]
-  too_big = tf.logical_or(hw[0] > size[0], hw[1] > size[1])
+  return tf.logical_or(hw[0] > size[0], hw[1] > size[1])
 
-  def set_aside():
-    frame_image = tf.zeros(size + (3,), tf.uint8)
-    frame_label = tf.fill(size, tf.constant(ignore_label, tf.int32))
-    return (frame_image, frame_label, tf.io.encode_png(image),
-            tf.io.encode_png(tf.cast(label, tf.uint8)[..., None]))
+
+def frame_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ignore_label: int) -> dict:
+  """An example in a fixed `size` frame for the eval step: padded (image 0, label ignore_label) if it fits,
+  blank (label all ignore_label) if it is larger (EvalData.large scores those)."""
+
+  def blank():
+    return tf.zeros(size + (3,), tf.uint8), tf.fill(size, tf.constant(ignore_label, tf.int32))
 
   def pad():
-    padded, padded_label = augment.pad_to_size(tf.cast(image, tf.float32), label, size, ignore_label=ignore_label)
-    return tf.cast(padded, tf.uint8), tf.cast(padded_label, tf.int32), tf.constant(b''), tf.constant(b'')
+    padded, padded_label = augment.pad_to_size(tf.cast(image, tf.float32), tf.cast(label, tf.int32), size,
+                                               ignore_label=ignore_label)
+    return tf.cast(padded, tf.uint8), tf.cast(padded_label, tf.int32)
 
-  frame_image, frame_label, full_image, full_label = tf.cond(too_big, set_aside, pad)
+  frame_image, frame_label = tf.cond(_larger_than(image, size), blank, pad)
   return {'image': tf.ensure_shape(frame_image, size + (3,)),
-          'label': tf.cast(tf.ensure_shape(frame_label, size), tf.uint8),
-          'full_image': full_image, 'full_label': full_label}
+          'label': tf.cast(tf.ensure_shape(frame_label, size), tf.uint8)}
 
 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:

@@ -30,6 +30,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxseg.data import datasets
+
 CLASS_NAMES = ('background', 'disc', 'square', 'triangle')
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 96
@@ -174,7 +176,7 @@ def generate_example(
   Shapes are painted in order onto a textured background; each one is drawn
   from a single boolean coverage array into both the image and the mask, so
   the mask is exactly what is visible (later shapes occlude earlier ones).
-  A placement that would leave an earlier shape with less than 35% of its
+  A placement that would leave an earlier shape with less than 60% of its
   visible area is retried, and after repeated failures the new shape is
   dropped (never below two shapes), so occlusion does not leave unlearnable
   slivers.
@@ -257,15 +259,7 @@ class JaxsegShapes(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format='png'
-            ),
-            'segmentation_mask': tfds.features.Image(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 1), encoding_format='png'
-            ),
-            'file_name': tfds.features.Text(),
-        }),
+        features=datasets.segmentation_features(IMAGE_SIZE),
         supervised_keys=('image', 'segmentation_mask'),
     )
 

@@ -1,0 +1,164 @@
+"""Image and mask files in and out: the one place jaxseg reads and writes pixels on disk.
+
+Used by folder datasets (data/folder.py), --mode=predict and jaxseg.api.
+Every reader raises DataError naming the file for a missing, unreadable or
+unsuitable file.
+"""
+
+import numpy as np
+from PIL import Image
+
+from jaxseg.errors import DataError
+
+IGNORE_COLOUR = (224, 224, 192)  # The colour of the ignore label (and any index past the palette) in pictures.
+
+
+def open_decoded(path: str, what: str) -> Image.Image:
+  """Opens and fully decodes an image file, raising DataError if it fails.
+
+  `.load()` is what decodes the pixel data; calling it here is what catches
+  truncated files (PIL's `open` only parses the header).
+  """
+  try:
+    img = Image.open(path)
+    img.load()
+  except FileNotFoundError as e:
+    raise DataError(f'{what} file {path} does not exist.') from e
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL reports corruption with OSError, SyntaxError, ValueError, zlib and
+    # struct errors, depending on where the file breaks.
+    raise DataError(
+        f'{what} file {path} is unreadable or corrupt '
+        f'({type(e).__name__}: {e}).'
+    ) from e
+  return img
+
+
+def _sixteen_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
+  """Scales 16-bit (or 32-bit int) gray pixel values to uint8 by range."""
+  arr = arr.astype(np.int64)
+  # 16-bit PNGs load as 'I;16' or 'I'; scale 0..65535 to 0..255. Data in
+  # 0..255 stored as 16-bit is unlikely enough not to special-case.
+  arr = np.clip(arr, 0, 65535)
+  return ((arr * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads an image file as an RGB uint8 array.
+
+  Grayscale, gray+alpha, RGBA, palette, CMYK and 16-bit images are converted
+  to RGB; alpha is dropped (not composited). EXIF orientation is not applied,
+  so the pixels stay aligned with a mask drawn on the stored pixel grid.
+
+  Args:
+    path: Path of a png/jpg (or any PIL-readable) image.
+
+  Returns:
+    Array of shape (height, width, 3) and dtype uint8.
+
+  Raises:
+    DataError: The file is missing, unreadable or corrupt; names the file.
+  """
+  img = open_decoded(path, 'Image')
+  if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'):
+    gray = _sixteen_bit_to_uint8(np.asarray(img))
+    return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
+  if img.mode == 'F':
+    raise DataError(
+        f'Image file {path} has floating-point pixels (mode F); save it as an '
+        '8-bit RGB or grayscale png/jpg.'
+    )
+  if img.mode != 'RGB':
+    try:
+      img = img.convert('RGB')
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(
+          f'Image file {path} has mode {img.mode}, which cannot be converted '
+          f'to RGB ({e}).'
+      ) from e
+  return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def read_mask(path: str) -> np.ndarray:
+  """Reads a segmentation mask as a 2-D uint8 array of class indices.
+
+  Palette ("P") masks are read as their palette indices, not their colours;
+  grayscale ("L") masks as their values. A mask whose three colour channels
+  are identical is read as its first channel; an RGB colour mask (differing
+  channels) is an error, since masks must hold class indices.
+
+  Args:
+    path: Path of the mask (a png for folder datasets).
+
+  Returns:
+    Array of shape (height, width) and dtype uint8.
+
+  Raises:
+    DataError: The file is missing, corrupt, a colour mask, or holds values
+      outside 0..255; the message names the file.
+  """
+  img = open_decoded(path, 'Mask')
+  mode = img.mode
+  if mode in ('P', 'L', '1'):
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+  if mode in ('PA', 'LA'):
+    # The alpha channel carries no class information.
+    return np.ascontiguousarray(np.asarray(img)[..., 0].astype(np.uint8))
+  if mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'):
+    arr = np.asarray(img).astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+      bad = np.unique(arr[(arr < 0) | (arr > 255)])[:10].tolist()
+      raise DataError(
+          f'Mask file {path} is a {mode} image with values {bad} outside '
+          '0..255; mask pixels must be class indices (255 = ignore).'
+      )
+    return np.ascontiguousarray(arr.astype(np.uint8))
+  if mode in ('RGB', 'RGBA'):
+    arr = np.asarray(img)[..., :3]
+    if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(
+        arr[..., 0], arr[..., 2]
+    ):
+      return np.ascontiguousarray(arr[..., 0].astype(np.uint8))
+    raise DataError(
+        f'Mask file {path} is an {mode} colour image with differing '
+        'channels. Masks must hold class indices: one value per pixel '
+        '(0..num_classes-1, 255 = ignore), saved as a single-channel (L) or '
+        'palette (P) png. Convert colour-coded masks to index masks first.'
+    )
+  raise DataError(
+      f'Mask file {path} has unsupported mode {mode}; save it as a '
+      'single-channel (L) or palette (P) png of class indices.'
+  )
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+  """Any grey [H, W] / [H, W, 1], RGB or RGBA (alpha dropped) array -> uint8 RGB [H, W, 3].
+
+  Floats in [0, 1] are taken as 0-1 intensities (scaled by 255); other
+  values are rounded and clipped to 0..255.
+  """
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f'expected an image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {image.shape}')
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  image = image[..., :3]
+  if image.dtype != np.uint8:
+    if np.issubdtype(image.dtype, np.floating) and image.size and float(np.nanmax(image)) <= 1.0:
+      image = image * 255.0
+    image = np.clip(np.round(np.nan_to_num(image)), 0, 255).astype(np.uint8)
+  return np.ascontiguousarray(image)
+
+
+def mask_to_png(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
+  """A class-index mask as a palette ('P') PNG image: pixel values are class indices, viewers show colours."""
+  mask = np.asarray(mask)
+  if mask.size and (mask.min() < 0 or mask.max() > 255):
+    raise ValueError('class indices must be in [0, 255] to be stored as a PNG')
+  img = Image.fromarray(mask.astype(np.uint8))
+  table = np.tile(np.asarray(IGNORE_COLOUR, np.uint8), (256, 1))
+  table[:len(palette)] = np.asarray(palette, np.uint8)[:256]
+  img.putpalette(table.reshape(-1).tolist())
+  return img
