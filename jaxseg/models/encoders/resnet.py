@@ -36,7 +36,18 @@ def batch_norm(*, train: bool, dtype: Any, name: str) -> nn.Module:
   return layers.make_norm('batch', train=train, dtype=dtype)(name=name)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+  """The attributes torchvision's two residual blocks share (see BasicBlock for their meaning)."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  next_dilation: int = 1
+  downsample: bool = False
+  train_bn: bool = False
+  dtype: Any = jnp.float32
+
+
+class BasicBlock(_Block):
   """torchvision's BasicBlock: 3x3 conv (stride) -> BN -> ReLU -> 3x3 conv -> BN, plus the shortcut, ReLU.
 
   Attributes:
@@ -47,14 +58,8 @@ class BasicBlock(nn.Module):
       extends its rule for Bottleneck: the conv that held the stride keeps the previous dilation, the
       3x3 convs after it take the stage's.
     downsample: a 1x1 conv (stride) + BN shortcut (downsample_0, downsample_1) instead of the identity.
+    train_bn: BatchNorm in training mode (batch statistics, updated running averages).
   """
-  planes: int
-  stride: int = 1
-  dilation: int = 1
-  next_dilation: int = 1
-  downsample: bool = False
-  train_bn: bool = False
-  dtype: Any = jnp.float32
   expansion: ClassVar[int] = 1
 
   @nn.compact
@@ -70,18 +75,11 @@ class BasicBlock(nn.Module):
     return nn.relu(y + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """torchvision's Bottleneck (ResNet v1.5): 1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 channels), each with BN.
 
   Attributes as BasicBlock's; `dilation` is the 3x3 conv's and `next_dilation` is unused (one 3x3 conv).
   """
-  planes: int
-  stride: int = 1
-  dilation: int = 1
-  next_dilation: int = 1
-  downsample: bool = False
-  train_bn: bool = False
-  dtype: Any = jnp.float32
   expansion: ClassVar[int] = 4
 
   @nn.compact
