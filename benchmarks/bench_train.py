@@ -73,6 +73,9 @@ MODELS: dict[str, dict[str, Any]] = {
     'unet64': dict(kind='unet', num_classes=2, base_width=64, depth=4),
     'fcn8s': dict(kind='fcn', num_classes=21, variant='fcn8s', width_multiplier=1.0, fc_width=4096,
                   fc6_kernel=7, dropout_rate=0.5),
+    # Pretrained-encoder models (jaxseg only: no PyTorch peer in torch_models.py; run with --no-torch).
+    'unet-resnet34': dict(kind='unet_encoder', num_classes=21, encoder='resnet34'),
+    'deeplabv3plus-r50': dict(kind='deeplabv3plus', num_classes=21, encoder='resnet50', output_stride=16),
     'unet-tiny': dict(kind='unet', num_classes=3, base_width=4, depth=2),
     'fcn8s-tiny': dict(kind='fcn', num_classes=3, variant='fcn8s', width_multiplier=1 / 16, fc_width=16,
                        fc6_kernel=3, dropout_rate=0.5),
@@ -80,8 +83,11 @@ MODELS: dict[str, dict[str, Any]] = {
 DEFAULT_MODELS = ('unet-default', 'unet32', 'unet64', 'fcn8s')
 SMOKE_MODELS = ('unet-tiny', 'fcn8s-tiny')
 # (image size, global batch) per model: small on CPU, realistic on accelerators.
-CPU_SHAPES = {'unet-default': (64, 16), 'unet32': (128, 4), 'unet64': (128, 4), 'fcn8s': (128, 2)}
-ACCEL_SHAPES = {'unet-default': (64, 256), 'unet32': (256, 32), 'unet64': (256, 16), 'fcn8s': (256, 16)}
+CPU_SHAPES = {'unet-default': (64, 16), 'unet32': (128, 4), 'unet64': (128, 4), 'fcn8s': (128, 2),
+              'unet-resnet34': (256, 2), 'deeplabv3plus-r50': (256, 2)}
+ACCEL_SHAPES = {'unet-default': (64, 256), 'unet32': (256, 32), 'unet64': (256, 16), 'fcn8s': (256, 16),
+                'unet-resnet34': (256, 16), 'deeplabv3plus-r50': (256, 16)}
+TORCH_KINDS = ('unet', 'fcn')  # Model kinds with a PyTorch peer (benchmarks/torch_models.py).
 SMOKE_SHAPE = (32, 2)
 SMOKE_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
@@ -245,6 +251,11 @@ def jaxseg_config(model: str, dtype: str, image_size: int, batch: int):
     config.model.depth = kw['depth']
     config.model.norm = 'batch'
     config.model.upsample = 'transpose'
+  elif kind == 'unet_encoder':
+    config.model.name = 'unet'
+    config.model.encoder = kw['encoder']  # Random weights: a weights file changes values, not the speed.
+  elif kind == 'deeplabv3plus':
+    config.model = ml_collections.ConfigDict(dict(name='deeplabv3plus', **kw))
   else:
     config.model = ml_collections.ConfigDict(dict(name='fcn', **kw))
   config.dataset.num_classes = num_classes
@@ -459,6 +470,8 @@ def run_jaxseg_row(row: dict) -> dict:
 
 def run_torch_row(row: dict) -> dict:
   """Times the PyTorch peer's train step for one row; row['variant'] is 'eager' or 'compile'."""
+  if model_kwargs(row['model'])[0] not in TORCH_KINDS:
+    return {'status': 'n/a', 'reason': f'no PyTorch peer for {row["model"]} in torch_models.py'}
   cache_dir = None
   if row['variant'] == 'compile' and 'torch' not in sys.modules:
     # A cold compile, as jaxseg's (no persistent compilation cache): Inductor would otherwise reuse the
@@ -569,6 +582,9 @@ def torch_probe(models: list[str], image_sizes: dict[str, int]) -> dict:
   out = {'torch_version': torch.__version__, 'cuda_available': torch.cuda.is_available(), 'models': {}}
   for model in models:
     kind, num_classes, kw = model_kwargs(model)
+    if kind not in TORCH_KINDS:
+      out['models'][model] = {'param_count_torch': None, 'torch_forward_flops_per_image': None}
+      continue
     entry = {'param_count_torch': torch_models.meta_param_count(kind, num_classes, **kw)}
     try:
       entry['torch_forward_flops_per_image'] = torch_models.forward_flops_per_image(

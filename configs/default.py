@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Model: which network and its shape (see jaxseg/models). ----
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'unet'          # 'unet' or 'fcn'.
+  config.model.name = 'unet'          # 'unet' (plain, or on a pretrained encoder: model.encoder), 'fcn', 'fcn_vgg16' or 'deeplabv3plus' (see jaxseg/models; a recipe keeps only its model's fields).
   # UNet fields (ignored by other models; a recipe keeps only its model's fields).
   config.model.base_width = 64        # Channels at the first level; doubled at each down-step.
   config.model.depth = 4              # Number of down-steps (the paper: 4). Inputs are padded to a multiple of 2**depth.
@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.ignore_values = placeholder(tuple)  # Raw mask values mapped to ignore_label; None: preset's.
   config.dataset.train_split = placeholder(str)  # None: preset's (usually 'train').
   config.dataset.eval_split = placeholder(str)  # None: preset's (usually 'validation').
-  config.dataset.cache = True         # Keep this process's share of the eval split in memory, decoded at input.eval_size, after the first evaluation.
+  config.dataset.cache = True         # Keep this process's share of the eval split in memory, decoded, after the first evaluation (later ones decode nothing).
 
   # ---- Input pipeline and augmentation (tf.data; see jaxseg/data/augment.py). ----
   config.input = ml_collections.ConfigDict()

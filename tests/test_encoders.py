@@ -175,8 +175,11 @@ def test_table_maps_torchvision_names_onto_flax_paths():
     ('resnet18', 32, 'safetensors'),
     ('resnet18', 8, 'pth'),  # BasicBlock dilated (jaxseg's extension, see torch_reference).
     ('resnet34', 32, 'pth'),
+    ('resnet34', 16, 'safetensors'),
     ('resnet50', 16, 'safetensors'),
     ('resnet50', 8, 'pth'),
+    ('resnet101', 32, 'pth'),
+    ('resnet101', 16, 'safetensors'),
 ])
 def test_resnet_features_match_torch(ref, tmp_path, name, output_stride, fmt):
   model = ref.randomize_(ref.make_encoder(name, output_stride), seed=1)
@@ -217,7 +220,8 @@ def vgg_case(ref, tmp_path, name, layout, fmt, seed):
   return model, save_state_dict(sd, tmp_path / f'{name}_{layout}.{fmt}')
 
 
-@pytest.mark.parametrize('name,layout,fmt', [('vgg16', 'torchvision', 'pth'), ('vgg16_bn', 'timm', 'safetensors')])
+@pytest.mark.parametrize('name,layout,fmt', [('vgg16', 'torchvision', 'pth'), ('vgg16', 'timm', 'safetensors'),
+                                             ('vgg16_bn', 'timm', 'safetensors'), ('vgg16_bn', 'torchvision', 'pth')])
 def test_vgg_features_and_classifier_match_torch(ref, tmp_path, name, layout, fmt):
   """The 5 pool outputs, and fc6/fc7 (torchvision Linear or timm conv layout) as Flax convolutions."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -506,9 +510,12 @@ def test_fine_tuning_starts_from_the_file(ref, shapes_data_dir, tmp_path, monkey
     return state
 
   monkeypatch.setattr(state_lib.Setup, 'init_state', recording_init_state)
+  # The encoder at a tenth of the decoder's learning rate, its BatchNorm statistics frozen (small batches).
   config = tiny_unet_config(shapes_data_dir, **{'model.encoder': 'resnet18', 'model.encoder_weights': path,
                                                 'num_train_steps': 2, 'eval_every_steps': 2,
-                                                'checkpoint_every_steps': 2, 'log_every_steps': 1})
+                                                'checkpoint_every_steps': 2, 'log_every_steps': 1,
+                                                'finetune.encoder_lr_multiplier': 0.1,
+                                                'finetune.freeze_encoder_batch_stats': True})
   metrics = train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert metrics and initial, 'trained, evaluated, and the initial state was seen'
 
@@ -520,6 +527,12 @@ def test_fine_tuning_starts_from_the_file(ref, shapes_data_dir, tmp_path, monkey
   reference.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
   for stride, g, w in zip((2, 4, 8, 16, 32), got, torch_features(ref, reference, x_nchw)):
     assert_close_relative(g, w, f'initial encoder stride {stride}')
-  # And training moved on from it.
+  # Training moved the weights on from it; the frozen statistics are still the file's, while the decoder's moved.
   saved, _ = load_checkpoint(str(tmp_path / 'wd'))
   assert not np.allclose(saved['params']['encoder']['conv1']['kernel'], initial['params']['encoder']['conv1']['kernel'])
+  file_stats = {k: v.numpy() for k, v in torch.load(path, map_location='cpu', weights_only=True).items()}
+  np.testing.assert_array_equal(saved['batch_stats']['encoder']['bn1']['mean'], file_stats['bn1.running_mean'])
+  np.testing.assert_array_equal(saved['batch_stats']['encoder']['layer4_1']['bn2']['var'],
+                                file_stats['layer4.1.bn2.running_var'])
+  assert not np.allclose(saved['batch_stats']['decoder_block0']['bn1']['mean'],
+                         initial['batch_stats']['decoder_block0']['bn1']['mean'])

@@ -277,3 +277,98 @@ class Unet(nn.Module):
   def forward(self, x):
     features = [x] + self.encoder.features(x)
     return self.segmentation_head(self.decoder(*features))
+
+
+# ---- segmentation_models_pytorch 0.6's DeepLabV3Plus (separable ASPP and decoder), with its module names. ----
+
+
+def smp_make_dilated_(encoder, output_stride):
+  """smp's EncoderMixin.make_dilated for the ResNets: every conv of layer4 (and layer3 at 8) loses its stride
+  and takes dilation stage_stride // output_stride (padding k//2 * dilation)."""
+  stages = {16: encoder.layer3, 32: encoder.layer4}
+  for stage_stride, stage in stages.items():
+    if stage_stride <= output_stride:
+      continue
+    rate = stage_stride // output_stride
+    for mod in stage.modules():
+      if isinstance(mod, nn.Conv2d):
+        mod.stride = (1, 1)
+        mod.dilation = (rate, rate)
+        kh, kw = mod.kernel_size
+        mod.padding = ((kh // 2) * rate, (kw // 2) * rate)
+  return encoder
+
+
+class SeparableConv2d(nn.Sequential):
+
+  def __init__(self, in_channels, out_channels, kernel_size, padding=0, dilation=1, bias=True):
+    super().__init__(
+        nn.Conv2d(in_channels, in_channels, kernel_size, padding=padding, dilation=dilation, groups=in_channels,
+                  bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=bias))
+
+
+class ASPPPooling(nn.Sequential):
+
+  def __init__(self, in_channels, out_channels):
+    super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                     nn.BatchNorm2d(out_channels), nn.ReLU())
+
+  def forward(self, x):
+    size = x.shape[-2:]
+    for mod in self:
+      x = mod(x)
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+
+
+class ASPP(nn.Module):
+
+  def __init__(self, in_channels, out_channels, atrous_rates, dropout=0.5):
+    super().__init__()
+    modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+                             nn.ReLU())]
+    for rate in atrous_rates:
+      modules.append(nn.Sequential(
+          SeparableConv2d(in_channels, out_channels, 3, padding=rate, dilation=rate, bias=False),
+          nn.BatchNorm2d(out_channels), nn.ReLU()))
+    modules.append(ASPPPooling(in_channels, out_channels))
+    self.convs = nn.ModuleList(modules)
+    self.project = nn.Sequential(nn.Conv2d(5 * out_channels, out_channels, 1, bias=False),
+                                 nn.BatchNorm2d(out_channels), nn.ReLU(), nn.Dropout(dropout))
+
+  def forward(self, x):
+    return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+
+
+class DeepLabV3PlusDecoder(nn.Module):
+
+  def __init__(self, encoder_channels, out_channels, atrous_rates, output_stride):
+    super().__init__()
+    self.aspp = nn.Sequential(ASPP(encoder_channels[-1], out_channels, atrous_rates),
+                              SeparableConv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                              nn.BatchNorm2d(out_channels), nn.ReLU())
+    self.up = nn.Upsample(mode='bilinear', scale_factor=4 if output_stride == 16 else 2, align_corners=True)
+    self.block1 = nn.Sequential(nn.Conv2d(encoder_channels[2], 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+    self.block2 = nn.Sequential(SeparableConv2d(48 + out_channels, out_channels, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(out_channels), nn.ReLU())
+
+  def forward(self, features):
+    x = self.up(self.aspp(features[-1]))
+    return self.block2(torch.cat([x, self.block1(features[2])], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+  """smp.DeepLabV3Plus(encoder_name, classes=K, encoder_output_stride, decoder_atrous_rates) for the ResNets."""
+
+  def __init__(self, encoder_name, classes, output_stride=16, atrous_rates=(12, 24, 36)):
+    super().__init__()
+    self.encoder = smp_make_dilated_(make_encoder(encoder_name), output_stride)
+    del self.encoder.fc
+    del self.encoder.avgpool
+    channels = (3, 64) + tuple(c * self.encoder.layer1[0].expansion for c in (64, 128, 256, 512))
+    self.decoder = DeepLabV3PlusDecoder(channels, 256, atrous_rates, output_stride)
+    self.segmentation_head = nn.Sequential(nn.Conv2d(256, classes, kernel_size=1),
+                                           nn.Upsample(mode='bilinear', scale_factor=4, align_corners=True))
+
+  def forward(self, x):
+    return self.segmentation_head(self.decoder([x] + self.encoder.features(x)))

@@ -6,7 +6,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.errors import ConfigError
+from jaxseg.models.deeplabv3plus import build_deeplabv3plus
 from jaxseg.models.fcn import FCN
+from jaxseg.models.fcn_vgg16 import build_fcn_vgg16
 from jaxseg.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize_images  # noqa: F401
 from jaxseg.models.unet import UNet
 from jaxseg.models.unet_encoder import UNET_ENCODERS, EncoderUNet
@@ -36,6 +38,8 @@ def build_unet(*, num_classes: int, dtype: Any, encoder: Optional[str] = None, e
 MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
     'unet': (build_unet, ('base_width', 'depth', 'norm', 'upsample', 'encoder', 'encoder_weights')),
     'fcn': (FCN, ('variant', 'width_multiplier', 'fc_width', 'fc6_kernel', 'dropout_rate', 'norm')),
+    'deeplabv3plus': (build_deeplabv3plus, ('encoder', 'encoder_weights', 'output_stride')),
+    'fcn_vgg16': (build_fcn_vgg16, ('variant', 'encoder', 'encoder_weights', 'dropout_rate')),
 }
 
 
@@ -45,11 +49,20 @@ def load_pretrained(model_config: Any, variables: dict) -> dict:
   config.model.encoder_weights: a torchvision/timm state dict for config.model.encoder, put into the
   encoder submodule (its first convolution adapted when the model takes other than 3 input channels).
   Raises WeightsError naming the file, the key and the shapes when the file does not fit.
+  'fcn_vgg16' also gets the file's ImageNet fc6/fc7 (VGG's classifier.0/3, reshaped into 7x7 and 1x1
+  convolutions) in params['fc6'], params['fc7']; a file without a classifier leaves them random, with a
+  logged warning (fcn_vgg16.with_pretrained_classifier).
   """
   path = model_config.get('encoder_weights')
   if not path:
     return variables
   from jaxseg.models.encoders import weights  # pylint: disable=g-import-not-at-top
+  if model_config.name == 'fcn_vgg16':
+    from jaxseg.models import fcn_vgg16  # pylint: disable=g-import-not-at-top
+    encoder = model_config.get('encoder') or 'vgg16'
+    read = weights.read_encoder_weights(encoder, path)  # Read once (~530 MB), for the encoder and fc6/fc7.
+    variables = weights.with_pretrained_encoder(variables, encoder, path, encoder_weights=read)
+    return fcn_vgg16.with_pretrained_classifier(variables, read.classifier, path)
   return weights.with_pretrained_encoder(variables, model_config.encoder, path)
 
 

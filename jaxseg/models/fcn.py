@@ -52,14 +52,8 @@ class FCN(nn.Module):
     make_norm = layers.make_norm(self.norm, train=train, dtype=self.dtype)
 
     def conv_relu(x, feats, kernel, name):
-      kwargs = dict(use_bias=self.norm == 'none', dtype=self.dtype, kernel_init=nn.initializers.kaiming_normal(),
-                    name=name)
-      if kernel > min(x.shape[1:3]):
-        # fc6 on a map smaller than its kernel (small images): as a matrix product its forward and input
-        # gradient took 0.13 s instead of 7.8 s per FCN-8s step on CPU (benchmarks/NOTES.md).
-        x = layers.PatchMatmulConv(feats, (kernel, kernel), **kwargs)(x)
-      else:
-        x = nn.Conv(feats, (kernel, kernel), padding='SAME', **kwargs)(x)
+      x = same_conv(x, feats, kernel, use_bias=self.norm == 'none', dtype=self.dtype,
+                    kernel_init=nn.initializers.kaiming_normal(), name=name)
       return nn.relu(make_norm(name=f'{name}_norm')(x))
 
     pools = []
@@ -74,24 +68,49 @@ class FCN(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = conv_relu(x, self.fc_width, 1, 'fc7')
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    score = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='score_fr')(x)
-
-    def up2(s, name):
-      return nn.ConvTranspose(self.num_classes, (4, 4), strides=(2, 2), padding='SAME', use_bias=False,
-                              kernel_init=layers.bilinear_kernel_init, dtype=self.dtype, name=name)(s)
-
-    def skip_score(feat, name):
-      # Zero-initialised so training starts from the coarser net's output (as in the paper).
-      return nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros_init(), dtype=self.dtype,
-                     name=name)(feat)
-
-    stride = 32
-    if self.variant in ('fcn16s', 'fcn8s'):
-      score = up2(score, 'upscore2') + skip_score(pool4, 'score_pool4')
-      stride = 16
-    if self.variant == 'fcn8s':
-      score = up2(score, 'upscore_pool4') + skip_score(pool3, 'score_pool3')
-      stride = 8
-    n, sh, sw, c = score.shape
-    score = jax.image.resize(score, (n, sh * stride, sw * stride, c), 'bilinear')
+    score = fcn_scores(x, pool3, pool4, num_classes=self.num_classes, variant=self.variant, dtype=self.dtype)
     return score[:, :h, :w, :]
+
+
+def same_conv(x, features: int, kernel: int, *, name: str, **conv_kwargs):
+  """A stride-1 'SAME' kernel x kernel convolution (fc6, fc7); call inside a compact method (a submodule `name`).
+
+  On a map smaller than its kernel (fc6 on small images) it is layers.PatchMatmulConv, the same function and
+  parameters: as a matrix product its forward and input gradient took 0.13 s instead of 7.8 s per FCN-8s step
+  on CPU (benchmarks/NOTES.md).
+  """
+  if kernel > min(x.shape[1:3]):
+    return layers.PatchMatmulConv(features, (kernel, kernel), name=name, **conv_kwargs)(x)
+  return nn.Conv(features, (kernel, kernel), padding='SAME', name=name, **conv_kwargs)(x)
+
+
+def fcn_scores(x, pool3, pool4, *, num_classes: int, variant: str, dtype: Any,
+               score_fr_init=nn.initializers.lecun_normal()):
+  """FCN's head from fc7's output (stride 32) and the pool3/pool4 maps: scores at the input's (padded) size.
+
+  Call inside a compact method: it adds the submodules score_fr, and for fcn16s/fcn8s upscore2 and
+  score_pool4, and for fcn8s upscore_pool4 and score_pool3 (the paper's names). The 2x up-samplings are
+  learnable 4x4 stride-2 transposed convs initialised to bilinear; the skip scores are zero-initialised so
+  training starts from the coarser net's output (as in the paper); the final x32/x16/x8 up-sampling is a
+  fixed bilinear resize. score_fr_init: score_fr's kernel init (zeros for a pretrained net, as the paper).
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f'model.variant must be one of {VARIANTS}, got {variant!r}')
+  score = nn.Conv(num_classes, (1, 1), kernel_init=score_fr_init, dtype=dtype, name='score_fr')(x)
+
+  def up2(s, name):
+    return nn.ConvTranspose(num_classes, (4, 4), strides=(2, 2), padding='SAME', use_bias=False,
+                            kernel_init=layers.bilinear_kernel_init, dtype=dtype, name=name)(s)
+
+  def skip_score(feat, name):
+    return nn.Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros_init(), dtype=dtype, name=name)(feat)
+
+  stride = 32
+  if variant in ('fcn16s', 'fcn8s'):
+    score = up2(score, 'upscore2') + skip_score(pool4, 'score_pool4')
+    stride = 16
+  if variant == 'fcn8s':
+    score = up2(score, 'upscore_pool4') + skip_score(pool3, 'score_pool3')
+    stride = 8
+  n, sh, sw, c = score.shape
+  return jax.image.resize(score, (n, sh * stride, sw * stride, c), 'bilinear')

@@ -21,6 +21,7 @@ from jaxseg.models import layers
 KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 STAGE_WIDTHS = (64, 128, 256, 512)
 OUTPUT_STRIDES = (8, 16, 32)
+DILATION_RULES = ('torchvision', 'smp')
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, dtype: Any, name: str) -> nn.Conv:
@@ -107,8 +108,16 @@ def dilate_stages(output_stride: int) -> tuple[bool, bool, bool]:
   return {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
 
 
-def stage_plan(block: str, stage_sizes: Sequence[int], output_stride: int) -> list[list[dict]]:
-  """Per stage, per block: the block's constructor arguments (torchvision's `_make_layer`, stride by stride)."""
+def stage_plan(block: str, stage_sizes: Sequence[int], output_stride: int,
+               dilation_rule: str = 'torchvision') -> list[list[dict]]:
+  """Per stage, per block: the block's constructor arguments (torchvision's `_make_layer`, stride by stride).
+
+  dilation_rule 'smp': segmentation_models_pytorch's make_dilated instead, which gives every conv of a dilated
+  stage the stage's dilation (also the first block's strided 3x3 conv, which torchvision keeps at the previous
+  stage's dilation); the same parameters, different outputs.
+  """
+  if dilation_rule not in DILATION_RULES:
+    raise ConfigError(f'dilation_rule must be one of {DILATION_RULES}, got {dilation_rule!r}')
   expansion = BLOCKS[block].expansion
   dilate = (False,) + dilate_stages(output_stride)
   plan, dilation, inplanes = [], 1, 64
@@ -118,6 +127,8 @@ def stage_plan(block: str, stage_sizes: Sequence[int], output_stride: int) -> li
     if dilate[i]:
       dilation *= stride
       stride = 1
+      if dilation_rule == 'smp':
+        previous = dilation
     stage = []
     for b in range(n_blocks):
       first = b == 0
@@ -142,12 +153,15 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. (3, 4, 6, 3).
     output_stride: 32, 16 or 8 (torchvision's replace_stride_with_dilation [F,F,F], [F,F,T], [F,T,T]).
     frozen_bn: BatchNorm always uses (and never updates) its running statistics, also when training.
+    dilation_rule: 'torchvision' (replace_stride_with_dilation) or 'smp' (smp's make_dilated, which DeepLabV3+
+      uses): see `stage_plan`. Only matters at output_stride 16 or 8.
     dtype: computation dtype; parameters stay float32.
   """
   block: str = 'basic'
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   output_stride: int = 32
   frozen_bn: bool = False
+  dilation_rule: str = 'torchvision'
   dtype: Any = jnp.float32
 
   @property
@@ -170,7 +184,7 @@ class ResNet(nn.Module):
     features = [x]
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # Pads with -inf, as torch.
     block_cls = BLOCKS[self.block]
-    for i, stage in enumerate(stage_plan(self.block, self.stage_sizes, self.output_stride)):
+    for i, stage in enumerate(stage_plan(self.block, self.stage_sizes, self.output_stride, self.dilation_rule)):
       for b, kwargs in enumerate(stage):
         x = block_cls(**kwargs, train_bn=train_bn, dtype=self.dtype, name=f'layer{i + 1}_{b}')(x)
       features.append(x)

@@ -399,27 +399,30 @@ def _leaves_with_paths(tree) -> list[tuple[str, Any]]:
 
 
 def with_pretrained_encoder(variables: Mapping[str, Any], name: str, path: str, *,
-                            submodule: str = registry.ENCODER_SUBMODULE) -> dict[str, Any]:
+                            submodule: str = registry.ENCODER_SUBMODULE,
+                            encoder_weights: Optional[EncoderWeights] = None) -> dict[str, Any]:
   """`variables` (a model's, fresh from model.init) with the encoder's replaced by the weights in `path`.
 
   models.load_pretrained calls it when a train state starts from scratch (state.Setup.init_state), outside
   any jit: the file is read once, on the host. A first convolution with other than 3 input channels gets
-  the file's RGB kernel adapted (finetune.adapt_first_conv).
+  the file's RGB kernel adapted (finetune.adapt_first_conv). `encoder_weights`: the file already read with
+  read_encoder_weights(name, path) (a caller that also needs its classifier reads it once).
   """
   encoder_tree = {c: variables[c][submodule] for c in ('params', 'batch_stats')
                   if submodule in (variables.get(c) or {})}
-  loaded = _matching(name, os.path.expanduser(os.fspath(path)), encoder_tree)
+  loaded = _matching(name, os.path.expanduser(os.fspath(path)), encoder_tree, encoder_weights)
   return merge_encoder_variables(variables, loaded, submodule=submodule)
 
 
-def _matching(name: str, path: str, like) -> dict[str, Any]:
+def _matching(name: str, path: str, like, encoder_weights: Optional[EncoderWeights] = None) -> dict[str, Any]:
   """The file's encoder variables, checked to have `like`'s tree and shapes, in `like`'s dtypes.
 
   A 4-D kernel that differs from the model's only in its input channels, 3 in the file (the first
   convolution of a model for grayscale or multi-band images), is adapted with finetune.adapt_first_conv.
   """
   from jaxseg import finetune  # pylint: disable=g-import-not-at-top
-  variables = load_encoder_variables(name, path)
+  variables = (encoder_weights.variables if encoder_weights is not None
+               else load_encoder_variables(name, path))
   variables = {c: variables[c] for c in like}
 
   def adapt(model_leaf, file_leaf):
