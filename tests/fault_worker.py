@@ -155,6 +155,18 @@ def wait_all(procs, timeout: float) -> list:
   return [proc.returncode for proc in procs]
 
 
+def kill_while_saving(spec: dict, step: int, *, devices: int, log_path, env: dict = None) -> subprocess.Popen:
+  """Runs a worker until the save of `step` has written its files into orbax's tmp dir, then SIGKILLs it there."""
+  proc = launch(dict(spec, hang_in_save_at=step), devices=devices, log_path=log_path, env=env)
+  try:
+    wait_until(lambda: f'HANGING IN SAVE {step}' in output(proc), [proc], timeout=400, what=f'the save of step {step}')
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    stop([proc])
+  return proc
+
+
 def wait_until(predicate, procs, timeout: float, what: str) -> None:
   """Polls `predicate` until true; fails (killing the workers) on timeout or if a worker exits first."""
   deadline = time.monotonic() + timeout

@@ -93,14 +93,7 @@ def test_sigkill_while_saving_resumes_from_the_previous_complete_checkpoint(shap
   workdir = tmp_path / 'wd'
   spec = {'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': CONFIG}
   # The save of step 20 writes its files into orbax's tmp dir, then hangs before the rename.
-  proc = fw.launch(dict(spec, hang_in_save_at=20), devices=DEVICES, log_path=tmp_path / 'killed.log',
-                   env=compile_cache)
-  try:
-    fw.wait_until(lambda: 'HANGING IN SAVE 20' in fw.output(proc), [proc], timeout=400, what='the save of step 20')
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    fw.stop([proc])
+  proc = fw.kill_while_saving(spec, 20, devices=DEVICES, log_path=tmp_path / 'killed.log', env=compile_cache)
   assert proc.returncode == -signal.SIGKILL
   ckpt_dir = workdir / 'checkpoints'
   leftovers = sorted(os.listdir(ckpt_dir))

@@ -223,13 +223,7 @@ def test_kill_9_mid_save_then_restart_gives_the_state_of_an_uninterrupted_run(sh
   uninterrupted run ended (AdamW moments and the averages included)."""
   workdir = tmp_path / 'killed'
   spec = {'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': OVERRIDES}
-  proc = fw.launch(dict(spec, hang_in_save_at=6), devices=2, log_path=tmp_path / 'killed.log')
-  try:
-    fw.wait_until(lambda: 'HANGING IN SAVE 6' in fw.output(proc), [proc], timeout=300, what='the save of step 6')
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    fw.stop([proc])
+  proc = fw.kill_while_saving(spec, 6, devices=2, log_path=tmp_path / 'killed.log')
   assert proc.returncode == -signal.SIGKILL
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6.orbax-checkpoint-tmp']
 
