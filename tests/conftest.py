@@ -3,18 +3,18 @@
 import os
 import sys
 
-# Before jax is imported anywhere: several CPU devices make the sharded paths real.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-import pytest  # pylint: disable=g-import-not-at-top
+from tests.helpers import DEPRECATION_MODULES, xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tests.helpers import DEPRECATION_MODULES  # pylint: disable=g-import-not-at-top
+# Before jax is imported anywhere: several CPU devices make the sharded paths real.
+os.environ.setdefault('XLA_FLAGS', xla_flags(4))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pytest_configure(config):

@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from tests.helpers import make_deprecations_errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.helpers import make_deprecations_errors, xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 make_deprecations_errors()
 
@@ -98,7 +98,7 @@ def launch(spec: dict, *, devices: int, log_path, env: dict = None) -> subproces
   The worker gets its own process group, so `stop` can end it and anything it started.
   """
   full_env = dict(os.environ)
-  full_env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  full_env['XLA_FLAGS'] = xla_flags(devices)
   full_env['JAX_PLATFORMS'] = 'cpu'
   full_env.update(env or {})
   log_file = open(log_path, 'w', encoding='utf-8')  # pylint: disable=consider-using-with

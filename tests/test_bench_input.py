@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, xla_flags
 
 BENCH_DIR = os.path.join(ROOT, 'benchmarks')
 if BENCH_DIR not in sys.path:
@@ -150,11 +150,9 @@ def test_bench_input_smoke_writes_the_report(shapes_data_dir, tmp_path):
   """Every phase with a tiny UNet on 2 CPU devices, one loop round of 6 run.py steps: every field is written, the
   figures are positive and finite, the loop's temporary workdir is removed."""
   out = tmp_path / 'input.json'
-  # 'rbg' keys: XLA:CPU compiles the threefry parameter initialisers several times slower. No unoptimised-XLA
-  # flags: they turn this tiny UNet's third update non-finite in run.py (seen with jax 0.10.2), which run.py
-  # rightly stops on.
+  # 'rbg' keys: XLA:CPU compiles the threefry parameter initialisers several times slower.
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DEFAULT_PRNG_IMPL='rbg', TMPDIR=str(tmp_path),
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=xla_flags(2))
   cmd = [sys.executable, os.path.join(BENCH_DIR, 'bench_input.py'), f'--json={out}',
          f'--data_dir={shapes_data_dir}', '--config.model.base_width=4', '--config.model.depth=2',
          '--config.input.crop_size=(32,32)', '--config.batch_size=8', '--config.eval_batch_size=40',

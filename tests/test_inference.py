@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 
 from tests.conftest import tiny_unet_config
-from tests.helpers import ROOT, best_checkpoint_logits_fn
+from tests.helpers import ROOT, best_checkpoint_logits_fn, xla_flags
 
 TRAIN = dict(num_train_steps=16, log_every_steps=8, eval_every_steps=16, checkpoint_every_steps=16)
 # run.py flags giving the same model as tiny_unet_config (the checkpoint must fit it).
@@ -288,7 +288,7 @@ def test_run_py_predict_skips_a_corrupt_file_and_writes_the_rest(trained, restor
     Image.fromarray(random_image(h, w)).save(inputs / name)
   (inputs / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 10)
   (inputs / 'notes.txt').write_text('not an image')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   proc = subprocess.run(
       [sys.executable, 'run.py', '--config=configs/unet.py', f'--workdir={workdir}', '--mode=predict',
        f'--input={inputs}', f'--output={tmp_path / "out"}', f'--config.dataset.data_dir={config.dataset.data_dir}',

@@ -1,6 +1,6 @@
 """AdamW and the moving average of the weights (EMA): AdamW's updates against numpy, the EMA over real train
-steps against numpy, exact resume after a stop and after a kill -9, and evaluation, prediction and export with
-the averaged weights."""
+steps against numpy, exact resume after a stop and after a kill -9 mid-save (the suite's resume tests for
+AdamW + EMA, the richest state), and evaluation, prediction and export with the averaged weights."""
 
 import math
 import os
@@ -181,12 +181,18 @@ def test_ema_after_real_train_steps_matches_numpy(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# Exact resume with AdamW and the EMA: after a stop, and after a kill -9.
+# Exact resume with AdamW and the EMA: after a stop, and after a kill -9 mid-save. (SGD's exact resume after
+# a SIGTERM: tests/test_faults.py.)
 # ---------------------------------------------------------------------------
 
-OVERRIDES = {'num_train_steps': 6, 'checkpoint_every_steps': 3, 'eval_every_steps': 6, 'log_every_steps': 3,
+OVERRIDES = {'num_train_steps': 6, 'checkpoint_every_steps': 2, 'eval_every_steps': 6, 'log_every_steps': 3,
              'optimizer.name': 'adamw', 'optimizer.learning_rate': 0.01, 'ema_decay': 0.3}
 COMPARED = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'step')
+
+
+# The tests that share straight_run run on one pytest-xdist worker (pyproject: --dist loadgroup), which builds
+# it once.
+SHARES_STRAIGHT_RUN = pytest.mark.xdist_group('straight_run')
 
 
 @pytest.fixture(scope='module')
@@ -197,16 +203,20 @@ def straight_run(shapes_data_dir, tmp_path_factory):
   raw, step = load_checkpoint(workdir)
   assert step == 6
   assert max_abs_diff(raw['ema_params'], raw['params']) > 1e-4  # The average is not the weights.
+  assert max_abs_diff(raw['params'], load_checkpoint(workdir, step=4)[0]['params']) > 1e-4  # Training moved.
   return workdir, raw
 
 
 def _assert_same_state(a, b):
   for key in COMPARED:
     diff = max_abs_diff(a[key], b[key])
+    print(f'{key}: largest difference from the uninterrupted run {diff:.3g}')
     assert diff < 1e-5, (key, diff)
 
 
+@SHARES_STRAIGHT_RUN
 def test_stop_and_resume_gives_the_state_of_an_uninterrupted_run(shapes_data_dir, tmp_path, straight_run):
+  """3 steps, a new process, 3 more steps == 6 steps straight."""
   workdir = tmp_path / 'resumed'
   run_worker(shapes_data_dir, workdir, OVERRIDES, devices=2, stop_at=3)
   assert load_checkpoint(workdir)[1] == 3
@@ -217,15 +227,19 @@ def test_stop_and_resume_gives_the_state_of_an_uninterrupted_run(shapes_data_dir
   _assert_same_state(straight_run[1], resumed)
 
 
+@SHARES_STRAIGHT_RUN
 def test_kill_9_mid_save_then_restart_gives_the_state_of_an_uninterrupted_run(shapes_data_dir, tmp_path,
                                                                                 straight_run):
-  """SIGKILL while the step-6 checkpoint is written: the restart resumes from step 3 and ends where the
+  """SIGKILL while the step-4 checkpoint is written (its files in orbax's tmp dir, not yet renamed): the restart
+  resumes from step 2, removes the unfinished save, keeps the last two checkpoints and ends where the
   uninterrupted run ended (AdamW moments and the averages included)."""
   workdir = tmp_path / 'killed'
   spec = {'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': OVERRIDES}
-  proc = fw.kill_while_saving(spec, 6, devices=2, log_path=tmp_path / 'killed.log')
+  proc = fw.kill_while_saving(spec, 4, devices=2, log_path=tmp_path / 'killed.log')
   assert proc.returncode == -signal.SIGKILL
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6.orbax-checkpoint-tmp']
+  ckpt_dir = workdir / 'checkpoints'
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4.orbax-checkpoint-tmp']
+  assert os.listdir(ckpt_dir / '4.orbax-checkpoint-tmp')  # Half a checkpoint: files, no rename.
 
   proc = fw.launch(spec, devices=2, log_path=tmp_path / 'restarted.log')
   try:
@@ -234,7 +248,8 @@ def test_kill_9_mid_save_then_restart_gives_the_state_of_an_uninterrupted_run(sh
     fw.stop([proc])
   out = fw.output(proc)
   assert proc.returncode == 0, out[-3000:]
-  assert 'Resuming from the checkpoint at step 3' in out
+  assert 'Resuming from the checkpoint at step 2' in out
+  assert sorted(os.listdir(ckpt_dir)) == ['4', '6']  # The unfinished save cleaned up; keep_checkpoints=2.
   resumed, step = load_checkpoint(workdir)
   assert step == 6
   _assert_same_state(straight_run[1], resumed)
@@ -295,6 +310,7 @@ def test_the_evaluator_scores_the_averaged_weights(tmp_path):
   assert np.abs(confusion - np.asarray(with_live['confusion_matrix'])).sum() > 0.05 * confusion.sum()
 
 
+@SHARES_STRAIGHT_RUN
 def test_predict_and_export_use_the_averaged_weights(shapes_data_dir, straight_run, tmp_path):
   """load_predictor (--mode=predict, jaxseg.api) and the export compute the bare module on the checkpoint's
   raw averages; an eval config without the EMA is refused with a message naming the field."""

@@ -1,4 +1,8 @@
-"""End-to-end training: device-count equivalence, exact resume, run.py train/eval, config errors."""
+"""End-to-end training: run.py train then eval, the importable entry point against numpy, config errors.
+
+Elsewhere: 1 device against 4 (replicated and fsdp) in tests/test_sharding.py, 1 process x 4 devices against
+2 processes x 2 in tests/test_multihost.py; exact resume in tests/test_optim.py (AdamW + EMA, stop and
+kill -9) and tests/test_faults.py (SGD, SIGTERM)."""
 
 import json
 import os
@@ -9,54 +13,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_unet_config
-from tests.helpers import ROOT, best_checkpoint_logits_fn, load_checkpoint, max_abs_diff, run_worker
-
-STEPS = {'num_train_steps': 6, 'checkpoint_every_steps': 3, 'eval_every_steps': 6, 'log_every_steps': 3}
-
-
-def test_one_device_and_four_devices_train_the_same(shapes_data_dir, tmp_path):
-  """Same seed and global batch on 1 and 4 devices: same loss and parameters (global BatchNorm statistics).
-
-  The devices sum in another order, so values differ by ~1e-7 at first; the shapes' flat regions make
-  max-pool ties that such differences break the other way, and at the tiny config's learning rate (0.1)
-  that grows to ~2e-4 by step 6. A smaller rate keeps the comparison tight (as tests/test_multihost.py).
-  """
-  overrides = dict(STEPS, **{'optimizer.learning_rate': 0.01})
-  run_worker(shapes_data_dir, tmp_path / 'd1', overrides, devices=1)
-  run_worker(shapes_data_dir, tmp_path / 'd4', overrides, devices=4)
-  s1, step1 = load_checkpoint(tmp_path / 'd1')
-  s4, step4 = load_checkpoint(tmp_path / 'd4')
-  assert step1 == step4 == 6
-  assert max_abs_diff(s1['params'], s4['params']) < 1e-4
-  assert max_abs_diff(s1['batch_stats'], s4['batch_stats']) < 1e-4
-  losses = []
-  for d in ('d1', 'd4'):
-    lines = [json.loads(l) for l in open(tmp_path / d / 'metrics.jsonl')]
-    losses.append([l['loss'] for l in lines if l['split'] == 'train'])
-  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
-  # Training moved the parameters (the comparison is not of two untouched inits).
-  assert max_abs_diff(s1['params'], load_checkpoint(tmp_path / 'd1', step=3)[0]['params']) > 1e-4
-
-
-def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(shapes_data_dir, tmp_path):
-  """2N steps straight versus N steps, a new process, N more steps."""
-  run_worker(shapes_data_dir, tmp_path / 'straight', STEPS, devices=2)
-  run_worker(shapes_data_dir, tmp_path / 'resumed', STEPS, devices=2, stop_at=3)
-  assert load_checkpoint(tmp_path / 'resumed')[1] == 3
-  proc = run_worker(shapes_data_dir, tmp_path / 'resumed', STEPS, devices=2)
-  assert 'Resuming from the checkpoint at step 3' in proc.stdout
-  a, _ = load_checkpoint(tmp_path / 'straight')
-  b, step = load_checkpoint(tmp_path / 'resumed')
-  assert step == 6
-  diff = max_abs_diff(a['params'], b['params'])
-  print(f'resume: largest parameter difference {diff:.3g}')
-  assert diff < 1e-5
-  assert max_abs_diff(a['opt_state'], b['opt_state']) < 1e-5
-
+from tests.helpers import ROOT, best_checkpoint_logits_fn, xla_flags
 
 def run_cli(*args, env=None, timeout=300):
   full_env = dict(os.environ)
-  full_env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  full_env['XLA_FLAGS'] = xla_flags(2)
   full_env.update(env or {})
   return subprocess.run([sys.executable, 'run.py', *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                         timeout=timeout)
