@@ -35,10 +35,10 @@ def run(mode: str, config, workdir: str, *, checkpoint: str = 'best', input_path
     elif mode == 'eval':
       return evaluate.evaluate(config, workdir, checkpoint=checkpoint)
     elif mode == 'predict':
-      from jaxseg import inference  # pylint: disable=g-import-not-at-top
+      from jaxseg import predict  # pylint: disable=g-import-not-at-top
       if not input_path:
         raise ConfigError('--mode=predict needs --input=PATH (an image, a folder or a glob such as "imgs/*.jpg")')
-      return inference.predict(config, workdir, input_path, output_dir, checkpoint=checkpoint)
+      return predict.predict(config, workdir, input_path, output_dir, checkpoint=checkpoint)
     elif mode == 'export':
       from jaxseg import export  # pylint: disable=g-import-not-at-top
       return export.export_model(config, workdir, checkpoint=checkpoint, output_dir=output_dir)

@@ -21,17 +21,15 @@ How an image is segmented (`Predictor`):
      scaled views are not on a common scale; probabilities are).
 The mask is the argmax of the scores, at the image's own size.
 
-`predict(config, workdir, input, output)` is --mode=predict.
+--mode=predict (files in, masks and overlays out) is `jaxseg/predict.py`; training's evaluation uses the
+Predictor too, so nothing here reads or writes files.
 """
 
 import collections
 import dataclasses
 import functools
-import glob
 import logging
 import math
-import os
-import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -46,16 +44,14 @@ from jaxseg import image_io
 from jaxseg import models
 from jaxseg import sharding
 from jaxseg import state as state_lib
-from jaxseg import viz
 from jaxseg.data import datasets
-from jaxseg.errors import ConfigError, DataError
+from jaxseg.errors import ConfigError
 
 log = logging.getLogger('jaxseg')
 
 
 SEGMENTATION_MODES = ('auto', 'whole', 'slide')  # config.inference.mode.
 OPTION_FIELDS = ('mode', 'window', 'stride', 'flip', 'scales', 'batch_size', 'size_multiple')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
 
 # ---------------------------------------------------------------------------
@@ -421,123 +417,3 @@ def load_predictor(config, workdir: str, *, checkpoint: str = 'best', **override
   predictor = Predictor(setup.model, state_lib.inference_variables(state), spec.num_classes, options, dtype=setup.dtype,
                         input_stats=setup.input_stats)
   return predictor, spec, step
-
-
-# ---------------------------------------------------------------------------
-# --mode=predict.
-# ---------------------------------------------------------------------------
-
-
-def list_inputs(path: str) -> list[str]:
-  """An image file, a folder (its image files, not recursive) or a glob -> sorted file paths."""
-  path = os.path.expanduser(path)
-  if os.path.isfile(path):
-    return [path]
-  if os.path.isdir(path):
-    names = sorted(n for n in os.listdir(path) if not n.startswith('.')
-                   and os.path.isfile(os.path.join(path, n)) and n.lower().endswith(IMAGE_EXTENSIONS))
-    files = [os.path.join(path, n) for n in names]
-    if not files:
-      raise DataError(f'--input folder {path} holds no images ({", ".join(IMAGE_EXTENSIONS)})')
-    return files
-  files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-  if not files:
-    what = 'pattern matches no file' if glob.has_magic(path) else 'does not exist'
-    raise DataError(f'--input {path} {what}')
-  return files
-
-
-def output_names(paths: Sequence[str]) -> dict[str, str]:
-  """path -> output stem: the file stem, or stem_ext where two inputs share a stem (a.png, a.jpg)."""
-  stems = collections.Counter(os.path.splitext(os.path.basename(p))[0] for p in paths)
-  names = {}
-  for p in paths:
-    stem, ext = os.path.splitext(os.path.basename(p))
-    names[p] = stem if stems[stem] == 1 else f'{stem}_{ext.lstrip(".").lower()}'
-  return names
-
-
-def _size_or_none(path: str) -> Optional[tuple[int, int]]:
-  """(height, width) from the file header (cheap), or None when it cannot be opened."""
-  try:
-    with Image.open(path) as img:
-      return img.size[1], img.size[0]
-  except Exception:  # pylint: disable=broad-except  # Reported when the file is decoded.
-    return None
-
-
-def predict(config, workdir: str, input_path: str, output_dir: Optional[str] = None, *,
-            checkpoint: str = 'best', alpha: float = 0.5) -> dict:
-  """--mode=predict: segments every image of `input_path`; writes DIR/<stem>.png and DIR/<stem>_overlay.png.
-
-  Masks are palette PNGs whose pixel values are class indices, at each
-  input's own size. Images are ordered by size so that equal sizes batch
-  together; an unreadable file is skipped with a warning naming it. With
-  several processes each one handles every process_count-th file.
-
-  Returns:
-    {'written': [output mask paths], 'skipped': [input paths], 'step': checkpoint step}.
-  """
-  import tqdm  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
-  output_dir = os.path.abspath(output_dir or os.path.join(workdir, 'predictions'))
-  paths = list_inputs(input_path)
-  names = output_names(paths)
-  predictor, spec, step = load_predictor(config, workdir, checkpoint=checkpoint)
-  try:
-    os.makedirs(output_dir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'--output {output_dir} cannot be created: {e.strerror or e}') from None
-  palette = viz.palette_for(spec.name, spec.num_classes)
-  skip = viz.background_classes(spec.class_names)
-  is_primary = jax.process_index() == 0
-  if is_primary:
-    log.info('Predicting %d image(s) with the %s checkpoint (step %d), %s; writing to %s', len(paths), checkpoint,
-             step, predictor.options.describe(), output_dir)
-
-  skipped = []
-  sizes = {}
-  for p in paths:
-    size = _size_or_none(p)
-    if size is None:
-      log.warning('Skipping %s: not a readable image.', p)
-      skipped.append(p)
-    else:
-      sizes[p] = size
-  # Equal (padded) sizes next to each other share batches and compiled programs.
-  m = predictor.options.size_multiple
-  ordered = sorted(sizes, key=lambda p: (_round_up(sizes[p][0], m), _round_up(sizes[p][1], m), p))
-  mine = ordered[jax.process_index()::jax.process_count()]
-
-  if not sizes:
-    raise DataError(f'none of the {len(paths)} input file(s) could be read: ' + ', '.join(skipped[:5]))
-  decoded = collections.deque()  # (path, image) handed to the predictor, awaiting their masks.
-  written = []
-  with tqdm.tqdm(total=len(mine), desc='Predicting', unit='img', file=sys.stderr, disable=not is_primary) as bar:
-
-    def images():
-      for p in mine:
-        try:
-          image = image_io.read_image(p)
-        except DataError as e:
-          log.warning('Skipping %s: %s', p, e)
-          skipped.append(p)
-          bar.update(1)
-          continue
-        decoded.append((p, image))
-        yield image
-
-    for mask in predictor.iter_masks(images()):
-      p, image = decoded.popleft()
-      stem = os.path.join(output_dir, names[p])
-      image_io.mask_to_png(mask, palette).save(stem + '.png')
-      Image.fromarray(viz.overlay(image, mask, palette, alpha=alpha, skip_classes=skip,
-                                  ignore_label=spec.ignore_label)).save(stem + '_overlay.png')
-      written.append(stem + '.png')
-      bar.update(1)
-  if mine and not written:
-    raise DataError(f'none of the {len(paths)} input file(s) could be read: ' + ', '.join(skipped[:5]))
-  if is_primary:
-    print(f'Wrote {len(written)} mask(s) and overlay(s) to {output_dir}'
-          + (f'; skipped {len(skipped)} unreadable file(s): {", ".join(skipped)}' if skipped else ''), flush=True)
-  return {'written': written, 'skipped': skipped, 'step': step}

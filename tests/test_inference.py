@@ -120,7 +120,7 @@ def validation_examples(data_dir):
 
 def test_predict_mode_masks_score_the_mean_iou_that_eval_reports(trained, shapes_data_dir, tmp_path):
   """Masks written by predict mode (whole image, no TTA), scored in numpy == --mode=eval's mean IoU."""
-  from jaxseg import api, evaluate, inference  # pylint: disable=g-import-not-at-top
+  from jaxseg import api, evaluate, predict  # pylint: disable=g-import-not-at-top
   config, workdir = trained
   config = with_inference(config.copy_and_resolve_references(), mode='whole')
   examples = validation_examples(shapes_data_dir)
@@ -128,7 +128,7 @@ def test_predict_mode_masks_score_the_mean_iou_that_eval_reports(trained, shapes
   images_dir.mkdir()
   for i, (image, _) in enumerate(examples):
     Image.fromarray(image).save(images_dir / f'{i:04d}.png')
-  out = inference.predict(config, workdir, str(images_dir), str(tmp_path / 'out'))
+  out = predict.predict(config, workdir, str(images_dir), str(tmp_path / 'out'))
   assert len(out['written']) == len(examples) and not out['skipped']
   preds = []
   for i, (image, label) in enumerate(examples):
@@ -311,7 +311,7 @@ def test_run_py_predict_skips_a_corrupt_file_and_writes_the_rest(trained, restor
 
 
 def test_wrong_model_config_and_missing_input_give_clear_errors(trained, tmp_path):
-  from jaxseg import inference  # pylint: disable=g-import-not-at-top
+  from jaxseg import inference, predict  # pylint: disable=g-import-not-at-top
   from jaxseg.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   config, workdir = trained
   other = config.copy_and_resolve_references()
@@ -319,7 +319,7 @@ def test_wrong_model_config_and_missing_input_give_clear_errors(trained, tmp_pat
   with pytest.raises(ConfigError, match='model.base_width: 8 here, 4 in training'):
     inference.load_predictor(other, workdir)
   with pytest.raises(DataError, match='does not exist'):
-    inference.predict(config, workdir, str(tmp_path / 'nothing_here.png'))
+    predict.predict(config, workdir, str(tmp_path / 'nothing_here.png'))
   with pytest.raises(ConfigError, match='config.inference.mode'):
     inference.options_from_config(with_inference(config.copy_and_resolve_references(), mode='tiles'))
   with pytest.raises(ConfigError, match='stride'):
