@@ -3,6 +3,7 @@
   python tools/make_digit_folder.py DIR [--train 400] [--val 100] [--seed 0] [--force]
   python run.py --config=configs/unet.py --config.dataset.name=folder --config.dataset.path=DIR \
       --config.dataset.num_classes=11
+  # Named classes in the logs (optional; the tool prints the whole flag): --config.dataset.class_names=...
 
 Needs scikit-learn (`pip install scikit-learn`, in the `bench` extra), for
 `sklearn.datasets.load_digits()` only: 1797 scans of handwritten digits (UCI
@@ -281,7 +282,8 @@ def main(argv=None):
           f'pixels: {fractions}, ignore {s["ignore_pixel_fraction"]:.1%}')
   print(f'Wrote {args.dir} in {time.perf_counter() - t0:.1f}s. Train on it with:\n'
         f'  python run.py --config=configs/unet.py --config.dataset.name=folder --config.dataset.path={args.dir} '
-        f'--config.dataset.num_classes={len(CLASS_NAMES)}')
+        f'--config.dataset.num_classes={len(CLASS_NAMES)}\n'
+        f'(optional, for named classes in the logs: --config.dataset.class_names="{CLASS_NAMES!r}")')
 
 
 if __name__ == '__main__':

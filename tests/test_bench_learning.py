@@ -1,0 +1,158 @@
+"""tools/make_digit_folder.py checked against sklearn's load_digits, and benchmarks/bench_learning.py run on a tiny
+digit folder: its curve is run.py's evaluations, and a budget stops a run cleanly (a harness check, not a timing)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits  # In the test extra: the digit tool needs it.
+
+from tests.helpers import ROOT, xla_flags
+
+for _dir in (os.path.join(ROOT, 'tools'), os.path.join(ROOT, 'benchmarks')):
+  if _dir not in sys.path:
+    sys.path.insert(0, _dir)
+
+import bench_learning  # pylint: disable=g-import-not-at-top,wrong-import-position
+import make_digit_folder  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# One worker builds the folder and prepares it once for every test here.
+pytestmark = pytest.mark.xdist_group('bench_learning')
+
+SEED, TRAIN, VAL = 3, 16, 8
+TINY = ['--config.model.base_width=4', '--config.model.depth=2', '--config.input.crop_size=(32,32)',
+        '--config.batch_size=8', '--config.eval_batch_size=8', '--config.log_every_steps=4',
+        '--config.optimizer.warmup_steps=2']
+
+
+@pytest.fixture(scope='module')
+def digit_folder(tmp_path_factory):
+  """(folder, write_folder's summary, a tfds data dir the runs share: the folder is prepared once)."""
+  path = str(tmp_path_factory.mktemp('digits'))
+  summary = make_digit_folder.write_folder(path, train=TRAIN, val=VAL, seed=SEED, verbose=False)
+  return path, summary, str(tmp_path_factory.mktemp('tfds'))
+
+
+def _pairs(path, split):
+  images = sorted(os.listdir(os.path.join(path, split, 'images')))
+  return [(os.path.join(path, split, 'images', f), os.path.join(path, split, 'masks', f[:-4] + '.png'))
+          for f in images]
+
+
+def test_digit_folder_layout_masks_and_sizes(digit_folder):
+  path, summary, _ = digit_folder
+  targets = load_digits().target
+  with open(os.path.join(path, 'classes.txt'), encoding='utf-8') as f:
+    assert f.read().split() == ['background', 'zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven',
+                                'eight', 'nine']
+  for split, n in (('train', TRAIN), ('val', VAL)):
+    pairs = _pairs(path, split)
+    assert len(pairs) == n == len(summary['splits'][split]['digits'])
+    for (image_path, mask_path), used in zip(pairs, summary['splits'][split]['digits']):
+      image, mask = Image.open(image_path), Image.open(mask_path)
+      assert image.mode == 'RGB' and mask.mode == 'P' and image.size == mask.size
+      w, h = image.size
+      assert 64 <= h <= 128 and 64 <= w <= 128 and h != w
+      assert 2 <= len(used) <= 6
+      values = set(np.unique(np.asarray(mask)).tolist())
+      # Only the pasted digits' classes (digit d is class d + 1), background and ignore; some ink is visible.
+      assert values <= {0, 255} | {int(targets[i]) + 1 for i in used}
+      assert values - {0, 255}
+
+
+def test_digit_splits_use_disjoint_halves_of_load_digits(digit_folder):
+  _, summary, _ = digit_folder
+  assert len(load_digits().images) == make_digit_folder.NUM_SCANS
+  train_pool, val_pool = make_digit_folder.split_indices('train'), make_digit_folder.split_indices('val')
+  assert not set(train_pool) & set(val_pool)
+  assert sorted(set(train_pool) | set(val_pool)) == list(range(make_digit_folder.NUM_SCANS))
+  used = {s: {i for scene in summary['splits'][s]['digits'] for i in scene} for s in ('train', 'val')}
+  assert used['train'] <= set(train_pool) and used['val'] <= set(val_pool)
+
+
+def test_digit_scene_is_a_pure_function_of_seed_split_and_index(digit_folder, tmp_path):
+  path, _, _ = digit_folder
+  # A smaller folder with the same seed: its pairs are byte for byte the first ones of the big folder.
+  make_digit_folder.write_folder(str(tmp_path / 'same'), train=3, val=2, seed=SEED, verbose=False)
+  for split in ('train', 'val'):
+    for (a_img, a_mask), (b_img, b_mask) in zip(_pairs(str(tmp_path / 'same'), split), _pairs(path, split)):
+      for a, b in ((a_img, b_img), (a_mask, b_mask)):
+        with open(a, 'rb') as fa, open(b, 'rb') as fb:
+          assert os.path.basename(a) == os.path.basename(b) and fa.read() == fb.read()
+  make_digit_folder.write_folder(str(tmp_path / 'other'), train=1, val=0, seed=SEED + 1, verbose=False)
+  other, first = _pairs(str(tmp_path / 'other'), 'train')[0][1], _pairs(path, 'train')[0][1]
+  assert not np.array_equal(np.asarray(Image.open(other)), np.asarray(Image.open(first)))
+  # The written mask is the scene made from load_digits' own scans (class = digit + 1).
+  digits = load_digits()
+  _, label, _ = make_digit_folder.make_scene(
+      np.random.default_rng([SEED, 1, 0]), digits.images.astype(np.float32) / 16, digits.target,
+      make_digit_folder.split_indices('val'))
+  np.testing.assert_array_equal(label, np.asarray(Image.open(_pairs(path, 'val')[0][1])))
+
+
+def _bench(folder, data_dir, own_args, run_args, timeout=240):
+  """bench_learning.py with `own_args`, on the digit folder with a tiny UNet and `run_args` for run.py."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
+  cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'bench_learning.py'), '--config=configs/unet.py', *own_args,
+         '--', '--config.dataset.name=folder', f'--config.dataset.path={folder}', '--config.dataset.num_classes=11',
+         f'--config.dataset.data_dir={data_dir}', *TINY, *run_args]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def test_curve_is_the_runs_evaluations(digit_folder, tmp_path):
+  folder, _, data_dir = digit_folder
+  out, png, workdir = tmp_path / 'curve.json', tmp_path / 'curve.png', tmp_path / 'wd'
+  proc = _bench(folder, data_dir, ['--budget_s=600', '--label=tiny', f'--json={out}', f'--png={png}',
+                                   f'--workdir={workdir}', '--override=num_train_steps=8'],
+                ['--config.eval_every_steps=4'])
+  result = json.loads(out.read_text())
+  evals = [json.loads(line) for line in open(workdir / 'metrics.jsonl') if '"eval"' in line]
+  assert result['schema'] == 'jaxseg-bench-learning/1' and result['label'] == 'tiny'
+  assert result['finished'] and result['returncode'] == 0 and result['budget_s'] == 600
+  assert '--config.num_train_steps=8' in result['command'] and '--config.eval_every_steps=4' in result['command']
+  assert result['config']['num_train_steps'] == 8 and result['config']['dataset']['num_classes'] == 11
+  assert {'cpu_count', 'platform', 'jax'} <= set(result['host'])
+  points = result['points']
+  assert [p['step'] for p in points] == [r['step'] for r in evals] == [4, 8]
+  walls = [p['wall_s'] for p in points]
+  assert 0 < walls[0] < walls[1] <= result['wall_s']
+  for p, r in zip(points, evals):
+    assert p['mean_iou'] == r['mean_iou'] and p['per_class_iou'] == r['per_class_iou']
+    assert p['pixel_accuracy'] == r['pixel_accuracy'] and len(p['per_class_iou']) == 11
+  final_ious = [v for v in evals[-1]['per_class_iou'] if v is not None]
+  assert result['final'] == points[-1]
+  assert result['classes_above'] == {'0.3': sum(v > 0.3 for v in final_ious), '0.5': sum(v > 0.5 for v in final_ious)}
+  assert result['min_class_iou'] == min(final_ious)
+  assert 'mean IoU' in proc.stdout and 'final:' in proc.stdout
+  with Image.open(png) as img:
+    assert img.format == 'PNG' and img.size[0] > 100
+    img.verify()
+  # --compare plots saved curves without training.
+  other = dict(result, label='tiny again', finished=False)
+  (tmp_path / 'other.json').write_text(json.dumps(other))
+  bench_learning.main(['--compare', str(out), str(tmp_path / 'other.json'), f'--png={tmp_path / "compare.png"}'])
+  with Image.open(tmp_path / 'compare.png') as img:
+    assert img.format == 'PNG'
+
+
+def test_budget_stops_the_run_with_sigterm(digit_folder, tmp_path):
+  folder, _, data_dir = digit_folder
+  out, workdir = tmp_path / 'curve.json', tmp_path / 'wd'
+  budget = 25  # Past start-up (the folder is prepared and programs are cached by the test above), before the end.
+  proc = _bench(folder, data_dir, [f'--budget_s={budget}', f'--json={out}', f'--workdir={workdir}', '--grace_s=60'],
+                ['--config.num_train_steps=100000', '--config.eval_every_steps=8',
+                 '--config.checkpoint_every_steps=100000'])
+  result = json.loads(out.read_text())
+  assert 'SIGTERM' in proc.stdout
+  assert not result['finished'] and result['wall_s'] >= budget
+  # Stopped inside the train loop: jaxseg saved a checkpoint at the current step and exited cleanly.
+  assert result['returncode'] == 0, proc.stdout[-2000:]
+  saved = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
+  assert saved and max(saved) < 100000
+  assert result['points'] and result['points'][-1]['step'] <= max(saved)
