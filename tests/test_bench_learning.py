@@ -2,6 +2,7 @@
 digit folder: its curve is run.py's evaluations, and a budget stops a run cleanly (a harness check, not a timing)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -105,13 +106,25 @@ def _bench(folder, data_dir, own_args, run_args, timeout=240):
   return proc
 
 
-def test_curve_is_the_runs_evaluations(digit_folder, tmp_path):
+@pytest.fixture(scope='module')
+def curve(digit_folder, tmp_path_factory):
+  """An 8-step run with evaluations at steps 4 and 8: (bench output, JSON result, workdir, its files' dir)."""
   folder, _, data_dir = digit_folder
+  tmp_path = tmp_path_factory.mktemp('curve')
   out, png, workdir = tmp_path / 'curve.json', tmp_path / 'curve.png', tmp_path / 'wd'
   proc = _bench(folder, data_dir, ['--budget_s=600', '--label=tiny', f'--json={out}', f'--png={png}',
                                    f'--workdir={workdir}', '--override=num_train_steps=8'],
                 ['--config.eval_every_steps=4'])
-  result = json.loads(out.read_text())
+  return proc, json.loads(out.read_text()), workdir, tmp_path
+
+
+# Both tests use the `curve` run: one pytest-xdist worker runs them (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('bench_learning')
+
+
+def test_curve_is_the_runs_evaluations(curve, tmp_path):
+  proc, result, workdir, files = curve
+  out, png = files / 'curve.json', files / 'curve.png'
   evals = [json.loads(line) for line in open(workdir / 'metrics.jsonl') if '"eval"' in line]
   assert result['schema'] == 'jaxseg-bench-learning/1' and result['label'] == 'tiny'
   assert result['finished'] and result['returncode'] == 0 and result['budget_s'] == 600
@@ -141,10 +154,12 @@ def test_curve_is_the_runs_evaluations(digit_folder, tmp_path):
     assert img.format == 'PNG'
 
 
-def test_budget_stops_the_run_with_sigterm(digit_folder, tmp_path):
+def test_budget_stops_the_run_with_sigterm(digit_folder, curve, tmp_path):
   folder, _, data_dir = digit_folder
   out, workdir = tmp_path / 'curve.json', tmp_path / 'wd'
-  budget = 25  # Past start-up (the folder is prepared and programs are cached by the test above), before the end.
+  # Past start-up, so that the SIGTERM reaches the train loop: the 8-step run's whole time (start-up, compiling
+  # its programs, 8 steps, 2 evaluations) measured on this machine now, plus a margin; long before the end.
+  budget = math.ceil(curve[1]['wall_s']) + 10
   proc = _bench(folder, data_dir, [f'--budget_s={budget}', f'--json={out}', f'--workdir={workdir}', '--grace_s=60'],
                 ['--config.num_train_steps=100000', '--config.eval_every_steps=8',
                  '--config.checkpoint_every_steps=100000'])
