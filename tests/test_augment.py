@@ -108,8 +108,12 @@ def _hsv_map(image, fn):
 
 
 def np_photometric(image, d):
-  """mmseg's PhotoMetricDistortion (augment._photometric's order), every step clipped to [0, 255]."""
+  """mmseg's PhotoMetricDistortion (augment._photometric's order), every step clipped to [0, 255].
+
+  Saturation and hue exist for RGB only: other channel counts get brightness and contrast.
+  """
   coins = d['coins']
+  rgb = image.shape[-1] == 3
   clip = lambda x: np.clip(x, 0.0, 255.0)
   x = image.astype(np.float64)
   if coins[1] < 0.5:  # Brightness.
@@ -117,9 +121,9 @@ def np_photometric(image, d):
   contrast_first = coins[2] < 0.5
   if contrast_first and coins[3] < 0.5:
     x = clip(x * d['contrast'])
-  if coins[4] < 0.5:  # Saturation, clamped to [0, 1].
+  if rgb and coins[4] < 0.5:  # Saturation, clamped to [0, 1].
     x = clip(_hsv_map(x, lambda h, s, v: (h, min(max(s * d['saturation'], 0.0), 1.0), v)))
-  if coins[5] < 0.5:  # Hue, on the circle.
+  if rgb and coins[5] < 0.5:  # Hue, on the circle.
     x = clip(_hsv_map(x, lambda h, s, v: ((h + d['hue']) % 1.0, s, v)))
   if not contrast_first and coins[3] < 0.5:
     x = clip(x * d['contrast'])

@@ -374,9 +374,9 @@ def test_file_disappearing_during_generation_leaves_nothing(
   read_image = folder.read_image
   decoded = []
 
-  def counting_read_image(path):
+  def counting_read_image(path, *args):
     decoded.append(path)
-    return read_image(path)
+    return read_image(path, *args)
 
   monkeypatch.setattr(folder.JaxsegFolder, 'validate', validate_then_delete)
   monkeypatch.setattr(folder, 'read_image', counting_read_image)

@@ -11,8 +11,10 @@ seed from (config seed, global example index), which makes training exactly
 reproducible and resumable from any step.
 
 Conventions:
-  * image: float32 [H, W, 3] in [0, 255] (not yet normalised; uint8 is accepted
-    and cast).
+  * image: float32 [H, W, C] in [0, 255] (not yet normalised; uint8 is accepted
+    and cast); C, the channel count (1, 3 or 4), must be static. Geometric
+    transforms move every band; photometric distortion is RGB's for C = 3 and
+    brightness / contrast only otherwise (see `_photometric`).
   * label: int32 [H, W] class indices, `ignore_label` marks "don't care"
     pixels ([H, W, 1] and other integer dtypes are accepted and converted).
   * H and W may be dynamic.
@@ -72,6 +74,14 @@ def _as_image(image) -> tf.Tensor:
   return image
 
 
+def _channels(image: tf.Tensor) -> int:
+  """The static channel count of an [H, W, C] image (shapes and crops need it)."""
+  channels = image.shape[-1] if image.shape.rank == 3 else None
+  if channels is None:
+    raise ValueError(f"augment: images must be [H, W, C] with a static C, got shape {image.shape}")
+  return channels
+
+
 def _as_label(label) -> tf.Tensor:
   label = tf.convert_to_tensor(label)
   # tfds segmentation masks are often [H, W, 1]; the rank is static in
@@ -106,13 +116,13 @@ def pad_to_size(image, label, size: tuple[int, int], *,
   `ignore_label`, so they never count towards metrics.
 
   Args:
-    image: float32 [H, W, 3] in [0, 255].
+    image: float32 [H, W, C] in [0, 255], C static.
     label: int32 [H, W].
     size: static (height, width) to pad to.
     ignore_label: label value written into the padding.
 
   Returns:
-    (image float32 [size_h, size_w, 3], label int32 [size_h, size_w]) with
+    (image float32 [size_h, size_w, C], label int32 [size_h, size_w]) with
     static shapes.
 
   Raises:
@@ -142,7 +152,7 @@ def pad_to_size(image, label, size: tuple[int, int], *,
     pad_h = size_h - hw[0]
     pad_w = size_w - hw[1]
   image, label = _pad_bottom_right(image, label, pad_h, pad_w, ignore_label)
-  image = tf.ensure_shape(image, [size_h, size_w, 3])
+  image = tf.ensure_shape(image, [size_h, size_w, _channels(image)])
   label = tf.ensure_shape(label, [size_h, size_w])
   return image, label
 
@@ -173,7 +183,7 @@ def _random_crop(image, label, seed, crop_h, crop_w):
   offset = tf.random.stateless_uniform(
       [2], seed, minval=0, maxval=tf.int32.max, dtype=tf.int32)
   offset = offset % (hw - tf.constant([crop_h, crop_w]) + 1)
-  image = tf.slice(image, [offset[0], offset[1], 0], [crop_h, crop_w, 3])
+  image = tf.slice(image, [offset[0], offset[1], 0], [crop_h, crop_w, -1])
   label = tf.slice(label, [offset[0], offset[1]], [crop_h, crop_w])
   return image, label
 
@@ -190,7 +200,12 @@ def _photometric(image, seeds, coins, brightness, contrast, saturation, hue):
   each transform is applied with probability 0.5 and the image is clipped to
   [0, 255] after each, as mmseg does. Unlike mmseg, intermediate values are
   not truncated to uint8 and the hue delta is continuous.
+
+  Saturation and hue are defined for RGB only: an image of another channel
+  count (grayscale, 4 bands) gets brightness and contrast alone, the same
+  delta and factor on every band, from the same random draws as RGB.
   """
+  is_rgb = _channels(image) == 3
   def clip(x):
     return tf.clip_by_value(x, 0.0, 255.0)
 
@@ -216,10 +231,12 @@ def _photometric(image, seeds, coins, brightness, contrast, saturation, hue):
                   lambda: image)
   # The HSV kernels behind adjust_saturation / adjust_hue are invariant to
   # the value scale, so they work on [0, 255] floats directly.
-  image = _maybe(coins[_COIN_SATURATION],
-                 lambda x: clip(tf.image.adjust_saturation(x, alpha_s)), image)
-  image = _maybe(coins[_COIN_HUE],
-                 lambda x: clip(tf.image.adjust_hue(x, delta_h)), image)
+  if is_rgb:
+    image = _maybe(coins[_COIN_SATURATION],
+                   lambda x: clip(tf.image.adjust_saturation(x, alpha_s)),
+                   image)
+    image = _maybe(coins[_COIN_HUE],
+                   lambda x: clip(tf.image.adjust_hue(x, delta_h)), image)
   image = tf.cond(contrast_first, lambda: image,
                   lambda: apply_contrast(image))
   return image
@@ -243,10 +260,13 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
     3. random crop of `crop_size` at a uniform offset (same for both);
     4. horizontal flip with probability 0.5 when `hflip`;
     5. photometric distortion of the image when `photometric` (see
-       `_photometric`), clipped back to [0, 255].
+       `_photometric`: brightness, contrast, saturation and hue for RGB;
+       brightness and contrast only for 1 or 4 channels), clipped back to
+       [0, 255].
 
   Args:
-    image: float32 [H, W, 3] in [0, 255]; H and W may be dynamic.
+    image: float32 [H, W, C] in [0, 255]; H and W may be dynamic, C (1, 3 or
+      4) static; every band is scaled, cropped and flipped alike.
     label: int32 [H, W] class indices.
     seed: int32/int64 tensor of shape [2]; the output is a pure function of
       (image, label, seed).
@@ -262,7 +282,7 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
     ignore_label: label value used for padding.
 
   Returns:
-    (image float32 [crop_h, crop_w, 3] in [0, 255], label int32
+    (image float32 [crop_h, crop_w, C] in [0, 255], label int32
     [crop_h, crop_w]) with static shapes.
 
   Raises:
@@ -279,6 +299,7 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
           f"brightness={brightness!r}, hue={hue!r}")
 
   image = _as_image(image)
+  channels = _channels(image)
   label = _as_label(label)
   seeds = tf.random.experimental.stateless_split(_as_seed(seed),
                                                  num=_NUM_SUBSEEDS)
@@ -304,6 +325,6 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
     image = _photometric(image, seeds, coins, brightness, contrast,
                          saturation, hue)
 
-  image = tf.ensure_shape(image, [crop_h, crop_w, 3])
+  image = tf.ensure_shape(image, [crop_h, crop_w, channels])
   label = tf.ensure_shape(label, [crop_h, crop_w])
   return image, label

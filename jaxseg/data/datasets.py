@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core.utils import py_utils
 
+from jaxseg import image_io
 from jaxseg.errors import ConfigError, DataError
 
 _log = logging.getLogger(__name__)
@@ -43,19 +44,21 @@ class DatasetSpec:
   ignore_values: tuple[int, ...]  # Raw mask values that become ignore_label.
   train_split: str
   eval_split: str
+  image_channels: int = 3  # Bands of the decoded images (config.model.in_channels): 1, 3 or 4.
   # Builds the prepared builder; set by the preset (catalog datasets use tfds.builder).
   open_builder: Callable[['DatasetSpec', Any], tfds.core.DatasetBuilder] = dataclasses.field(repr=False,
                                                                                              compare=False,
                                                                                              default=None)
 
 
-def segmentation_features(size: Optional[int] = None) -> tfds.features.FeaturesDict:
-  """The features of the datasets jaxseg writes itself: PNG image [H, W, 3], PNG mask [H, W, 1], file name.
+def segmentation_features(size: Optional[int] = None, channels: int = 3) -> tfds.features.FeaturesDict:
+  """The features of the datasets jaxseg writes itself: PNG image [H, W, channels], PNG mask [H, W, 1], file name.
 
-  `size`: a fixed height and width, or None for any.
+  `size`: a fixed height and width, or None for any. `channels`: 1 (grayscale),
+  3 (RGB) or 4 (a 4-band PNG; the 4th band is data, not transparency).
   """
   return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(size, size, 3), encoding_format='png'),
+      'image': tfds.features.Image(shape=(size, size, channels), encoding_format='png'),
       'segmentation_mask': tfds.features.Image(shape=(size, size, 1), encoding_format='png'),
       'file_name': tfds.features.Text(),
   })
@@ -154,7 +157,8 @@ def _open_folder(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
                       '(DIR holds train/images, train/masks, val/images, val/masks)')
   data_dir = _data_dir(dataset_config) or os.path.expanduser('~/tensorflow_datasets')
   return prepare_once(lambda: folder.prepare_folder_dataset(
-      dataset_config.path, num_classes=spec.num_classes, data_dir=data_dir, ignore_label=spec.ignore_label))
+      dataset_config.path, num_classes=spec.num_classes, data_dir=data_dir, ignore_label=spec.ignore_label,
+      channels=spec.image_channels))
 
 
 # Defaults per dataset; every key may be overridden by the config field of the same name.
@@ -209,14 +213,44 @@ def resolve_spec(dataset_config) -> DatasetSpec:
                      open_builder=preset['open_builder'])
 
 
-def open_dataset(dataset_config) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
-  """Resolves the spec and returns it with its prepared builder, checking the splits exist and are not empty."""
-  spec = resolve_spec(dataset_config)
+# Datasets whose images are stored with whatever channel count the config asks for (prepared for it).
+PREPARED_PER_CHANNELS = ('folder',)
+
+
+def check_channels(name: str, channels: int) -> None:
+  """ConfigError unless dataset `name` can give images of `channels` bands (config.model.in_channels).
+
+  Image files carry 1, 3 or 4 bands. A folder is prepared with the count
+  asked for; the other presets (the embedded shapes, the catalog) store RGB,
+  so they need 3. A tfds dataset without a preset is checked against its
+  image feature in `open_dataset`.
+  """
+  try:
+    image_io.check_channels(channels, 'config.model.in_channels')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if channels != 3 and name in PRESETS and name not in PREPARED_PER_CHANNELS:
+    raise ConfigError(f'config.model.in_channels={channels}: dataset {name!r} holds RGB images (3 channels); '
+                      f"other counts need your own images (config.dataset.name='folder', README: Your own folders)")
+
+
+def open_dataset(dataset_config, *, in_channels: int = 3) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
+  """Resolves the spec and returns it with its prepared builder, checking the splits exist and are not empty.
+
+  `in_channels` (config.model.in_channels) is the images' band count: a folder
+  is prepared with it; any other dataset's image feature must have it.
+  """
+  spec = dataclasses.replace(resolve_spec(dataset_config), image_channels=in_channels)
+  check_channels(spec.name, in_channels)
   builder = spec.open_builder(spec, dataset_config)
   features = builder.info.features
   for key, field in ((spec.image_key, 'image_key'), (spec.label_key, 'label_key')):
     if key not in features:
       raise ConfigError(f'config.dataset.{field}={key!r} is not a feature of {spec.name!r}; it has {list(features)}')
+  stored = getattr(features[spec.image_key], 'shape', (None,))[-1]
+  if stored is not None and stored != in_channels:
+    raise ConfigError(f'config.model.in_channels={in_channels} but the images of {spec.name!r} '
+                      f'({builder.data_dir}) have {stored} channel(s)')
   for split, field in ((spec.train_split, 'train_split'), (spec.eval_split, 'eval_split')):
     try:
       n = builder.info.splits[split].num_examples

@@ -2,15 +2,21 @@
 
 A folder dataset is a directory laid out as::
 
-  DIR/train/images/*.{png,jpg,jpeg}   DIR/train/masks/*.png
-  DIR/val/images/*.{png,jpg,jpeg}     DIR/val/masks/*.png
+  DIR/train/images/*.{png,jpg,jpeg,tif,tiff}   DIR/train/masks/*.png
+  DIR/val/images/*.{png,jpg,jpeg,tif,tiff}     DIR/val/masks/*.png
 
 Each mask has the same file stem as its image and holds one class index per
 pixel (`ignore_label`, 255 by default, marks pixels to ignore). The folder is
 validated completely, then written once into a tfds dataset (ArrayRecord
 files, read by index) under `data_dir` whose config name is a fingerprint of
-the folder's contents and the file format, so an unchanged folder is reused
-and a changed one is prepared again.
+the folder's contents, the file format and the channel count, so an unchanged
+folder is reused and a changed one is prepared again.
+
+Images are stored with `channels` bands (config.model.in_channels), read by
+`jaxseg.image_io.read_image`: 3 converts grayscale to RGB and drops alpha; 1
+reads grayscale files as they are and converts colour ones to luminance
+(PIL's 'L'); 4 needs files with 4 bands (RGBA png, 4-band tif), the 4th being
+data, not transparency.
 
 Typical use::
 
@@ -36,13 +42,13 @@ import tqdm
 
 from jaxseg.data import datasets
 from jaxseg.data.datasets import ARRAY_RECORD
-from jaxseg.image_io import open_decoded, read_image, read_mask
+from jaxseg.image_io import CHANNEL_COUNTS, read_image, read_mask
 from jaxseg.errors import ConfigError
 from jaxseg.errors import DataError
 
 _log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 MASK_EXTENSION = '.png'
 
 # tfds split name -> folder name on disk.
@@ -62,8 +68,14 @@ class Pair(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
-def _check_params(num_classes: int, ignore_label: int) -> None:
-  """Raises ConfigError for out-of-range num_classes / ignore_label."""
+def _check_params(num_classes: int, ignore_label: int, channels: int = 3) -> None:
+  """Raises ConfigError for out-of-range num_classes / ignore_label / channels."""
+  if channels not in CHANNEL_COUNTS or isinstance(channels, bool):
+    raise ConfigError(
+        f'config.model.in_channels={channels!r}: folder images can be read '
+        f'with {CHANNEL_COUNTS} channels (1: grayscale, 3: RGB, 4: 4-band '
+        'png/tif).'
+    )
   if (
       isinstance(num_classes, bool)
       or not isinstance(num_classes, (int, np.integer))
@@ -108,20 +120,24 @@ def _check_layout(path: str) -> str:
   return root
 
 
-def folder_fingerprint(path: str, num_classes: int, ignore_label: int) -> str:
+def folder_fingerprint(
+    path: str, num_classes: int, ignore_label: int, channels: int = 3
+) -> str:
   """Fingerprints a folder dataset's contents, label settings and file format.
 
   The fingerprint is a sha1 over the sorted relative paths, sizes and
   modification times (ns) of all files under `train/` and `val/`, plus
-  `num_classes`, `ignore_label` and the file format (ArrayRecord). It changes
-  when any file is added, removed, resized or touched, which makes it a cheap
-  cache key (no file is read); a folder that an older jaxseg prepared as
-  TFRecord is prepared again.
+  `num_classes`, `ignore_label`, the file format (ArrayRecord) and the image
+  channel count. It changes when any file is added, removed, resized or
+  touched, which makes it a cheap cache key (no file is read); a folder that
+  an older jaxseg prepared as TFRecord is prepared again, and so is a folder
+  prepared with 3 channels when another count is asked for.
 
   Args:
     path: The dataset folder.
     num_classes: Number of classes.
     ignore_label: Mask value meaning "ignore".
+    channels: Bands per stored image (config.model.in_channels).
 
   Returns:
     40 hex characters.
@@ -149,6 +165,9 @@ def folder_fingerprint(path: str, num_classes: int, ignore_label: int) -> str:
   h.update(f'num_classes={int(num_classes)}\n'.encode())
   h.update(f'ignore_label={int(ignore_label)}\n'.encode())
   h.update(f'file_format={ARRAY_RECORD.value}\n'.encode())
+  if channels != 3:
+    # Only other counts are hashed: folders prepared for RGB keep their fingerprint (no needless rebuild).
+    h.update(f'channels={int(channels)}\n'.encode())
   for rel, size, mtime in sorted(entries):
     h.update(f'{rel}\0{size}\0{mtime}\n'.encode('utf-8', 'surrogateescape'))
   return h.hexdigest()
@@ -191,12 +210,12 @@ def _match_split(root: str, split_dir: str) -> List[Tuple[str, str]]:
     images[stem] = name
   if skipped:
     _log.warning(
-        'Ignoring %d file(s) in %s that are not png/jpg/jpeg: %s',
+        'Ignoring %d file(s) in %s that are not png/jpg/jpeg/tif: %s',
         len(skipped), images_dir, ', '.join(skipped[:5]),
     )
   if not images:
     raise DataError(
-        f'Split folder {images_dir} holds no images (png, jpg or jpeg); '
+        f'Split folder {images_dir} holds no images (png, jpg, jpeg or tif); '
         'every split needs at least one image.'
     )
 
@@ -235,12 +254,10 @@ def _match_split(root: str, split_dir: str) -> List[Tuple[str, str]]:
   return pairs
 
 
-def _image_size(path: str) -> Tuple[int, int]:
-  """Decodes an image fully (to catch corruption); returns (width, height)."""
-  img = open_decoded(path, 'Image')
-  size = img.size
-  img.close()
-  return size
+def _image_size(path: str, channels: int) -> Tuple[int, int]:
+  """Reads an image as `channels` bands (catches corruption and band counts); returns (width, height)."""
+  image = read_image(path, channels)
+  return image.shape[1], image.shape[0]
 
 
 def _check_pair(
@@ -250,10 +267,11 @@ def _check_pair(
     ignore_label: int,
     image_size: Optional[Tuple[int, int]] = None,
     mask: Optional[np.ndarray] = None,
+    channels: int = 3,
 ) -> None:
-  """Checks one pair's sizes and mask values; raises DataError if wrong."""
+  """Checks one pair's bands, sizes and mask values; raises DataError if wrong."""
   if image_size is None:
-    image_size = _image_size(image_path)
+    image_size = _image_size(image_path, channels)
   if mask is None:
     mask = read_mask(mask_path)
   w, h = image_size
@@ -276,7 +294,7 @@ def _check_pair(
 
 
 def validate_folder(
-    path: str, *, num_classes: int, ignore_label: int = 255
+    path: str, *, num_classes: int, ignore_label: int = 255, channels: int = 3
 ) -> Dict[str, List[Pair]]:
   """Validates every (image, mask) pair of a folder dataset.
 
@@ -284,15 +302,18 @@ def validate_folder(
     path: The dataset folder.
     num_classes: Number of classes; mask values must be below it.
     ignore_label: Mask value meaning "ignore" (allowed in masks).
+    channels: Bands each image is read as (1, 3 or 4; see
+      `jaxseg.image_io.read_image`); a file that cannot become that many is
+      an error.
 
   Returns:
     tfds split name ('train', 'validation') -> validated pairs.
 
   Raises:
-    ConfigError: num_classes or ignore_label is out of range.
+    ConfigError: num_classes, ignore_label or channels is out of range.
     DataError: The folder or any file in it is bad; names the file.
   """
-  _check_params(num_classes, ignore_label)
+  _check_params(num_classes, ignore_label, channels)
   root = _check_layout(path)
   matched = {
       split: _match_split(root, split_dir)
@@ -306,7 +327,8 @@ def validate_folder(
     for split, pairs in matched.items():
       result[split] = []
       for image_path, mask_path in pairs:
-        _check_pair(image_path, mask_path, num_classes, ignore_label)
+        _check_pair(image_path, mask_path, num_classes, ignore_label,
+                    channels=channels)
         rel = os.path.relpath(image_path, root).replace(os.sep, '/')
         result[split].append(Pair(image_path, mask_path, rel))
         bar.update(1)
@@ -326,11 +348,13 @@ class FolderConfig(tfds.core.BuilderConfig):
     path: The dataset folder (absolute).
     num_classes: Number of classes.
     ignore_label: Mask value meaning "ignore".
+    channels: Bands per stored image (config.model.in_channels).
   """
 
   path: str = ''
   num_classes: int = 0
   ignore_label: int = 255
+  channels: int = 3
 
 
 class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
@@ -357,7 +381,9 @@ class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
             'Images and class-index masks from a user folder '
             '(train/ -> train, val/ -> validation).'
         ),
-        features=datasets.segmentation_features(),
+        features=datasets.segmentation_features(
+            channels=self._folder_config().channels
+        ),
         supervised_keys=('image', 'segmentation_mask'),
     )
 
@@ -366,7 +392,8 @@ class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
     if self._pairs is None:
       cfg = self._folder_config()
       self._pairs = validate_folder(
-          cfg.path, num_classes=cfg.num_classes, ignore_label=cfg.ignore_label
+          cfg.path, num_classes=cfg.num_classes, ignore_label=cfg.ignore_label,
+          channels=cfg.channels,
       )
     return self._pairs
 
@@ -392,7 +419,7 @@ class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
       # Re-read instead of caching decoded arrays from validation, to keep
       # memory flat. Files may have changed since validation, so the cheap
       # checks run again on the decoded arrays.
-      image = read_image(pair.image)
+      image = read_image(pair.image, cfg.channels)
       mask = read_mask(pair.mask)
       _check_pair(
           pair.image, pair.mask, cfg.num_classes, cfg.ignore_label,
@@ -443,6 +470,7 @@ def prepare_folder_dataset(
     num_classes: int,
     data_dir: str,
     ignore_label: int = 255,
+    channels: int = 3,
 ) -> tfds.core.DatasetBuilder:
   """Validates a folder dataset and prepares it (once) as a tfds dataset.
 
@@ -456,24 +484,28 @@ def prepare_folder_dataset(
     num_classes: Number of classes (2..255); mask values must be below it.
     data_dir: tfds data directory to write the prepared dataset to.
     ignore_label: Mask value meaning "ignore".
+    channels: Bands per image (config.model.in_channels: 1, 3 or 4); part of
+      the fingerprint, so a folder prepared with 3 is prepared again for 4.
 
   Returns:
     The prepared builder; read it with `builder.as_data_source(split='train')`
     or `split='validation'`.
 
   Raises:
-    ConfigError: num_classes or ignore_label is out of range (a ValueError).
+    ConfigError: num_classes, ignore_label or channels is out of range (a
+      ValueError).
     DataError: The folder or a file in it is missing or malformed; the
       message names the file.
   """
-  _check_params(num_classes, ignore_label)
+  _check_params(num_classes, ignore_label, channels)
   root = _check_layout(path)
   config = FolderConfig(
-      name=folder_fingerprint(root, num_classes, ignore_label),
-      description=f'Folder dataset {root}',
+      name=folder_fingerprint(root, num_classes, ignore_label, channels),
+      description=f'Folder dataset {root} ({channels} channel(s))',
       path=root,
       num_classes=int(num_classes),
       ignore_label=int(ignore_label),
+      channels=int(channels),
   )
   data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
   builder = JaxsegFolder(config=config, data_dir=data_dir)

@@ -1,7 +1,7 @@
 """tf.data input pipelines: tfds examples -> batches of uint8 images and labels for this process.
 
 Batches are dicts of numpy arrays holding this process's examples:
-  'image': uint8 [local_batch, H, W, 3]
+  'image': uint8 [local_batch, H, W, C], C = spec.image_channels (config.model.in_channels: 1, 3 or 4)
   'label': uint8 [local_batch, H, W] (ignore_label where nothing counts)
 with local_batch = global_batch / process_count. Normalisation happens on the
 device (uint8 moves a quarter of the bytes).
@@ -40,8 +40,11 @@ READ_BATCH = 8
 
 
 def decode_example(example: dict, spec: DatasetSpec) -> tuple[tf.Tensor, tf.Tensor]:
-  """Encoded tfds example -> (image uint8 [H, W, 3], label int32 [H, W]) in jaxseg's class indices."""
-  image = tf.io.decode_image(example[spec.image_key], channels=3, expand_animations=False)
+  """Encoded tfds example -> (image uint8 [H, W, C], label int32 [H, W]) in jaxseg's class indices.
+
+  C = spec.image_channels; the dataset stores images with that many (datasets.open_dataset checks it).
+  """
+  image = tf.io.decode_image(example[spec.image_key], channels=spec.image_channels, expand_animations=False)
   # Masks hold indices in their first channel (some catalog masks repeat it over 3 channels).
   raw = tf.cast(tf.io.decode_image(example[spec.label_key], expand_animations=False)[..., 0], tf.int32)
   return image, map_labels(raw, spec)
@@ -170,11 +173,11 @@ class EvalData:
   """This process's share of the evaluation split, as the evaluation consumes it.
 
   Attributes:
-    batches: {'image': uint8 [local_batch, *eval_size, 3], 'label': uint8 [local_batch, *eval_size]}, the
+    batches: {'image': uint8 [local_batch, *eval_size, C], 'label': uint8 [local_batch, *eval_size]}, the
       same number on every process. An example that fits eval_size is padded into its frame (image 0, label
       ignore_label); a larger one leaves its frame blank (all ignore_label) and goes to `large` instead;
       padding examples at the end are blank too, so they count nowhere.
-    large: the examples larger than eval_size, unbatched at their own size: {'image': uint8 [h, w, 3],
+    large: the examples larger than eval_size, unbatched at their own size: {'image': uint8 [h, w, C],
       'label': uint8 [h, w]}. They are segmented at full resolution (as --mode=predict does) rather than
       shrunk, which would score a shrunken label at another scale than training saw.
     num_batches: how many batches `batches` yields.
@@ -208,7 +211,7 @@ def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int,
   frames = decoded.map(lambda ex: frame_for_eval(ex['image'], ex['label'], eval_size, spec.ignore_label),
                        num_parallel_calls=PARALLEL_CALLS, deterministic=True)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros(eval_size + (3,), tf.uint8),
+      'image': tf.zeros(eval_size + (spec.image_channels,), tf.uint8),
       'label': tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8))}).repeat()
   batches = frames.concatenate(padding).take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
   large = decoded.filter(lambda ex: _larger_than(ex['image'], eval_size))
@@ -223,10 +226,12 @@ def _larger_than(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
 
 def frame_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ignore_label: int) -> dict:
   """An example in a fixed `size` frame for the eval step: padded (image 0, label ignore_label) if it fits,
-  blank (label all ignore_label) if it is larger (EvalData.large scores those)."""
+  blank (label all ignore_label) if it is larger (EvalData.large scores those). The image's channel count
+  (static after decode_example) is kept."""
+  channels = image.shape[-1]
 
   def blank():
-    return tf.zeros(size + (3,), tf.uint8), tf.fill(size, tf.constant(ignore_label, tf.int32))
+    return tf.zeros(size + (channels,), tf.uint8), tf.fill(size, tf.constant(ignore_label, tf.int32))
 
   def pad():
     padded, padded_label = augment.pad_to_size(tf.cast(image, tf.float32), tf.cast(label, tf.int32), size,
@@ -234,7 +239,7 @@ def frame_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ig
     return tf.cast(padded, tf.uint8), tf.cast(padded_label, tf.int32)
 
   frame_image, frame_label = tf.cond(_larger_than(image, size), blank, pad)
-  return {'image': tf.ensure_shape(frame_image, size + (3,)),
+  return {'image': tf.ensure_shape(frame_image, size + (channels,)),
           'label': tf.cast(tf.ensure_shape(frame_label, size), tf.uint8)}
 
 
