@@ -2,8 +2,12 @@
 
   from jaxseg.api import Segmenter
   seg = Segmenter.from_workdir('workdirs/unet')      # best checkpoint
-  mask = seg(image)                                   # uint8 [H, W, 3] -> int32 [H, W]
+  mask = seg(image)                                   # uint8 [H, W, C] -> int32 [H, W]
   picture = seg.overlay(image, mask)                  # uint8 [H, W, 3]
+
+C is the model's config.model.in_channels (3: RGB; 1: grayscale; 4: e.g.
+RGB + near-infrared); files and PIL images are read with that many bands, as
+folder datasets read them (jaxseg.image_io.pil_to_array).
 
 Inference settings (sliding window, TTA) come from the training config's
 `inference` section and can be changed per Segmenter:
@@ -35,18 +39,20 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _read(image: ImageLike) -> np.ndarray:
+def _read(image: ImageLike, channels: int) -> np.ndarray:
+  """A file, PIL image or array as uint8 [H, W, channels], the model's input."""
   if isinstance(image, (str, os.PathLike)):
-    return image_io.read_image(os.fspath(image))
+    return image_io.read_image(os.fspath(image), channels)
   if isinstance(image, Image.Image):
-    return np.asarray(image.convert('RGB'))
-  return image_io.to_rgb_uint8(image)
+    return image_io.pil_to_array(image, channels)
+  return image_io.to_uint8(image, channels)
 
 
 class Segmenter:
   """A restored model with its class names and palette. Build it with `from_workdir` or `from_config`.
 
   Attributes:
+    channels: the bands per pixel the model takes (config.model.in_channels).
     class_names: one name per class index.
     palette: uint8 [K, 3] colours used by `colorize` and `overlay`.
     step: the training step of the restored checkpoint.
@@ -60,6 +66,7 @@ class Segmenter:
     self.config = config
     self.class_names = tuple(spec.class_names)
     self.num_classes = spec.num_classes
+    self.channels = predictor.channels
     self.palette = viz.palette_for(spec.name, spec.num_classes)
 
   @classmethod
@@ -87,16 +94,16 @@ class Segmenter:
     return Segmenter(self.predictor.with_options(**inference_options), self.spec, self.step, self.config)
 
   def __call__(self, image: ImageLike) -> np.ndarray:
-    """Segments one image (uint8 [H, W, 3] array, PIL image or file path): int32 class indices [H, W]."""
-    return self.predictor.predict(_read(image)).astype(np.int32)
+    """Segments one image (uint8 [H, W, C] array, PIL image or file path): int32 class indices [H, W]."""
+    return self.predictor.predict(_read(image, self.channels)).astype(np.int32)
 
   def predict(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
     """Segments several images (any sizes), batching them together: int32 masks [H, W] in order."""
-    return [m.astype(np.int32) for m in self.predictor.iter_masks(_read(i) for i in images)]
+    return [m.astype(np.int32) for m in self.predictor.iter_masks(_read(i, self.channels) for i in images)]
 
   def probabilities(self, image: ImageLike) -> np.ndarray:
     """Class probabilities float32 [H, W, K] (softmax of the logits; the mean over TTA views)."""
-    scores = self.predictor.scores(_read(image))
+    scores = self.predictor.scores(_read(image, self.channels))
     return scores if self.predictor.options.uses_tta else inference.softmax(scores)
 
   def colorize(self, mask: np.ndarray) -> np.ndarray:
@@ -106,9 +113,10 @@ class Segmenter:
   def overlay(self, image: ImageLike, mask: Optional[np.ndarray] = None, *, alpha: float = 0.5) -> np.ndarray:
     """The image with its classes coloured over it (background left as is): uint8 [H, W, 3].
 
-    Without `mask`, the image is segmented first.
+    Without `mask`, the image is segmented first. A grayscale image is drawn
+    in grey, a 4-band one by its first three bands.
     """
-    image = _read(image)
+    image = _read(image, self.channels)
     if mask is None:
       mask = self(image)
     return viz.overlay(image, mask, self.palette, alpha=alpha, skip_classes=viz.background_classes(self.class_names),

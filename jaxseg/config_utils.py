@@ -45,9 +45,8 @@ def validate(config) -> None:
   from jaxseg import finetune  # pylint: disable=g-import-not-at-top
   finetune.settings(config)
   in_channels = finetune.in_channels_of(config.model)
-  if in_channels != 3:
-    raise ConfigError(f'config.model.in_channels={in_channels}: the data pipeline, the inference and the export '
-                      f'read RGB images (3 channels) only; use 3')
+  from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
+  datasets.check_channels(config.dataset.get('name'), in_channels)  # 1, 3 or 4; RGB datasets need 3.
   finetune.input_statistics(config.model)
   ema_decay = config.get('ema_decay', 0.0)
   if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:

@@ -1,12 +1,14 @@
 """--mode=export: the trained model as an artefact that runs without jaxseg.
 
 WORKDIR/export/ gets
-  model.jax_exported  `jax.export` serialisation of  uint8 images [B, H, W, 3] ->
+  model.jax_exported  `jax.export` serialisation of  uint8 images [B, H, W, C] ->
                       {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]},
                       normalisation and weights inside; B is symbolic, and so are
                       H and W (as multiples of `size_multiple` when the model
                       cannot take any size symbolically -- see model.json).
-                      Lowered for CPU, CUDA and TPU where possible.
+                      Lowered for CPU, CUDA and TPU where possible. C is the
+                      model's config.model.in_channels (3: RGB; 1: grayscale;
+                      4: e.g. RGB + near-infrared).
   model.json          class names, palette, input/output spec, size_multiple,
                       platforms, checkpoint step, the model config.
   saved_model/        the same function as a TensorFlow SavedModel (jax2tf),
@@ -15,7 +17,7 @@ WORKDIR/export/ gets
 Loading needs only jax and numpy:
 
   exp = jax.export.deserialize(open('WORKDIR/export/model.jax_exported', 'rb').read())
-  out = exp.call(images)  # images uint8 [B, H, W, 3], H and W multiples of size_multiple
+  out = exp.call(images)  # images uint8 [B, H, W, C], H and W multiples of size_multiple
 
 or `jaxseg.export.load(dir)`, which pads any size and crops back.
 """
@@ -35,10 +37,15 @@ MODEL_FILE = 'model.jax_exported'
 META_FILE = 'model.json'
 SAVED_MODEL_DIR = 'saved_model'
 ALL_PLATFORMS = ('cpu', 'cuda', 'tpu')
+# How model.json describes the input's channels (the bands in the order the training files held them).
+_LAYOUTS = {1: 'grayscale', 3: 'RGB', 4: '4 bands (e.g. RGB + near-infrared, in the training files\' order)'}
 
 
 def serving_function(model, variables: dict, dtype, input_stats=None):
-  """uint8 [B, H, W, 3] -> {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]}, weights closed over."""
+  """uint8 [B, H, W, C] -> {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]}, weights closed over.
+
+  C = len(input_stats[0]) (the model's channel count; 3 without input_stats).
+  """
   from jaxseg import inference  # pylint: disable=g-import-not-at-top
 
   def serve(images):
@@ -57,15 +64,15 @@ def _size_multiples(model_config) -> list[int]:
   return sorted(set(candidates), key=candidates.index)
 
 
-def export_function(fn, multiples: list[int], platforms: tuple[str, ...] = ALL_PLATFORMS):
-  """Exports `fn` with a symbolic batch and the most general symbolic H/W that lowers.
+def export_function(fn, multiples: list[int], platforms: tuple[str, ...] = ALL_PLATFORMS, channels: int = 3):
+  """Exports `fn` on uint8 [B, H, W, channels] with a symbolic batch and the most general symbolic H/W that lowers.
 
   Returns:
     (jax.export.Exported, size multiple (1: any H/W), input shape spec).
   """
   errors = []
   for m in multiples:
-    spec = 'b, h, w, 3' if m == 1 else f'b, {m}*h, {m}*w, 3'
+    spec = f'b, h, w, {channels}' if m == 1 else f'b, {m}*h, {m}*w, {channels}'
     for plats in (platforms, (jax.default_backend(),)):
       try:
         arg = jax.ShapeDtypeStruct(jax.export.symbolic_shape(spec), jnp.uint8)
@@ -75,12 +82,13 @@ def export_function(fn, multiples: list[int], platforms: tuple[str, ...] = ALL_P
   raise RuntimeError('the model could not be exported with a symbolic shape:\n' + '\n'.join(errors))
 
 
-def _write_saved_model(fn, spec: str, directory: str, platforms: tuple[str, ...]) -> None:
+def _write_saved_model(fn, spec: str, directory: str, platforms: tuple[str, ...], channels: int = 3) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   tf_fn = jax2tf.convert(fn, polymorphic_shapes=[f'({spec})'], native_serialization_platforms=platforms)
   module = tf.Module()
-  module.serve = tf.function(tf_fn, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')],
+  module.serve = tf.function(tf_fn, input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8,
+                                                                       name='images')],
                              autograph=False)
   tf.saved_model.save(module, directory, signatures={'serving_default': module.serve})
 
@@ -111,7 +119,8 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
   variables = jax.device_get(state_lib.inference_variables(state))
   fn = serving_function(setup.model, variables, setup.dtype, setup.input_stats)
-  exported, multiple, shape_spec = export_function(fn, _size_multiples(config.model))
+  channels = len(setup.input_stats[0])  # config.model.in_channels: one mean per channel.
+  exported, multiple, shape_spec = export_function(fn, _size_multiples(config.model), channels=channels)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, MODEL_FILE), 'wb') as f:
     f.write(exported.serialize())
@@ -120,7 +129,7 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   export_config = config.get('export') or {}
   if export_config.get('saved_model', True):
     try:
-      _write_saved_model(fn, shape_spec, os.path.join(out, SAVED_MODEL_DIR), tuple(exported.platforms))
+      _write_saved_model(fn, shape_spec, os.path.join(out, SAVED_MODEL_DIR), tuple(exported.platforms), channels)
       saved_model = SAVED_MODEL_DIR
     except Exception as e:  # pylint: disable=broad-except  # jax2tf is optional; the jax.export file is the artefact.
       log.warning('No TensorFlow SavedModel written (%s: %s); %s is complete without it.', type(e).__name__,
@@ -131,7 +140,9 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
       'format': 'jax.export', 'file': MODEL_FILE, 'jax_version': jax.__version__,
       'platforms': list(exported.platforms), 'saved_model': saved_model,
       'input': {
-          'name': 'images', 'dtype': 'uint8', 'shape': ['batch', 'height', 'width', 3], 'layout': 'NHWC, RGB, 0-255',
+          'name': 'images', 'dtype': 'uint8', 'shape': ['batch', 'height', 'width', channels],
+          'layout': f'NHWC, {_LAYOUTS.get(channels, f"{channels} bands")}, 0-255',
+          'channels': channels,
           'symbolic_shape': shape_spec, 'size_multiple': multiple,
           'note': ('height and width must be multiples of size_multiple: pad images at the bottom/right with '
                    'zeros and crop the outputs (jaxseg.export.load does this)') if multiple > 1 else
@@ -155,7 +166,10 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
 
 
 class ExportedModel:
-  """A loaded export: call it on uint8 images [B, H, W, 3] (or one [H, W, 3]) of any size.
+  """A loaded export: call it on uint8 images [B, H, W, C] (or one [H, W, C]) of any size.
+
+  C is meta['input']['shape'][-1], the model's channel count; a grayscale
+  model (C = 1) also takes [B, H, W] (or one [H, W]).
 
   Needs only jax and numpy. Images are zero-padded at the bottom/right to the
   export's size multiple and the outputs cropped back.
@@ -176,9 +190,15 @@ class ExportedModel:
 
   def __call__(self, images: Any) -> dict:
     images = np.asarray(images, np.uint8)
+    channels = int(self.meta['input']['shape'][-1])
+    if channels == 1 and images.ndim in (2, 3) and images.shape[-1] != 1:
+      images = images[..., None]  # Grayscale without its channel axis.
     single = images.ndim == 3
     if single:
       images = images[None]
+    if images.ndim != 4 or images.shape[-1] != channels:
+      raise ValueError(f'this export takes uint8 images [B, H, W, {channels}] or one [H, W, {channels}], got shape '
+                       f'{np.shape(images)}')
     _, h, w, _ = images.shape
     m = self.size_multiple
     ph, pw = -(-h // m) * m, -(-w // m) * m

@@ -154,7 +154,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def pad_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Zero-pads an image [h, w, 3] at the bottom/right to [height, width, 3] (as the eval pipeline pads)."""
+  """Zero-pads an image [h, w, C] at the bottom/right to [height, width, C] (as the eval pipeline pads)."""
   h, w = image.shape[:2]
   if (h, w) == (height, width):
     return image
@@ -180,12 +180,16 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
-  """uint8 image scaled by `scale` (bilinear; PIL antialiases when shrinking)."""
+  """uint8 image [h, w, C] scaled by `scale` (bilinear; PIL antialiases when shrinking)."""
   h, w = image.shape[:2]
   size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
   if size == (w, h):
     return image
-  return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+  if image.shape[-1] == 3:
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+  # Band by band: PIL would premultiply a 4th band as alpha, and has no [h, w, 1] mode.
+  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c])).resize(size, Image.BILINEAR))
+                   for c in range(image.shape[-1])], axis=-1)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -259,7 +263,7 @@ class _View:
 
 
 class Predictor:
-  """Segments uint8 RGB images with a trained model (see the module docstring for the method).
+  """Segments uint8 images of the model's channel count (see the module docstring for the method).
 
   Args:
     model: the Flax module.
@@ -269,12 +273,14 @@ class Predictor:
     options: InferenceOptions.
     dtype: compute dtype (bfloat16 with half precision).
     devices: the devices to run on (default: this process's local devices).
-    input_stats: (mean, std) per channel that images are normalised with (None: ImageNet's).
+    input_stats: (mean, std) per channel that images are normalised with (None: ImageNet's, RGB). Their
+      length is the model's channel count (config.model.in_channels), which images are checked against.
   """
 
   def __init__(self, model, variables: Optional[dict], num_classes: int, options: InferenceOptions, *,
                dtype=jnp.float32, devices: Optional[Sequence[Any]] = None, input_stats: Optional[tuple] = None):
     self.model = model
+    self.channels = len(input_stats[0]) if input_stats else 3
     self.num_classes = num_classes
     self.options = options
     self.dtype = dtype
@@ -321,7 +327,7 @@ class Predictor:
         # A short batch is padded to the next power of two per device, not to the full batch: few
         # programs to compile, little padding for single images.
         b = min(self.per_device, 1 << (-(-len(chunk) // n) - 1).bit_length())
-        batch = np.zeros((n * b,) + shape + (3,), np.uint8)
+        batch = np.zeros((n * b,) + shape + (self.channels,), np.uint8)
         for j, (view, y, x) in enumerate(chunk):
           batch[j] = view.crop(y, x)
         launched = (chunk, self._forward(self._variables, batch))
@@ -366,7 +372,8 @@ class Predictor:
   def iter_scores(self, images: Iterable[np.ndarray], *, chunk: Optional[int] = None) -> Iterator[np.ndarray]:
     """Yields float32 scores [H, W, K] per image, in order: logits (one view) or mean probabilities (TTA).
 
-    Images (uint8 [H, W, 3], any sizes) are gathered until their tiles fill
+    Images (uint8 [H, W, C] with C = self.channels, any sizes; see
+    image_io.to_uint8 for the arrays accepted) are gathered until their tiles fill
     a batch (or `chunk` images, default the batch size, are waiting), so that
     tiles of several small images share batches while a large image is
     processed alone.
@@ -374,7 +381,7 @@ class Predictor:
     max_images = chunk or self.batch_size
     views, count, tiles = [], 0, 0
     for image in images:
-      new = self._views_of(count, image_io.to_rgb_uint8(image))
+      new = self._views_of(count, image_io.to_uint8(image, self.channels))
       views += new
       count += 1
       tiles += sum(len(v.starts) for v in new)

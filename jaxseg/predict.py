@@ -1,7 +1,9 @@
 """--mode=predict: segments image files with a trained model; writes masks and overlays.
 
 Files in (an image, a folder or a glob), `inference.load_predictor` for the model, palette PNG masks and
-overlays out. Training never imports this module.
+overlays out. Files are read with the model's channel count (config.model.in_channels, as folder datasets read
+them: jaxseg.image_io.read_image); overlays draw a grayscale image in grey and a 4-band one by its first three
+bands. Training never imports this module.
 """
 
 import collections
@@ -114,7 +116,7 @@ def predict(config, workdir: str, input_path: str, output_dir: Optional[str] = N
     def images():
       for p in mine:
         try:
-          image = image_io.read_image(p)
+          image = image_io.read_image(p, predictor.channels)
         except DataError as e:
           log.warning('Skipping %s: %s', p, e)
           skipped.append(p)
