@@ -265,3 +265,28 @@ def test_augmentation_moves_every_band_and_jitters_only_brightness_and_contrast(
     np.testing.assert_allclose(got_image.numpy(), want_image, atol=1e-3)
     jittered += int(info['coins'][1] < 0.5 or info['coins'][3] < 0.5)
   assert jittered >= 2  # Brightness or contrast was drawn for some seeds.
+
+
+def test_a_grayscale_predictor_takes_2d_arrays_and_rescales_bands_alone(tmp_path):
+  """A 1-channel model: Predictor on [H, W] arrays against the bare module; TTA rescaling of 4 bands keeps RGB's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxseg import inference, state as state_lib  # pylint: disable=g-import-not-at-top
+  config = folder_config(tmp_path, tmp_path, 1)
+  model = state_lib.build_model(config, NUM_CLASSES)
+  variables = model.init(jax.random.key(3), jnp.zeros((1, SIZE, SIZE, 1)), train=False)
+  predictor = inference.Predictor(model, variables, NUM_CLASSES, inference.options_from_config(config),
+                                  input_stats=((127.0,), (64.0,)))
+  assert predictor.channels == 1
+  image = np.random.default_rng(0).integers(0, 256, size=(SIZE, SIZE)).astype(np.uint8)
+  want = model.apply(variables, jnp.asarray((image[None, ..., None] - np.float32(127)) / np.float32(64)), train=False)
+  np.testing.assert_allclose(predictor.scores(image), np.asarray(want)[0], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='for a model of 1 input channel'):
+    predictor.scores(np.zeros((SIZE, SIZE, 3), np.uint8))  # Colour arrays are not guessed into luminance.
+  # A scaled TTA view of 4 bands: R, G, B as PIL resizes an RGB image (no alpha premultiplication), band 4 as L.
+  rgba, _ = _rgba_example(np.random.default_rng(1))
+  scaled = inference.resize_image(rgba, 0.75)
+  np.testing.assert_array_equal(scaled[..., :3], np.asarray(Image.fromarray(rgba[..., :3]).resize((24, 24),
+                                                                                                    Image.BILINEAR)))
+  np.testing.assert_array_equal(scaled[..., 3], np.asarray(Image.fromarray(rgba[..., 3]).resize((24, 24),
+                                                                                              Image.BILINEAR)))
