@@ -238,7 +238,7 @@ def open_dataset(dataset_config, *, in_channels: int = 3) -> tuple[DatasetSpec, 
   """Resolves the spec and returns it with its prepared builder, checking the splits exist and are not empty.
 
   `in_channels` (config.model.in_channels) is the images' band count: a folder
-  is prepared with it; any other dataset's image feature must have it.
+  is prepared with it; for 1 or 4, another dataset's image feature must have it.
   """
   spec = dataclasses.replace(resolve_spec(dataset_config), image_channels=in_channels)
   check_channels(spec.name, in_channels)
@@ -248,7 +248,8 @@ def open_dataset(dataset_config, *, in_channels: int = 3) -> tuple[DatasetSpec, 
     if key not in features:
       raise ConfigError(f'config.dataset.{field}={key!r} is not a feature of {spec.name!r}; it has {list(features)}')
   stored = getattr(features[spec.image_key], 'shape', (None,))[-1]
-  if stored is not None and stored != in_channels:
+  # 3 reads any image as RGB, as it always has (grayscale repeated, alpha dropped); other counts must be stored.
+  if in_channels != 3 and stored is not None and stored != in_channels:
     raise ConfigError(f'config.model.in_channels={in_channels} but the images of {spec.name!r} '
                       f'({builder.data_dir}) have {stored} channel(s)')
   for split, field in ((spec.train_split, 'train_split'), (spec.eval_split, 'eval_split')):
