@@ -215,12 +215,12 @@ class FixedStep:
   def __init__(self, config, spec, builder, host_batch: dict):
     """host_batch: one numpy batch as the training pipeline yields it; placed on the mesh as training does."""
     import jax  # pylint: disable=g-import-not-at-top
-    from jaxseg import sharding, train  # pylint: disable=g-import-not-at-top
+    from jaxseg import recipe, sharding, train  # pylint: disable=g-import-not-at-top
     from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
     self._jax = jax
     self.mesh = sharding.make_mesh()
     setup = state_lib.build(config, spec.num_classes, self.mesh)
-    self._train_step = train.make_train_step(config, spec, setup, train.resolve_class_weights(config, spec, builder))
+    self._train_step = train.make_train_step(config, spec, setup, recipe.class_weights(config, spec, builder))
     self.state = jax.block_until_ready(setup.init_state())
     self.metrics = None
     self._batch = jax.block_until_ready(sharding.global_batch(host_batch, self.mesh))
@@ -295,7 +295,7 @@ def run_benchmark(config, settings: dict, loop_args: list[str]) -> dict:
     loop_args: the config arguments for run.py (`config_args`).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxseg import config_utils, sharding  # pylint: disable=g-import-not-at-top
+  from jaxseg import config_utils, finetune, recipe, sharding  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
   import bench_train  # pylint: disable=g-import-not-at-top  # cpu_count (no jax at import)
 
@@ -307,7 +307,8 @@ def run_benchmark(config, settings: dict, loop_args: list[str]) -> dict:
   pipeline.hide_accelerators_from_tf()
   config_utils.check_batch(config, jax.device_count())
   load_start = _loadavg()
-  spec, builder = datasets.open_dataset(config.dataset)
+  spec, builder = datasets.open_dataset(config.dataset, in_channels=finetune.in_channels_of(config.model))
+  config, _ = recipe.resolve(config, spec, builder)  # 'auto' crop/eval size/weighting as training chooses them.
   batch_size = config.batch_size
 
   def train_batches():

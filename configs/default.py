@@ -54,9 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.cache = True         # Keep this process's share of the eval split in memory, decoded, after the first evaluation (later ones decode nothing).
 
   # ---- Input pipeline and augmentation (tf.data; see jaxseg/data/augment.py). ----
-  config.input = ml_collections.ConfigDict()
-  config.input.crop_size = (64, 64)   # Training crop (H, W); images smaller than it are padded (mask with ignore_label).
-  config.input.eval_size = (96, 96)   # Evaluation pads images to this (H, W); larger ones are segmented at full size as --mode=predict does.
+  config.input = ml_collections.ConfigDict(type_safe=False)  # A size is (H, W) or 'auto'.
+  config.input.crop_size = (64, 64)   # Training crop (H, W); images smaller than it are padded (mask with ignore_label). 'auto': the median training image, sides rounded to the model's multiple, at most 512 (jaxseg/recipe.py; chosen at start, printed, saved in WORKDIR/config.json).
+  config.input.eval_size = (96, 96)   # Evaluation pads images to this (H, W); larger ones are segmented at full size as --mode=predict does. 'auto': the largest evaluation image, rounded up to the model's multiple, at most 512.
   config.input.scale_range = (1.0, 1.0)  # Random rescale factor range before cropping; (1, 1) disables it.
   config.input.hflip = True           # Random horizontal flip.
   config.input.photometric = False    # Random brightness, contrast, saturation and hue.
@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- Loss. ----
   config.loss = ml_collections.ConfigDict()
   config.loss.class_weights = placeholder(tuple)  # Per-class weights (K values) for cross-entropy; None: unweighted.
-  config.loss.class_weighting = 'none'  # 'none', or 'median_frequency': weights computed from the training split.
+  config.loss.class_weighting = 'none'  # 'none'; 'median_frequency': weights computed from the training split; 'auto': median_frequency when the most frequent class has over 10x the pixels of the rarest, else none.
   config.loss.dice_weight = 0.0       # Weight of the soft-Dice loss added to cross-entropy (0 disables it).
 
   # ---- Optimiser (see jaxseg/optim.py). ----

@@ -1,10 +1,34 @@
 """Checks on the config and the workdir, done before any expensive work starts."""
 
+import ast
 import os
 
 from jaxseg.errors import ConfigError
 
 NONFINITE_POLICIES = ('stop', 'skip')
+CLASS_WEIGHTINGS = ('none', 'median_frequency', 'auto')  # 'auto': jaxseg/recipe.py decides from the data.
+
+
+def size_value(value, field: str):
+  """config.<field>, an image size: 'auto' or (height, width) in positive pixels; ConfigError otherwise.
+
+  Accepts what a command line gives as well: '--config.input.crop_size=auto' parses as ('auto',) where the
+  field held a tuple, and '--config.input.crop_size=(96,128)' as the string '(96,128)' where it held 'auto'.
+  """
+  if isinstance(value, str):
+    text = value.strip()
+    if text == 'auto':
+      return 'auto'
+    try:
+      value = ast.literal_eval(text if text.startswith('(') else f'({text})')
+    except (ValueError, SyntaxError):
+      raise ConfigError(f"config.{field} must be 'auto' or (height, width) in pixels, got {value!r}") from None
+  if isinstance(value, (tuple, list)) and tuple(value) == ('auto',):
+    return 'auto'
+  size = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+    raise ConfigError(f"config.{field} must be 'auto' or (height, width) in pixels, got {value!r}")
+  return size
 
 
 def validate(config) -> None:
@@ -23,16 +47,14 @@ def validate(config) -> None:
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f'config.{field} must be a positive integer, got {value!r}')
   for field in ('crop_size', 'eval_size'):
-    size = tuple(config.input[field])
-    if len(size) != 2 or any(not isinstance(v, int) or v < 1 for v in size):
-      raise ConfigError(f'config.input.{field} must be (height, width) in pixels, got {size!r}')
+    size_value(config.input[field], f'input.{field}')
   if config.on_nonfinite_loss not in NONFINITE_POLICIES:
     raise ConfigError(f'config.on_nonfinite_loss must be one of {NONFINITE_POLICIES}, got '
                       f'{config.on_nonfinite_loss!r}')
   if config.get('sharding', 'replicated') not in ('replicated', 'fsdp'):
     raise ConfigError(f"config.sharding must be 'replicated' or 'fsdp', got {config.sharding!r}")
-  if config.loss.class_weighting not in ('none', 'median_frequency'):
-    raise ConfigError(f"config.loss.class_weighting must be 'none' or 'median_frequency', got "
+  if config.loss.class_weighting not in CLASS_WEIGHTINGS:
+    raise ConfigError(f'config.loss.class_weighting must be one of {CLASS_WEIGHTINGS}, got '
                       f'{config.loss.class_weighting!r}')
   cache_dir = config.get('compilation_cache_dir')
   if cache_dir is not None and not isinstance(cache_dir, str):
@@ -75,5 +97,10 @@ def prepare_workdir(workdir: str, config, *, write: bool) -> None:
     os.remove(probe)
   except OSError as e:
     raise ConfigError(f'the workdir {workdir} cannot be written: {e.strerror or e}') from None
+  write_config(workdir, config)
+
+
+def write_config(workdir: str, config) -> None:
+  """WORKDIR/config.json: the config of the run (eval, predict, export and jaxseg.api read it back)."""
   with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
     f.write(config.to_json_best_effort(indent=2))

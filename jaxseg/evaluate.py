@@ -24,9 +24,11 @@ import numpy as np
 from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import compilation_cache
 from jaxseg import config_utils
+from jaxseg import finetune
 from jaxseg import inference as inference_lib
 from jaxseg import losses
 from jaxseg import metrics as metrics_lib
+from jaxseg import recipe
 from jaxseg import reporting
 from jaxseg import sharding
 from jaxseg import viz
@@ -270,10 +272,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   compilation_cache.enable(config)
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(workdir)
+  config = recipe.settle(config, workdir)  # 'auto' sizes: those training chose.
   is_primary = jax.process_index() == 0
   config_utils.check_batch(config, jax.device_count())
   options = inference_lib.options_from_config(config)  # Checked before any work.
-  spec, builder = datasets.open_dataset(config.dataset)
+  spec, builder = datasets.open_dataset(config.dataset, in_channels=finetune.in_channels_of(config.model))
   setup = state_lib.build(config, spec.num_classes, sharding.make_mesh())
   state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
   log.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, os.path.join(workdir, 'checkpoints'))

@@ -102,6 +102,7 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   from jaxseg import compilation_cache  # pylint: disable=g-import-not-at-top
   from jaxseg import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg import recipe  # pylint: disable=g-import-not-at-top
   from jaxseg import sharding  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg import viz  # pylint: disable=g-import-not-at-top
@@ -111,6 +112,7 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   compilation_cache.enable(config)
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(workdir)
+  config = recipe.settle(config, workdir)  # 'auto' sizes: those training chose.
   out = os.path.abspath(output_dir or os.path.join(workdir, 'export'))
   spec = datasets.resolve_spec(config.dataset)
   # The weights go into the artefact as constants: one copy, on one device.

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -42,6 +43,7 @@ from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg import image_io
 from jaxseg import models
+from jaxseg import recipe
 from jaxseg import sharding
 from jaxseg import state as state_lib
 from jaxseg.data import datasets
@@ -416,6 +418,7 @@ def load_predictor(config, workdir: str, *, checkpoint: str = 'best', **override
   """
   config_utils.validate(config)
   compilation_cache.enable(config)
+  config = recipe.settle(config, os.path.abspath(workdir))  # 'auto' sizes: those training chose.
   spec = datasets.resolve_spec(config.dataset)
   options = options_from_config(config, **overrides)
   # Each process restores a full copy onto its own devices: prediction runs without collectives.

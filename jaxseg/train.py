@@ -25,6 +25,7 @@ from jaxseg import config_utils
 from jaxseg import evaluate
 from jaxseg import finetune
 from jaxseg import losses
+from jaxseg import recipe
 from jaxseg import reporting
 from jaxseg import sharding
 from jaxseg import state as state_lib
@@ -225,38 +226,6 @@ class NonFiniteLossError(FloatingPointError):
 # ---------------------------------------------------------------------------
 
 
-def resolve_class_weights(config, spec, builder) -> Optional[tuple[float, ...]]:
-  """Per-class cross-entropy weights: from the config, computed (median frequency), or None."""
-  if config.loss.class_weights is not None:
-    weights = tuple(float(w) for w in config.loss.class_weights)
-    if len(weights) != spec.num_classes:
-      raise config_utils.ConfigError(f'config.loss.class_weights has {len(weights)} values; num_classes is '
-                                     f'{spec.num_classes}')
-    return weights
-  if config.loss.class_weighting == 'median_frequency':
-    counts, present = pipeline.class_pixel_counts(builder, spec)
-    weights = tuple(float(w) for w in median_frequency_weights(counts, present))
-    log.info('Median-frequency class weights: %s', ', '.join(f'{n}={w:.3g}' for n, w in zip(spec.class_names, weights)))
-    return weights
-  return None
-
-
-def median_frequency_weights(counts: np.ndarray, present: np.ndarray) -> np.ndarray:
-  """Median-frequency balancing (Eigen & Fergus, 2015): w_c = median(f) / f_c.
-
-  f_c is the pixels of class c over the pixels of the images in which c
-  appears; a class that never appears gets weight 0.
-  """
-  counts = np.asarray(counts, np.float64)
-  present = np.asarray(present, np.float64)
-  seen = present > 0
-  freq = np.zeros_like(counts)
-  freq[seen] = counts[seen] / present[seen]
-  weights = np.zeros_like(freq)
-  weights[seen] = np.median(freq[seen]) / freq[seen]
-  return weights
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_at_step: Optional[int] = None) -> dict:
   """Trains (resuming from WORKDIR/checkpoints when there are any), evaluates, checkpoints.
@@ -289,8 +258,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
            jax.devices()[0].platform, jax.process_count(), config.get('sharding', 'replicated'), workdir)
 
   # ---- Data. ----
-  spec, builder = datasets.open_dataset(config.dataset)
-  class_weights = resolve_class_weights(config, spec, builder)
+  spec, builder = datasets.open_dataset(config.dataset, in_channels=finetune.in_channels_of(config.model))
+  # 'auto' fields (crop, eval size, class weighting) chosen from the dataset; logged and saved in config.json.
+  config, _ = recipe.resolve(config, spec, builder, workdir, is_primary=is_primary)
+  class_weights = recipe.class_weights(config, spec, builder)
 
   # ---- Model, optimiser, steps. ----
   setup = state_lib.build(config, spec.num_classes, mesh)

@@ -14,8 +14,8 @@ LAYERS = [
      'jaxseg.image_io', 'jaxseg.viz', 'jaxseg.distributed', 'jaxseg.models.layers', 'jaxseg.models.preprocessing'},
     # 1: models, data, the optimiser, the mesh, config checks.
     {'jaxseg.models*', 'jaxseg.data*', 'jaxseg.finetune', 'jaxseg.optim', 'jaxseg.sharding', 'jaxseg.config_utils'},
-    # 2: the train state and its checkpoints.
-    {'jaxseg.state', 'jaxseg.checkpoint'},
+    # 2: the train state, its checkpoints, the auto recipe (config from data statistics).
+    {'jaxseg.state', 'jaxseg.checkpoint', 'jaxseg.recipe'},
     # 3: what runs a model: training, evaluation, prediction of arrays, export.
     {'jaxseg.train', 'jaxseg.evaluate', 'jaxseg.inference', 'jaxseg.export'},
     # 4: the entry points.

@@ -1,4 +1,4 @@
-"""Class imbalance: median-frequency weights, resolve_class_weights, the global Dice loss, binary tasks."""
+"""Class imbalance: median-frequency weights, recipe.class_weights, the global Dice loss, binary tasks."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from jaxseg import losses
+from jaxseg import recipe
 from jaxseg import train
 from jaxseg.errors import ConfigError
 from tests.conftest import tiny_unet_config
@@ -74,22 +75,22 @@ def test_median_frequency_weights_by_hand():
   counts = np.array([600, 0, 50, 100, 20])
   present = np.array([1000, 0, 200, 400, 100])  # Valid pixels of the images holding each class.
   # f = (0.6, -, 0.25, 0.25, 0.2); median of the present classes' f: (0.25 + 0.25) / 2 = 0.25.
-  weights = train.median_frequency_weights(counts, present)
+  weights = recipe.median_frequency_weights(counts, present)
   np.testing.assert_allclose(weights, [0.25 / 0.6, 0.0, 1.0, 1.0, 1.25], rtol=1e-12)
   assert weights[1] == 0.0  # Absent class: weight 0, not inf or nan.
 
 
 def test_median_frequency_weights_even_median_and_nothing_present():
   # f = (0.5, 0.1, 0.2, 0.4); median (0.2 + 0.4) / 2 = 0.3.
-  np.testing.assert_allclose(train.median_frequency_weights([50, 10, 20, 40], [100, 100, 100, 100]),
+  np.testing.assert_allclose(recipe.median_frequency_weights([50, 10, 20, 40], [100, 100, 100, 100]),
                              [0.6, 3.0, 1.5, 0.75])
   with warnings.catch_warnings():  # numpy warns about the median of no classes; the weights are still 0.
     warnings.simplefilter('ignore', RuntimeWarning)
-    np.testing.assert_array_equal(train.median_frequency_weights([0, 0, 0], [0, 0, 0]), [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(recipe.median_frequency_weights([0, 0, 0], [0, 0, 0]), [0.0, 0.0, 0.0])
 
 
 # ---------------------------------------------------------------------------
-# (b) resolve_class_weights.
+# (b) recipe.class_weights.
 # ---------------------------------------------------------------------------
 
 
@@ -99,12 +100,12 @@ def test_resolve_class_weights_from_the_config():
                      image_key='image', label_key='segmentation_mask', label_offset=0, ignore_values=(),
                      train_split='train', eval_split='validation')
   config = folder_config('unused', 'unused', 3, class_weights=(1, 2.5, 0.5))
-  assert train.resolve_class_weights(config, spec, builder=None) == (1.0, 2.5, 0.5)
+  assert recipe.class_weights(config, spec, builder=None) == (1.0, 2.5, 0.5)
   config.loss.class_weights = (1.0, 2.0)
   with pytest.raises(ConfigError, match=r'config\.loss\.class_weights'):
-    train.resolve_class_weights(config, spec, builder=None)
+    recipe.class_weights(config, spec, builder=None)
   config.loss.class_weights = None
-  assert train.resolve_class_weights(config, spec, builder=None) is None
+  assert recipe.class_weights(config, spec, builder=None) is None
 
 
 def test_median_frequency_weights_from_a_folder_dataset(tmp_path):
@@ -127,11 +128,11 @@ def test_median_frequency_weights_from_a_folder_dataset(tmp_path):
     counts += per_image
     present += np.where(per_image > 0, per_image.sum(), 0)
   assert counts[3] == 0 and counts[2] > 0 and present[2] < present[1] < present[0]
-  got_counts, got_present = pipeline.class_pixel_counts(builder, spec)
-  np.testing.assert_array_equal(got_counts, counts)
-  np.testing.assert_array_equal(got_present, present)
+  stats = pipeline.split_statistics(builder, spec, spec.train_split)
+  np.testing.assert_array_equal(stats.class_pixels, counts)
+  np.testing.assert_array_equal(stats.present_pixels, present)
 
-  weights = train.resolve_class_weights(config, spec, builder)
+  weights = recipe.class_weights(config, spec, builder)
   freq = counts[:3] / present[:3]
   median = np.median(freq)  # Of the present classes only.
   np.testing.assert_allclose(weights, [median / freq[0], median / freq[1], median / freq[2], 0.0], rtol=1e-6)
@@ -139,7 +140,7 @@ def test_median_frequency_weights_from_a_folder_dataset(tmp_path):
 
   # Weights given in the config win over the computed ones.
   config.loss.class_weights = (1.0, 1.0, 1.0, 1.0)
-  assert train.resolve_class_weights(config, spec, builder) == (1.0, 1.0, 1.0, 1.0)
+  assert recipe.class_weights(config, spec, builder) == (1.0, 1.0, 1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------

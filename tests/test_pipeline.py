@@ -219,13 +219,17 @@ def test_eval_shares_make_up_the_split(folder_dataset, monkeypatch):
     assert np.all(got_label[:, W:] == spec.ignore_label)
 
 
-def test_class_pixel_counts(folder_dataset):
+def test_split_statistics_count_sizes_and_class_pixels(folder_dataset):
   builder, spec, examples = folder_dataset
-  for max_examples in (None, 3):
-    masks = [mask for _, mask in examples['train'][:max_examples]]
+  train = examples['train']
+  # All of the split, and a sample of 3: evenly spaced, so the first, the middle and the last example.
+  for max_examples, chosen in ((None, list(range(len(train)))), (3, [0, (len(train) - 1) // 2, len(train) - 1])):
+    masks = [train[i][1] for i in chosen]
     counts = sum(np.bincount(m[m != spec.ignore_label], minlength=NUM_CLASSES) for m in masks)
     present = sum(np.where(np.bincount(m[m != spec.ignore_label], minlength=NUM_CLASSES) > 0,
                            np.sum(m != spec.ignore_label), 0) for m in masks)
-    got_counts, got_present = pipeline.class_pixel_counts(builder, spec, max_examples=max_examples)
-    np.testing.assert_array_equal(got_counts, counts)
-    np.testing.assert_array_equal(got_present, present)
+    got = pipeline.split_statistics(builder, spec, spec.train_split, max_examples=max_examples)
+    assert got.num_examples == len(chosen) and got.split_examples == len(train)
+    np.testing.assert_array_equal(got.sizes, [m.shape for m in masks])
+    np.testing.assert_array_equal(got.class_pixels, counts)
+    np.testing.assert_array_equal(got.present_pixels, present)

@@ -36,7 +36,6 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from etils import epath
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
 

@@ -257,26 +257,45 @@ def hide_accelerators_from_tf() -> None:
     pass  # Already initialised, or no such device type: nothing to hide.
 
 
-def class_pixel_counts(builder, spec: DatasetSpec, max_examples: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-  """Pixel statistics of the training split for median-frequency class weights.
+@dataclasses.dataclass(frozen=True)
+class SplitStatistics:
+  """What a split holds, from its masks: image sizes and class pixel counts (the auto recipe and class weights).
 
-  Returns:
-    (counts [K]: pixels of each class,
-     present [K]: valid pixels of the images in which each class appears).
+  Attributes:
+    num_examples: examples read (all of the split, or an evenly spaced sample of it).
+    split_examples: examples in the split.
+    sizes: int64 [num_examples, 2]: (height, width) of each example read.
+    class_pixels: int64 [K]: labelled pixels of each class.
+    present_pixels: int64 [K]: labelled pixels of the images in which each class appears (for median frequency).
   """
-  num_examples = split_size(builder, spec.train_split)
-  if max_examples:
-    num_examples = min(num_examples, max_examples)
-  ds = records(builder, spec, spec.train_split, tf.data.Dataset.range(num_examples))
+  num_examples: int
+  split_examples: int
+  sizes: np.ndarray
+  class_pixels: np.ndarray
+  present_pixels: np.ndarray
+
+
+def split_statistics(builder, spec: DatasetSpec, split: str, max_examples: Optional[int] = None) -> SplitStatistics:
+  """Reads the masks of `split` (or `max_examples` of them, evenly spaced) and counts sizes and class pixels."""
+  total = split_size(builder, split)
+  indices = np.arange(total, dtype=np.int64)
+  if max_examples and total > max_examples:
+    indices = np.unique(np.linspace(0, total - 1, max_examples).round().astype(np.int64))
+  ds = records(builder, spec, split, tf.data.Dataset.from_tensor_slices(indices))
   k = spec.num_classes
 
   def stats(example):
-    labels = tf.reshape(decode_example(example, spec)[1], [-1])
-    counts = tf.math.bincount(labels, minlength=256, maxlength=256, dtype=tf.int64)[:k]
+    # Only the mask is decoded: the image has its size.
+    raw = tf.cast(tf.io.decode_image(example[spec.label_key], expand_animations=False)[..., 0], tf.int32)
+    labels = map_labels(raw, spec)
+    counts = tf.math.bincount(tf.reshape(labels, [-1]), minlength=256, maxlength=256, dtype=tf.int64)[:k]
     valid = tf.reduce_sum(counts)
-    return counts, tf.where(counts > 0, valid, tf.zeros_like(counts))
+    return tf.shape(labels, out_type=tf.int64), counts, tf.where(counts > 0, valid, tf.zeros_like(counts))
 
-  ds = ds.map(stats, num_parallel_calls=PARALLEL_CALLS)
-  zeros = tf.zeros([k], tf.int64)
-  counts, present = ds.reduce((zeros, zeros), lambda acc, x: (acc[0] + x[0], acc[1] + x[1]))
-  return counts.numpy(), present.numpy()
+  sizes, counts, present = [], np.zeros(k, np.int64), np.zeros(k, np.int64)
+  for size, c, p in ds.map(stats, num_parallel_calls=PARALLEL_CALLS).batch(256).as_numpy_iterator():
+    sizes.append(size)
+    counts += c.sum(0)
+    present += p.sum(0)
+  sizes = np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int64)
+  return SplitStatistics(len(indices), total, sizes, counts, present)
