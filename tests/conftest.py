@@ -7,7 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from tests.helpers import DEPRECATION_MODULES, xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.helpers import DEPRECATION_MODULES, import_torch_or_skip, xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Before jax is imported anywhere: several CPU devices make the sharded paths real.
 os.environ.setdefault('XLA_FLAGS', xla_flags(4))
@@ -42,22 +42,37 @@ def session_compilation_cache(tmp_path_factory):
   return os.environ['JAX_COMPILATION_CACHE_DIR']
 
 
+@pytest.fixture(name='ref')
+def torch_reference():
+  """tests/torch_reference.py (needs PyTorch; see helpers.import_torch_or_skip)."""
+  import_torch_or_skip('torch')
+  from tests import torch_reference as reference  # pylint: disable=g-import-not-at-top
+  return reference
+
+
+# configs/unet.py shrunk so that a few steps run in seconds, with the training recipe that the tests' reference
+# values assume written out (SGD at 0.1, no moving average, fixed sizes, no class weighting), whatever
+# configs/unet.py's own recipe is. Tests of AdamW, the EMA and the auto recipe set those fields themselves.
+TINY_UNET = {
+    'model.base_width': 4, 'model.depth': 2, 'input.crop_size': (32, 32), 'input.eval_size': (96, 96),
+    'batch_size': 8, 'eval_batch_size': 40, 'num_train_steps': 4, 'log_every_steps': 2, 'eval_every_steps': 4,
+    'checkpoint_every_steps': 2, 'optimizer.name': 'sgd', 'optimizer.learning_rate': 0.1,
+    'optimizer.weight_decay': 1e-4, 'optimizer.warmup_steps': 2, 'ema_decay': 0.0, 'loss.class_weighting': 'none'}
+
+
+def tiny_flags(**overrides) -> list:
+  """run.py's --config.FIELD=VALUE flags for configs/unet.py giving tiny_unet_config's config."""
+  fields = {**TINY_UNET, **overrides}
+  fmt = lambda v: f'({v[0]},{v[1]})' if isinstance(v, tuple) else str(v)
+  return [f'--config.{k}={fmt(v)}' for k, v in fields.items()]
+
+
 def tiny_unet_config(data_dir: str, **overrides):
-  """configs/unet.py shrunk so that a few steps run in seconds."""
+  """configs/unet.py shrunk (TINY_UNET), then `overrides` ({'optimizer.learning_rate': 0.01, ...})."""
   from configs import unet  # pylint: disable=g-import-not-at-top
   config = unet.get_config()
   config.dataset.data_dir = data_dir
-  config.model.base_width = 4
-  config.model.depth = 2
-  config.input.crop_size = (32, 32)
-  config.batch_size = 8
-  config.eval_batch_size = 40
-  config.num_train_steps = 4
-  config.log_every_steps = 2
-  config.eval_every_steps = 4
-  config.checkpoint_every_steps = 2
-  config.optimizer.warmup_steps = 2
-  for key, value in overrides.items():
+  for key, value in {**TINY_UNET, **overrides}.items():
     target = config
     *path, last = key.split('.')
     for p in path:

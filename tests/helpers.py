@@ -24,6 +24,18 @@ def xla_flags(devices: int) -> str:
   return f'--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}'
 
 
+# CI (.ci/run) installs PyTorch and sets this: the PyTorch checks must then run, never skip.
+REQUIRE_TORCH = os.environ.get('JAXSEG_REQUIRE_TORCH') == '1'
+
+
+def import_torch_or_skip(name: str = 'torch'):
+  """`name` (torch, or a module that needs it); a skip without PyTorch, a failure when REQUIRE_TORCH."""
+  if REQUIRE_TORCH:
+    return __import__(name)
+  import pytest  # pylint: disable=g-import-not-at-top
+  return pytest.importorskip(name)
+
+
 def make_deprecations_errors() -> None:
   """In a worker process: DeprecationWarnings from DEPRECATION_MODULES raise."""
   import warnings  # pylint: disable=g-import-not-at-top

@@ -14,20 +14,10 @@ if BENCH_DIR not in sys.path:
   sys.path.insert(0, BENCH_DIR)
 
 import bench_train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.helpers import REQUIRE_TORCH, import_torch_or_skip  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ENTRY_FIELDS = ('images_per_s', 'images_per_s_per_device', 'step_ms', 'compile_s', 'peak_memory_bytes',
                 'memory_method', 'param_count', 'devices_used', 'achieved_tflops')
-# CI (.ci/run) installs PyTorch and sets this: the PyTorch checks must then run, never skip.
-REQUIRE_TORCH = os.environ.get('JAXSEG_REQUIRE_TORCH') == '1'
-
-
-def import_torch_or_skip(name='torch'):
-  """`name` (torch, or benchmarks/torch_models which needs it); a skip without PyTorch, a failure in CI."""
-  if REQUIRE_TORCH:
-    return __import__(name)
-  return pytest.importorskip(name)
-
-
 def unet_tiny_forward_flops_by_hand(size=32):
   """2 x multiply-adds of unet-tiny's convolutions at SIZE x SIZE (3 -> 3 classes, base width 4, depth 2).
 

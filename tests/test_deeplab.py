@@ -19,7 +19,7 @@ from jaxseg.errors import ConfigError
 from jaxseg.models import encoders
 from jaxseg.models.deeplabv3plus import DeepLabV3Plus, upsample_bilinear_align_corners
 from tests.test_encoders import assert_close_relative, param_count, random_images, save_state_dict
-from tests.test_encoders import torch_reference  # noqa: F401  (the fixture `ref`: tests/torch_reference.py)
+from tests.helpers import import_torch_or_skip
 
 
 def deeplab_with(**model_fields):
@@ -54,7 +54,7 @@ def test_registry_fields_and_errors():
 
 
 def test_upsampling_is_torch_align_corners_true():
-  torch = pytest.importorskip('torch')
+  torch = import_torch_or_skip('torch')
   x = np.random.RandomState(0).randn(2, 3, 5, 4).astype(np.float32)
   want = torch.nn.Upsample(scale_factor=4, mode='bilinear', align_corners=True)(torch.from_numpy(x)).numpy()
   got = upsample_bilinear_align_corners(jnp.asarray(x.transpose(0, 2, 3, 1)), 4)

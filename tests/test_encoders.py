@@ -27,7 +27,6 @@ from tests.conftest import tiny_unet_config
 from tests.helpers import load_checkpoint
 
 # CI (.ci/run) installs PyTorch and sets this: the PyTorch checks must then run, never skip.
-REQUIRE_TORCH = os.environ.get('JAXSEG_REQUIRE_TORCH') == '1'
 RTOL = 1e-4
 
 # torchvision's resnet18().state_dict() without the 20 num_batches_tracked entries (122 with them), as
@@ -87,15 +86,6 @@ def parse_keys(text):
     key, shape = item.split(':')
     out[key] = tuple(int(d) for d in shape.split('x'))
   return out
-
-
-@pytest.fixture(name='ref')
-def torch_reference():
-  """tests/torch_reference.py (needs PyTorch): a skip without it, a failure in CI."""
-  if not REQUIRE_TORCH:
-    pytest.importorskip('torch')
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
-  return torch_reference
 
 
 def save_state_dict(state_dict, path):

@@ -20,17 +20,8 @@ from jaxseg.errors import ConfigError, WeightsError
 from jaxseg.models.fcn_vgg16 import FCNVGG16
 from tests.test_models import fcn8s_vgg16_layer_counts_by_hand
 
-REQUIRE_TORCH = os.environ.get('JAXSEG_REQUIRE_TORCH') == '1'
 VGG_CONVS = ('conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
              'conv4_1', 'conv4_2', 'conv4_3', 'conv5_1', 'conv5_2', 'conv5_3')
-
-
-@pytest.fixture(name='ref')
-def torch_reference():
-  if not REQUIRE_TORCH:
-    pytest.importorskip('torch')
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
-  return torch_reference
 
 
 def shapes(model, h=64, w=64):

@@ -50,6 +50,9 @@ def make_folder(root, *, val_count=2):
     img.save(root / split / 'images' / name)
     stem = os.path.splitext(name)[0]
     mask_img.save(root / split / 'masks' / (stem + '.png'))
+    if rgb is None:  # A JPEG is lossy: what PIL decodes from the written file is what must be stored.
+      with Image.open(root / split / 'images' / name) as written:
+        rgb = np.asarray(written.convert('RGB'))
     expected[f'{split}/images/{name}'] = (rgb, mask)
 
   rgb = _rng(1).integers(0, 256, size=(H, W, 3)).astype(np.uint8)
@@ -134,8 +137,7 @@ def test_prepares_and_loads(prepared):
     assert ex['segmentation_mask'].dtype == np.uint8
     # Masks are stored losslessly, 255 (ignore) included.
     np.testing.assert_array_equal(ex['segmentation_mask'][..., 0], mask)
-    if rgb is not None:  # gray/RGBA/palette became RGB; jpgs are lossy.
-      np.testing.assert_array_equal(ex['image'], rgb)
+    np.testing.assert_array_equal(ex['image'], rgb)  # gray/RGBA/palette became RGB; a JPEG as PIL decodes it.
   assert 255 in got['train/images/rgb.png']['segmentation_mask']
 
 

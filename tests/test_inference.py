@@ -10,13 +10,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from tests.conftest import tiny_unet_config
+from tests.conftest import tiny_flags, tiny_unet_config
 from tests.helpers import ROOT, best_checkpoint_logits_fn, xla_flags
 
 TRAIN = dict(num_train_steps=16, log_every_steps=8, eval_every_steps=16, checkpoint_every_steps=16)
 # run.py flags giving the same model as tiny_unet_config (the checkpoint must fit it).
-TINY_FLAGS = ['--config.model.base_width=4', '--config.model.depth=2', '--config.input.crop_size=(32,32)',
-              '--config.batch_size=8', '--config.eval_batch_size=40']
+TINY_FLAGS = tiny_flags()
 
 
 def with_inference(config, **fields):

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_unet_config
+from tests.conftest import tiny_flags, tiny_unet_config
 from tests.helpers import ROOT, best_checkpoint_logits_fn, xla_flags
 
 def run_cli(*args, env=None, timeout=300):
@@ -23,10 +23,7 @@ def run_cli(*args, env=None, timeout=300):
                         timeout=timeout)
 
 
-TINY_FLAGS = ['--config.model.base_width=4', '--config.model.depth=2', '--config.input.crop_size=(32,32)',
-              '--config.batch_size=8', '--config.eval_batch_size=40', '--config.num_train_steps=4',
-              '--config.log_every_steps=2', '--config.eval_every_steps=4', '--config.checkpoint_every_steps=2',
-              '--config.optimizer.warmup_steps=2']
+TINY_FLAGS = tiny_flags()
 
 
 def test_run_py_trains_then_evaluates(shapes_data_dir, tmp_path):
