@@ -47,12 +47,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+import folder_layout  # tools/folder_layout.py, beside this file.
 
 CLASS_NAMES = ('background', 'zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 IGNORE = 255
@@ -62,21 +63,6 @@ MIN_DIGITS, MAX_DIGITS = 2, 6         # Digits per scene.
 INK_THRESHOLD = 0.5                   # Upsampled intensity (0..1) at and above which a pixel is ink.
 SPLITS = ('train', 'val')
 NUM_SCANS = 1797                      # len(load_digits()); split_indices halves it.
-
-
-def voc_palette() -> list[int]:
-  """Pascal VOC's 256-colour palette (class i's colour from the bits of i), flattened for PIL."""
-  palette = []
-  for i in range(256):
-    r = g = b = 0
-    c = i
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette += [r, g, b]
-  return palette
 
 
 def load_scans() -> tuple[np.ndarray, np.ndarray]:
@@ -230,17 +216,10 @@ def write_folder(path: str, *, train: int = 400, val: int = 100, seed: int = 0, 
     'ignore_pixel_fraction', 'digits': per pair, the load_digits indices pasted}}}.
   """
   scans, targets = load_scans()
-  palette = voc_palette()
+  palette = folder_layout.voc_palette()
   summary = {'classes': list(CLASS_NAMES), 'splits': {}}
   for split_id, (split, n) in enumerate(zip(SPLITS, (train, val))):
-    images_dir = os.path.join(path, split, 'images')
-    masks_dir = os.path.join(path, split, 'masks')
-    for d in (images_dir, masks_dir):
-      if os.path.isdir(d) and os.listdir(d):
-        if not force:
-          sys.exit(f'{d} is not empty; pass --force to replace it')
-        shutil.rmtree(d)
-      os.makedirs(d, exist_ok=True)
+    images_dir, masks_dir = folder_layout.split_dirs(path, split, force)
     pool = split_indices(split)
     counts = np.zeros(256, np.int64)
     formats = {'png': 0, 'jpg': 0}
@@ -254,13 +233,9 @@ def write_folder(path: str, *, train: int = 400, val: int = 100, seed: int = 0, 
       digits.append(used)
       if verbose and (i + 1) % 100 == 0:
         print(f'  {split}: {i + 1}/{n}', flush=True)
-    total = max(int(counts.sum()), 1)
-    summary['splits'][split] = {
-        'pairs': n, 'formats': formats,
-        'class_pixel_fraction': {c: float(counts[k] / total) for k, c in enumerate(CLASS_NAMES)},
-        'ignore_pixel_fraction': float(counts[IGNORE] / total), 'digits': digits}
-  with open(os.path.join(path, 'classes.txt'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(CLASS_NAMES) + '\n')
+    summary['splits'][split] = {'pairs': n, 'formats': formats, 'digits': digits,
+                                **folder_layout.pixel_fractions(counts, CLASS_NAMES, IGNORE)}
+  folder_layout.write_classes(path, CLASS_NAMES)
   return summary
 
 

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+import folder_layout  # tools/folder_layout.py, beside this file.
 
 CLASS_NAMES = ('background', 'horse', 'ball', 'box')
 IGNORE = 255
@@ -63,21 +64,6 @@ TEXTURE_PHOTOS = {
     3: ('brick', 'page', 'text', 'grass', 'motorcycle', 'rocket', 'immunohistochemistry', 'camera'),
 }
 CLASS_PROBS = (0.4, 0.3, 0.3)  # Of horse, ball, box for each pasted object.
-
-
-def voc_palette() -> list[int]:
-  """Pascal VOC's 256-colour palette (class i's colour from the bits of i), flattened for PIL."""
-  palette = []
-  for i in range(256):
-    r = g = b = 0
-    c = i
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette += [r, g, b]
-  return palette
 
 
 # ---------------------------------------------------------------------------
@@ -336,17 +322,10 @@ def write_folder(path: str, *, train: int = 300, val: int = 60, seed: int = 0, f
     verbose: print progress.
   """
   photos, horse = load_photos()
-  palette = voc_palette()
+  palette = folder_layout.voc_palette()
   summary = {'classes': list(CLASS_NAMES), 'splits': {}}
   for split_id, (split, n) in enumerate((('train', train), ('val', val))):
-    images_dir = os.path.join(path, split, 'images')
-    masks_dir = os.path.join(path, split, 'masks')
-    for d in (images_dir, masks_dir):
-      if os.path.isdir(d) and os.listdir(d):
-        if not force:
-          sys.exit(f'{d} is not empty; pass --force to replace it')
-        shutil.rmtree(d)
-      os.makedirs(d, exist_ok=True)
+    images_dir, masks_dir = folder_layout.split_dirs(path, split, force)
     counts = np.zeros(256, np.int64)
     formats = {'jpg': 0, 'png': 0}
     for i in range(n):
@@ -357,13 +336,9 @@ def write_folder(path: str, *, train: int = 300, val: int = 60, seed: int = 0, f
       counts += np.bincount(label.ravel(), minlength=256)
       if verbose and (i + 1) % 50 == 0:
         print(f'  {split}: {i + 1}/{n}', flush=True)
-    total = counts.sum()
-    summary['splits'][split] = {
-        'pairs': n, 'formats': formats,
-        'class_pixel_fraction': {c: float(counts[k] / total) for k, c in enumerate(CLASS_NAMES)},
-        'ignore_pixel_fraction': float(counts[IGNORE] / total)}
-  with open(os.path.join(path, 'classes.txt'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(CLASS_NAMES) + '\n')
+    summary['splits'][split] = {'pairs': n, 'formats': formats,
+                                **folder_layout.pixel_fractions(counts, CLASS_NAMES, IGNORE)}
+  folder_layout.write_classes(path, CLASS_NAMES)
   return summary
 
 
