@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -51,3 +52,14 @@ def pixel_fractions(counts: np.ndarray, class_names, ignore: int) -> dict:
 def write_classes(path: str, class_names) -> None:
   with open(os.path.join(path, 'classes.txt'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(class_names) + '\n')
+
+
+def parse_args(argv, doc: str, *, train: int, val: int) -> argparse.Namespace:
+  """A generator's command line: DIR [--train N] [--val N] [--seed S] [--force]; `doc` is its module docstring."""
+  p = argparse.ArgumentParser(description=doc.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('dir', help='dataset folder to write (train/images, train/masks, val/images, val/masks)')
+  p.add_argument('--train', type=int, default=train, help=f'training pairs (default {train})')
+  p.add_argument('--val', type=int, default=val, help=f'validation pairs (default {val})')
+  p.add_argument('--seed', type=int, default=0, help='the dataset is a pure function of the seed')
+  p.add_argument('--force', action='store_true', help='replace existing split folders')
+  return p.parse_args(argv)

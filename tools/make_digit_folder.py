@@ -45,7 +45,6 @@ Layout written (jaxseg's folder layout, see README "Your own folders")::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -240,14 +239,7 @@ def write_folder(path: str, *, train: int = 400, val: int = 100, seed: int = 0, 
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('dir', help='dataset folder to write (train/images, train/masks, val/images, val/masks)')
-  p.add_argument('--train', type=int, default=400, help='training pairs (default 400)')
-  p.add_argument('--val', type=int, default=100, help='validation pairs (default 100)')
-  p.add_argument('--seed', type=int, default=0, help='the dataset is a pure function of the seed')
-  p.add_argument('--force', action='store_true', help='replace existing split folders')
-  args = p.parse_args(argv)
+  args = folder_layout.parse_args(argv, __doc__, train=400, val=100)
   t0 = time.perf_counter()
   summary = write_folder(args.dir, train=args.train, val=args.val, seed=args.seed, force=args.force)
   for split, s in summary['splits'].items():

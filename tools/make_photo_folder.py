@@ -38,7 +38,6 @@ Layout written (jaxseg's folder layout, see README "Your own folders")::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -343,14 +342,7 @@ def write_folder(path: str, *, train: int = 300, val: int = 60, seed: int = 0, f
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('dir', help='dataset folder to write (train/images, train/masks, val/images, val/masks)')
-  p.add_argument('--train', type=int, default=300, help='training pairs (default 300)')
-  p.add_argument('--val', type=int, default=60, help='validation pairs (default 60)')
-  p.add_argument('--seed', type=int, default=0, help='the dataset is a pure function of the seed')
-  p.add_argument('--force', action='store_true', help='replace existing split folders')
-  args = p.parse_args(argv)
+  args = folder_layout.parse_args(argv, __doc__, train=300, val=60)
   t0 = time.perf_counter()
   summary = write_folder(args.dir, train=args.train, val=args.val, seed=args.seed, force=args.force)
   for split, s in summary['splits'].items():
