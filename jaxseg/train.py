@@ -226,8 +226,7 @@ class NonFiniteLossError(FloatingPointError):
 # ---------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: Optional[int] = None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from WORKDIR/checkpoints when there are any), evaluates, checkpoints.
 
   Every process of a multi-process run calls this with the same arguments.
@@ -237,9 +236,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: the experiment config (see configs/default.py).
     workdir: where checkpoints, logs and metrics go (shared by all hosts).
-    stop_at_step: stop with a checkpoint at this step although the schedule
-      runs to config.num_train_steps (a job with a time slice; a later call
-      resumes from it).
 
   Returns:
     The last evaluation's metrics ({} when pre-empted before any evaluation).
@@ -296,14 +292,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     skipped = 0  # Updates with a non-finite loss dropped so far (as last logged).
     eval_metrics = {}
     step = start_step
-    last_step = config.num_train_steps if stop_at_step is None else min(stop_at_step, config.num_train_steps)
     with PreemptionWatcher() as preemption:
-      while step < last_step:
+      while step < config.num_train_steps:
         batch = next(train_iter)
         state, step_metrics = train_step_fn(state, batch)
         pending_metrics.append(step_metrics)
         step += 1
-        is_last = step == last_step
+        is_last = step == config.num_train_steps
 
         if step % config.log_every_steps == 0 or is_last:
           fetched = jax.device_get(pending_metrics)

@@ -3,7 +3,7 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/fault_worker.py '<json spec>'
 
 Spec keys:
-  data_dir, workdir: as for tests/train_worker.py.
+  data_dir: a tfds data dir holding jaxseg_shapes; workdir: the run's workdir.
   overrides: config overrides ({"num_train_steps": 6, "optimizer.learning_rate": 0.1}).
   mode: 'train' (default) or 'eval' (evaluate the latest checkpoint of workdir).
   hang_in_save_at: the checkpoint of this step hangs after its files are written, before orbax
@@ -13,7 +13,7 @@ Spec keys:
 The job runs through `jaxseg.cli.run(mode, config, workdir)`, run.py's own entry point: jaxseg's user
 errors (and a non-finite loss) print 'jaxseg: error: ...' to stderr and exit with status 2 there. Prints
 'RESULT <json>' (mean_iou, confusion_matrix of the result cli.run returns, pid) at the end.
-Used by tests/test_faults.py and tests/test_multihost.py, which start it with `launch` below.
+Used by tests/test_faults.py, test_multihost.py and test_optim.py, which start it with `launch` or `run` below.
 """
 
 import json
@@ -49,8 +49,11 @@ def hang_in_save(step: int) -> None:
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 
-def nan_at(step: int) -> None:
-  """The training batch of `step` (1-based) is made of NAN_MARK pixels, which normalise to NaN."""
+def nan_at(step: int, patch=setattr) -> None:
+  """The training batch of `step` (1-based) is made of NAN_MARK pixels, which normalise to NaN.
+
+  `patch(module, name, value)` installs the two replacements (in a test: monkeypatch.setattr, undone after it).
+  """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jaxseg import train  # pylint: disable=g-import-not-at-top
@@ -74,8 +77,8 @@ def nan_at(step: int) -> None:
     poisoned = jnp.all(images == NAN_MARK)
     return jnp.where(poisoned, jnp.nan, normalize(images, dtype, *input_stats)).astype(dtype)
 
-  pipeline.train_dataset = train_dataset
-  train.normalize_images = normalize_images
+  patch(pipeline, 'train_dataset', train_dataset)
+  patch(train, 'normalize_images', normalize_images)
 
 
 # ---------------------------------------------------------------------------
@@ -93,7 +96,8 @@ def free_port() -> int:
 
 
 def launch(spec: dict, *, devices: int, log_path, env: dict = None) -> subprocess.Popen:
-  """Starts a worker with `devices` simulated CPU devices; stdout and stderr go to `log_path`.
+  """Starts a worker with `devices` simulated CPU devices (`env`: variables set; None unsets one); stdout and
+  stderr go to `log_path`.
 
   The worker gets its own process group, so `stop` can end it and anything it started.
   """
@@ -101,12 +105,23 @@ def launch(spec: dict, *, devices: int, log_path, env: dict = None) -> subproces
   full_env['XLA_FLAGS'] = xla_flags(devices)
   full_env['JAX_PLATFORMS'] = 'cpu'
   full_env.update(env or {})
+  full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets a variable.
   log_file = open(log_path, 'w', encoding='utf-8')  # pylint: disable=consider-using-with
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)], cwd=ROOT, env=full_env,
                           stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
   proc.log_path = str(log_path)
   log_file.close()  # The child holds its own copy.
   return proc
+
+
+def run(spec: dict, *, devices: int, log_path, env: dict = None, timeout: float = 400) -> tuple:
+  """Runs one worker to the end: (exit status, its output)."""
+  proc = launch(spec, devices=devices, log_path=log_path, env=env)
+  try:
+    wait_all([proc], timeout=timeout)
+  finally:
+    stop([proc])
+  return proc.returncode, output(proc)
 
 
 def launch_multiprocess(spec: dict, *, processes: int, devices_per_process: int, log_dir, env: dict = None,

@@ -42,23 +42,6 @@ def make_deprecations_errors() -> None:
   warnings.filterwarnings('error', category=DeprecationWarning, module=DEPRECATION_MODULES)
 
 
-def run_worker(data_dir, workdir, overrides, *, devices=1, stop_at=None, env=None, timeout=300, check=True):
-  """Runs tests/train_worker.py in a subprocess with `devices` simulated CPU devices (env: None unsets)."""
-  import json  # pylint: disable=g-import-not-at-top
-  full_env = dict(os.environ)
-  full_env['XLA_FLAGS'] = xla_flags(devices)
-  full_env.update(env or {})
-  full_env = {k: v for k, v in full_env.items() if v is not None}
-  cmd = [sys.executable, os.path.join(ROOT, 'tests', 'train_worker.py'), data_dir, str(workdir),
-         json.dumps(overrides)]
-  if stop_at is not None:
-    cmd.append(str(stop_at))
-  proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f'worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
-  return proc
-
-
 def load_checkpoint(workdir, step=None):
   """The raw saved train state (nested dict of numpy arrays) of WORKDIR's latest (or given) checkpoint."""
   import jax  # pylint: disable=g-import-not-at-top

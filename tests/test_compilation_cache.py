@@ -1,8 +1,8 @@
-"""The persistent XLA compilation cache (config.compilation_cache_dir): set-up rules and reuse by a second process."""
+"""The persistent XLA compilation cache (config.compilation_cache_dir): its set-up rules. (A resumed process loading
+its programs from the cache: tests/test_faults.py, the SIGTERM test.)"""
 
 import logging
 import os
-import re
 
 import jax
 import ml_collections
@@ -12,7 +12,6 @@ from configs import default
 from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg.errors import ConfigError
-from tests.helpers import run_worker
 
 
 @pytest.fixture
@@ -102,31 +101,3 @@ def test_a_value_that_is_not_a_path_is_a_config_error():
   values['compilation_cache_dir'] = 5  # E.g. from a hand-edited config.json (command-line overrides are type-checked).
   with pytest.raises(ConfigError, match=r'config\.compilation_cache_dir must be a directory path .* got 5'):
     config_utils.validate(ml_collections.ConfigDict(values))
-
-
-COMPILE_LINE = re.compile(r'Finished XLA compilation of (\S+) in ([0-9.]+) sec')
-
-
-def test_a_resumed_run_loads_its_programs_from_the_cache(shapes_data_dir, tmp_path):
-  """Pre-empted at step 2, resumed in a new process: the programs come from the first process's cache."""
-  cache = tmp_path / 'xla'
-  # The session's JAX_COMPILATION_CACHE_DIR unset, so that the config field decides; compilations logged.
-  env = {compilation_cache.ENV_DIR: None, 'JAX_LOG_COMPILES': '1'}
-  overrides = {'compilation_cache_dir': str(cache)}
-  first = run_worker(shapes_data_dir, tmp_path / 'wd', overrides, stop_at=2, env=env)
-  assert f'XLA compilation cache: {cache}' in first.stdout
-  entries = [n for n in os.listdir(cache) if not n.startswith('.')]
-  assert entries, 'the first run wrote nothing to the cache'
-  assert 'Persistent compilation cache hit' not in first.stderr
-
-  second = run_worker(shapes_data_dir, tmp_path / 'wd', overrides, env=env)
-  assert 'Resuming from the checkpoint at step 2' in second.stdout
-  hits = re.findall(r"Persistent compilation cache hit for '(\S+)'", second.stderr)
-  # Every program the first run cached and the resumed run needs (all but the initialiser: it restores) was
-  # loaded, not compiled.
-  needed = {re.sub(r'-[0-9a-f]+-cache$', '', n) for n in entries} - {'jit_initial_state'}
-  assert 'jit_train_step' in needed and needed <= set(hits), (hits, entries)
-  seconds = [sum(float(s) for _, s in COMPILE_LINE.findall(p.stderr)) for p in (first, second)]
-  print(f'compile seconds: first run {seconds[0]:.1f}, resumed run (warm cache) {seconds[1]:.1f}; '
-        f'{len(entries)} cache entries')
-  assert seconds[1] < seconds[0]

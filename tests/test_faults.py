@@ -1,9 +1,13 @@
 """Faults a long training job meets, each provoked for real: SIGTERM, a corrupted checkpoint, a NaN loss, an
-unwritable workdir, and memory over a long run. (SIGKILL mid-save: tests/test_optim.py, with AdamW + EMA.)"""
+unwritable workdir, and memory over a long run. (SIGKILL mid-save: tests/test_optim.py.)
+
+Workers inherit the session's persistent compilation cache (conftest), so launches after the first of a schedule
+skip most compiling."""
 
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,48 +17,47 @@ import numpy as np
 import pytest
 
 from jaxseg import checkpoint as checkpoint_lib
+from jaxseg import train
 from tests import fault_worker as fw
+from tests.conftest import tiny_unet_config
 from tests.helpers import ROOT, load_checkpoint, max_abs_diff, xla_flags
 
 STEPS = 60
-# One schedule for every run here, so the persistent compilation cache serves them all (log,
-# checkpoint and evaluation intervals are not part of the compiled step).
+# One schedule for the runs here, so the persistent compilation cache serves them (log, checkpoint and evaluation
+# intervals are not part of the compiled step).
 CONFIG = {'num_train_steps': STEPS, 'log_every_steps': 1, 'eval_every_steps': STEPS, 'checkpoint_every_steps': 10}
 DEVICES = 2
 
 
-@pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  """One persistent XLA cache for the workers of this module: later launches skip most compiling."""
-  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
-  path.mkdir(exist_ok=True)
-  return {'JAX_COMPILATION_CACHE_DIR': str(path)}
-
-
-def _run(spec, log_path, env, timeout=400):
-  """Runs one worker to the end; returns (exit status, output)."""
-  proc = fw.launch(spec, devices=DEVICES, log_path=log_path, env=env)
-  try:
-    fw.wait_all([proc], timeout=timeout)
-  finally:
-    fw.stop([proc])
-  return proc.returncode, fw.output(proc)
+def _run(spec, log_path, env=None):
+  return fw.run(spec, devices=DEVICES, log_path=log_path, env=env)
 
 
 # ---------------------------------------------------------------------------
-# SIGTERM: a checkpoint at the current step, a clean exit, an exact resume.
+# SIGTERM: a checkpoint at the current step, a clean exit, an exact resume (AdamW's moments and the moving
+# averages included), and the resumed process loads its programs from the first run's compilation cache.
 # ---------------------------------------------------------------------------
 
+RESUME_CONFIG = dict(CONFIG, **{'optimizer.name': 'adamw', 'optimizer.learning_rate': 0.01, 'ema_decay': 0.3})
+COMPARED = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'step')
+COMPILE_LINE = re.compile(r'Finished XLA compilation of (\S+) in ([0-9.]+) sec')
 
-def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly(shapes_data_dir, tmp_path,
-                                                                          compile_cache):
-  spec = {'data_dir': shapes_data_dir, 'overrides': CONFIG}
-  rc, out = _run(dict(spec, workdir=str(tmp_path / 'straight')), tmp_path / 'straight.log', compile_cache)
-  assert rc == 0, out[-3000:]
+
+def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly_from_the_cache(shapes_data_dir, tmp_path):
+  cache = tmp_path / 'xla'
+  # The session's JAX_COMPILATION_CACHE_DIR unset, so that config.compilation_cache_dir decides; compilations
+  # logged.
+  env = {'JAX_COMPILATION_CACHE_DIR': None, 'JAX_LOG_COMPILES': '1'}
+  spec = {'data_dir': shapes_data_dir, 'overrides': dict(RESUME_CONFIG, compilation_cache_dir=str(cache))}
+  rc, first = _run(dict(spec, workdir=str(tmp_path / 'straight')), tmp_path / 'straight.log', env)
+  assert rc == 0, first[-3000:]
+  assert f'XLA compilation cache: {cache}' in first
+  assert 'Persistent compilation cache hit' not in first
+  entries = [n for n in os.listdir(cache) if not n.startswith('.')]
+  assert entries, 'the first run wrote nothing to the cache'
 
   workdir = tmp_path / 'interrupted'
-  proc = fw.launch(dict(spec, workdir=str(workdir)), devices=DEVICES, log_path=tmp_path / 'interrupted.log',
-                   env=compile_cache)
+  proc = fw.launch(dict(spec, workdir=str(workdir)), devices=DEVICES, log_path=tmp_path / 'interrupted.log', env=env)
   try:
     # Past the periodic checkpoint at step 10, so the pre-emption checkpoint is a step of its own.
     fw.wait_until(lambda: len(fw.logged_steps(workdir)) >= 11, [proc], timeout=400, what='step 11')
@@ -64,23 +67,34 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly(shapes
     fw.stop([proc])
   out = fw.output(proc)
   assert proc.returncode == 0, out[-3000:]
-  _, stopped = load_checkpoint(workdir)
+  saved, stopped = load_checkpoint(workdir)
+  assert max_abs_diff(saved['ema_params'], saved['params']) > 1e-4  # Mid-run, the average is not the weights.
   assert f'Pre-empted (SIGTERM): checkpoint at step {stopped} of {STEPS} saved' in out
   assert 'exiting cleanly' in out
   assert 11 <= stopped < STEPS, stopped
   assert fw.logged_steps(workdir) == list(range(1, stopped + 1))
 
-  rc, out = _run(dict(spec, workdir=str(workdir)), tmp_path / 'resumed.log', compile_cache)
-  assert rc == 0, out[-3000:]
-  assert f'Resuming from the checkpoint at step {stopped}' in out
+  rc, resumed = _run(dict(spec, workdir=str(workdir)), tmp_path / 'resumed.log', env)
+  assert rc == 0, resumed[-3000:]
+  assert f'Resuming from the checkpoint at step {stopped}' in resumed
   assert fw.logged_steps(workdir) == list(range(1, STEPS + 1))  # Each step logged once, none lost.
   a, _ = load_checkpoint(tmp_path / 'straight')
   b, step = load_checkpoint(workdir)
   assert step == STEPS
-  diff = max(max_abs_diff(a[k], b[k]) for k in ('params', 'batch_stats', 'opt_state'))
-  print(f'SIGTERM at step {stopped} (checkpoint_every_steps={CONFIG["checkpoint_every_steps"]}), resumed: '
-        f'largest difference from the uninterrupted run {diff:.3g}')
-  assert diff < 1e-5
+  for key in COMPARED:
+    diff = max_abs_diff(a[key], b[key])
+    print(f'SIGTERM at step {stopped}, resumed: {key} differs from the uninterrupted run by {diff:.3g}')
+    assert diff < 1e-5, (key, diff)
+
+  # Every program the first run cached and the resumed run needs (all but the initialiser: it restores) was
+  # loaded, not compiled.
+  hits = re.findall(r"Persistent compilation cache hit for '(\S+)'", resumed)
+  needed = {re.sub(r'-[0-9a-f]+-cache$', '', n) for n in entries} - {'jit_initial_state'}
+  assert 'jit_train_step' in needed and needed <= set(hits), (hits, entries)
+  seconds = [sum(float(s) for _, s in COMPILE_LINE.findall(text)) for text in (first, resumed)]
+  print(f'compile seconds: first run {seconds[0]:.1f}, resumed run (warm cache) {seconds[1]:.1f}; '
+        f'{len(entries)} cache entries')
+  assert seconds[1] < seconds[0]
 
 
 # ---------------------------------------------------------------------------
@@ -157,10 +171,10 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_nonfinite_loss_stops_with_a_message_naming_the_step(shapes_data_dir, tmp_path, compile_cache):
+def test_nonfinite_loss_stops_with_a_message_naming_the_step(shapes_data_dir, tmp_path):
   workdir = tmp_path / 'wd'
   rc, out = _run({'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': CONFIG, 'nan_at': 15},
-                 tmp_path / 'stop.log', compile_cache)
+                 tmp_path / 'stop.log')
   assert rc == 2, out[-3000:]
   assert 'jaxseg: error: The loss or a gradient became NaN or infinite at step 15 ' in out
   assert 'parameters are from step 14' in out
@@ -169,23 +183,30 @@ def test_nonfinite_loss_stops_with_a_message_naming_the_step(shapes_data_dir, tm
   assert load_checkpoint(workdir)[1] == 10  # No checkpoint after the bad step.
 
 
-def test_exploding_learning_rate_stops_at_the_first_nonfinite_step(shapes_data_dir, tmp_path, compile_cache):
+# The two below run in this process (cli.run's error handling is the test above's): no worker to start.
+
+
+def test_exploding_learning_rate_stops_at_the_first_nonfinite_step(shapes_data_dir, tmp_path):
   """No injection: learning_rate=1e30 makes the weights huge after the first non-zero update."""
-  overrides = dict(CONFIG, **{'optimizer.learning_rate': 1e30})
-  rc, out = _run({'data_dir': shapes_data_dir, 'workdir': str(tmp_path / 'wd'), 'overrides': overrides},
-                 tmp_path / 'lr.log', compile_cache)
-  assert rc == 2, out[-3000:]
+  config = tiny_unet_config(shapes_data_dir, **CONFIG, **{'optimizer.learning_rate': 1e30})
   # Warm-up: step 1 has learning rate 0, step 2 the first huge update, step 3 the first non-finite loss.
-  assert 'jaxseg: error: The loss or a gradient became NaN or infinite at step 3 ' in out, out[-2000:]
+  with pytest.raises(train.NonFiniteLossError, match='^The loss or a gradient became NaN or infinite at step 3 '):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
 
 
-def test_nonfinite_loss_skip_drops_that_update_and_trains_on(shapes_data_dir, tmp_path, compile_cache):
+def test_nonfinite_loss_skip_drops_that_update_and_trains_on(shapes_data_dir, tmp_path, monkeypatch):
+  fw.nan_at(15, monkeypatch.setattr)
   workdir = tmp_path / 'wd'
-  overrides = dict(CONFIG, on_nonfinite_loss='skip')
-  rc, out = _run({'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': overrides, 'nan_at': 15},
-                 tmp_path / 'skip.log', compile_cache)
-  assert rc == 0, out[-3000:]
-  assert '1 update(s) with a non-finite loss skipped so far (first at step 15)' in out
+  messages = []
+  handler = logging.Handler()
+  handler.emit = lambda record: messages.append(record.getMessage())
+  logger = logging.getLogger('jaxseg')
+  logger.addHandler(handler)
+  try:
+    train.train_and_evaluate(tiny_unet_config(shapes_data_dir, **CONFIG, on_nonfinite_loss='skip'), str(workdir))
+  finally:
+    logger.removeHandler(handler)
+  assert any('1 update(s) with a non-finite loss skipped so far (first at step 15)' in m for m in messages), messages
   state, step = load_checkpoint(workdir)
   assert step == STEPS
   assert int(state['skipped_updates']) == 1 and int(state['first_nonfinite_step']) == 14
@@ -224,7 +245,7 @@ def test_unwritable_workdir_is_a_clear_error_before_training(shapes_data_dir, tm
 # ---------------------------------------------------------------------------
 
 
-def test_memory_does_not_grow_after_warmup(shapes_data_dir, tmp_path, compile_cache):
+def test_memory_does_not_grow_after_warmup(shapes_data_dir, tmp_path):
   """benchmarks/bench_memory.py, shortened: after warm-up the RSS slope stays far below a leak's.
 
   Warm-up covers the first epoch (2000 examples / batch 8 = 250 steps: tf.data's cache fills). The
@@ -232,8 +253,7 @@ def test_memory_does_not_grow_after_warmup(shapes_data_dir, tmp_path, compile_ca
   burst (the allocator keeps some), which would swamp a 400-step slope; the benchmark's long runs
   cover evaluations.
   """
-  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS='cpu',
-             **compile_cache)
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, 'benchmarks/bench_memory.py', '--steps=700', '--sample_every=10',
                          '--warmup=300', '--eval_every=100000', '--checkpoint_every=50',
                          f'--data_dir={shapes_data_dir}', f'--workdir={tmp_path / "wd"}'], cwd=ROOT, env=env,

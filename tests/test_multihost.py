@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from jaxseg import train
 from tests import fault_worker as fw
+from tests.conftest import tiny_unet_config
 from tests.helpers import load_checkpoint, max_abs_diff
 
 # The two runs add across devices in different orders, so their losses differ by ~1e-7 at first;
@@ -26,31 +28,20 @@ CONFIG = {'num_train_steps': STEPS, 'log_every_steps': 1, 'eval_every_steps': ST
           'checkpoint_every_steps': 8, 'optimizer.learning_rate': 0.01}
 
 
-@pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  """One persistent XLA cache for the workers of this module: later launches skip most compiling."""
-  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
-  path.mkdir(exist_ok=True)
-  return {'JAX_COMPILATION_CACHE_DIR': str(path)}
-
-
-def test_two_processes_train_checkpoint_resume_and_evaluate_like_one(shapes_data_dir, tmp_path, compile_cache):
+def test_two_processes_train_checkpoint_resume_and_evaluate_like_one(shapes_data_dir, tmp_path):
   """Pre-empted and resumed on 2 processes x 2 devices == uninterrupted on 1 process x 4 devices."""
   one = tmp_path / 'one_process'
   two = tmp_path / 'two_processes'
   spec = {'data_dir': shapes_data_dir, 'overrides': CONFIG}
+  # The reference: one process, four devices (this pytest process's, conftest), no interruption.
+  assert jax.device_count() == 4
+  ref_result = train.train_and_evaluate(tiny_unet_config(shapes_data_dir, **CONFIG), str(one))
   procs = []
   try:
-    # The reference: one process, four devices, no interruption.
-    ref = fw.launch(dict(spec, workdir=str(one)), devices=4, log_path=tmp_path / 'one.log', env=compile_cache)
-    procs = [ref]
-    assert fw.wait_all(procs, timeout=400) == [0], fw.output(ref)[-3000:]
-    ref_result = fw.result_of(ref)
-
     # Two processes, pre-empted: SIGTERM to process 1 only; JAX tells process 0, both save the same step.
     (tmp_path / 'first').mkdir()
     procs = fw.launch_multiprocess(dict(spec, workdir=str(two)), processes=2, devices_per_process=2,
-                                   log_dir=tmp_path / 'first', env=compile_cache)
+                                   log_dir=tmp_path / 'first')
     fw.wait_until(lambda: len(fw.logged_steps(two)) >= 3, procs, timeout=400, what='step 3 of the 2-process run')
     procs[1].send_signal(signal.SIGTERM)
     assert fw.wait_all(procs, timeout=120) == [0, 0], [fw.output(p)[-3000:] for p in procs]
@@ -70,7 +61,7 @@ def test_two_processes_train_checkpoint_resume_and_evaluate_like_one(shapes_data
     # A second 2-process launch resumes (every process restores) and finishes the schedule.
     (tmp_path / 'second').mkdir()
     procs = fw.launch_multiprocess(dict(spec, workdir=str(two)), processes=2, devices_per_process=2,
-                                   log_dir=tmp_path / 'second', env=compile_cache)
+                                   log_dir=tmp_path / 'second')
     assert fw.wait_all(procs, timeout=400) == [0, 0], [fw.output(p)[-3000:] for p in procs]
     assert f'Resuming from the checkpoint at step {stopped}' in fw.output(procs[0])
     two_results = [fw.result_of(p) for p in procs]

@@ -27,7 +27,7 @@ from jaxseg.data.datasets import DatasetSpec
 from jaxseg.errors import ConfigError
 from tests import fault_worker as fw
 from tests.conftest import tiny_unet_config
-from tests.helpers import load_checkpoint, max_abs_diff, run_worker
+from tests.helpers import load_checkpoint, max_abs_diff
 
 NUM_CLASSES = 4
 SPEC = DatasetSpec(name='test', num_classes=NUM_CLASSES, class_names=tuple('abcd'), ignore_label=255,
@@ -181,8 +181,7 @@ def test_ema_after_real_train_steps_matches_numpy(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# Exact resume with AdamW and the EMA: after a stop, and after a kill -9 mid-save. (SGD's exact resume after
-# a SIGTERM: tests/test_faults.py.)
+# Exact resume with AdamW and the EMA after a kill -9 mid-save. (After a SIGTERM: tests/test_faults.py.)
 # ---------------------------------------------------------------------------
 
 OVERRIDES = {'num_train_steps': 6, 'checkpoint_every_steps': 2, 'eval_every_steps': 6, 'log_every_steps': 3,
@@ -190,16 +189,13 @@ OVERRIDES = {'num_train_steps': 6, 'checkpoint_every_steps': 2, 'eval_every_step
 COMPARED = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'step')
 
 
-# The tests that share straight_run run on one pytest-xdist worker (pyproject: --dist loadgroup), which builds
-# it once.
-SHARES_STRAIGHT_RUN = pytest.mark.xdist_group('straight_run')
-
-
 @pytest.fixture(scope='module')
 def straight_run(shapes_data_dir, tmp_path_factory):
   """6 uninterrupted steps of AdamW + EMA on 2 devices: (workdir, raw checkpoint of step 6)."""
   workdir = tmp_path_factory.mktemp('ema_straight')
-  run_worker(shapes_data_dir, workdir, OVERRIDES, devices=2)
+  rc, out = fw.run({'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': OVERRIDES}, devices=2,
+                   log_path=workdir / 'worker.log')
+  assert rc == 0, out[-3000:]
   raw, step = load_checkpoint(workdir)
   assert step == 6
   assert max_abs_diff(raw['ema_params'], raw['params']) > 1e-4  # The average is not the weights.
@@ -214,20 +210,6 @@ def _assert_same_state(a, b):
     assert diff < 1e-5, (key, diff)
 
 
-@SHARES_STRAIGHT_RUN
-def test_stop_and_resume_gives_the_state_of_an_uninterrupted_run(shapes_data_dir, tmp_path, straight_run):
-  """3 steps, a new process, 3 more steps == 6 steps straight."""
-  workdir = tmp_path / 'resumed'
-  run_worker(shapes_data_dir, workdir, OVERRIDES, devices=2, stop_at=3)
-  assert load_checkpoint(workdir)[1] == 3
-  proc = run_worker(shapes_data_dir, workdir, OVERRIDES, devices=2)
-  assert 'Resuming from the checkpoint at step 3' in proc.stdout
-  resumed, step = load_checkpoint(workdir)
-  assert step == 6
-  _assert_same_state(straight_run[1], resumed)
-
-
-@SHARES_STRAIGHT_RUN
 def test_kill_9_mid_save_then_restart_gives_the_state_of_an_uninterrupted_run(shapes_data_dir, tmp_path,
                                                                                 straight_run):
   """SIGKILL while the step-4 checkpoint is written (its files in orbax's tmp dir, not yet renamed): the restart
@@ -241,13 +223,8 @@ def test_kill_9_mid_save_then_restart_gives_the_state_of_an_uninterrupted_run(sh
   assert sorted(os.listdir(ckpt_dir)) == ['2', '4.orbax-checkpoint-tmp']
   assert os.listdir(ckpt_dir / '4.orbax-checkpoint-tmp')  # Half a checkpoint: files, no rename.
 
-  proc = fw.launch(spec, devices=2, log_path=tmp_path / 'restarted.log')
-  try:
-    fw.wait_all([proc], timeout=300)
-  finally:
-    fw.stop([proc])
-  out = fw.output(proc)
-  assert proc.returncode == 0, out[-3000:]
+  rc, out = fw.run(spec, devices=2, log_path=tmp_path / 'restarted.log')
+  assert rc == 0, out[-3000:]
   assert 'Resuming from the checkpoint at step 2' in out
   assert sorted(os.listdir(ckpt_dir)) == ['4', '6']  # The unfinished save cleaned up; keep_checkpoints=2.
   resumed, step = load_checkpoint(workdir)
@@ -310,7 +287,6 @@ def test_the_evaluator_scores_the_averaged_weights(tmp_path):
   assert np.abs(confusion - np.asarray(with_live['confusion_matrix'])).sum() > 0.05 * confusion.sum()
 
 
-@SHARES_STRAIGHT_RUN
 def test_predict_and_export_use_the_averaged_weights(shapes_data_dir, straight_run, tmp_path):
   """load_predictor (--mode=predict, jaxseg.api) and the export compute the bare module on the checkpoint's
   raw averages; an eval config without the EMA is refused with a message naming the field."""
