@@ -36,8 +36,11 @@ The JSON written by --json (schema 'jaxseg-bench-learning/1'):
   finished     true: the schedule ended (num_train_steps) before the budget; false: stopped by SIGTERM
   returncode   run.py's exit status (0 also after a SIGTERM in the train loop)
   wall_s       seconds from the launch to the end of run.py
-  points       [{wall_s, step, mean_iou, per_class_iou, pixel_accuracy, mean_class_accuracy}], one per
-               evaluation, in order (per_class_iou: null for a class absent from the split and never predicted)
+  points       [{wall_s, step, mean_iou, per_class_iou, pixel_accuracy, mean_class_accuracy, loss, train_loss}],
+               one per evaluation, in order (per_class_iou: null for a class absent from the split and never
+               predicted; loss: the validation cross-entropy; train_loss: the training loss last logged at or
+               before that step, class-weighted when training is): a training loss that keeps falling while the
+               validation loss rises is a curve limited by overfitting, not by the budget
   final        the last point (null if no evaluation happened)
   classes_above  {'0.3': classes with IoU > 0.3 at the final point, '0.5': ... > 0.5}
   min_class_iou  the smallest IoU of a class at the final point
@@ -57,7 +60,7 @@ import time
 
 SCHEMA = 'jaxseg-bench-learning/1'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POINT_KEYS = ('mean_iou', 'per_class_iou', 'pixel_accuracy', 'mean_class_accuracy')
+POINT_KEYS = ('mean_iou', 'per_class_iou', 'pixel_accuracy', 'mean_class_accuracy', 'loss')
 THRESHOLDS = ('0.3', '0.5')
 
 
@@ -77,9 +80,15 @@ def read_records(workdir: str) -> list[dict]:
 
 
 def curve_points(records: list[dict], t_launch: float) -> list[dict]:
-  """The eval records as curve points, wall time from the launch of run.py."""
-  return [{'wall_s': round(r['time'] - t_launch, 3), 'step': r['step'], **{k: r[k] for k in POINT_KEYS if k in r}}
-          for r in records if r.get('split') == 'eval']
+  """The eval records as curve points, wall time from the launch of run.py, with the training loss last logged."""
+  points, train_loss = [], None
+  for r in records:
+    if r.get('split') == 'train':
+      train_loss = r.get('loss')
+    elif r.get('split') == 'eval':
+      points.append({'wall_s': round(r['time'] - t_launch, 3), 'step': r['step'],
+                     **{k: r[k] for k in POINT_KEYS if k in r}, 'train_loss': train_loss})
+  return points
 
 
 def summarise(points: list[dict]) -> dict:
@@ -146,11 +155,13 @@ def format_table(result: dict) -> str:
   lines = [f'{result["label"]}: {"finished" if result["finished"] else "stopped at the budget"} after '
            f'{result["wall_s"] / 60:.2f} min (budget {result["budget_s"] / 60:.2f} min), evaluated every '
            f'{result["config"].get("eval_every_steps")} of {result["config"].get("num_train_steps")} steps',
-           f'  {"min":>7} {"step":>7} {"mean IoU":>9} {"pix acc":>8} {"min cls":>8}']
+           f'  {"min":>7} {"step":>7} {"mean IoU":>9} {"pix acc":>8} {"min cls":>8} {"val loss":>9} {"train loss":>10}']
+  nan = float('nan')
   for p in result['points']:
     ious = [v for v in p.get('per_class_iou', []) if v is not None]
+    losses = [nan if p.get(k) is None else p[k] for k in ('loss', 'train_loss')]  # Curves saved before they were.
     lines.append(f'  {p["wall_s"] / 60:7.2f} {p["step"]:7d} {p["mean_iou"]:9.4f} {p.get("pixel_accuracy", 0):8.4f} '
-                 f'{min(ious) if ious else float("nan"):8.4f}')
+                 f'{min(ious) if ious else nan:8.4f} {losses[0]:9.4f} {losses[1]:10.4f}')
   if result['final'] is not None:
     above = ', '.join(f'{n} above {t}' for t, n in result['classes_above'].items())
     lines.append(f'  final: mean IoU {result["final"]["mean_iou"]:.4f}; classes: {above}; '

@@ -1,8 +1,6 @@
 """Shared test helpers."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 

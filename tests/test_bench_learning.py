@@ -121,6 +121,7 @@ def test_curve_is_the_runs_evaluations(curve, tmp_path):
   proc, result, workdir, files = curve
   out, png = files / 'curve.json', files / 'curve.png'
   evals = [json.loads(line) for line in open(workdir / 'metrics.jsonl') if '"eval"' in line]
+  train_losses = {r['step']: r['loss'] for r in map(json.loads, open(workdir / 'metrics.jsonl')) if r.get('split') == 'train'}
   assert result['schema'] == 'jaxseg-bench-learning/1' and result['label'] == 'tiny'
   assert result['finished'] and result['returncode'] == 0 and result['budget_s'] == 600
   assert '--config.num_train_steps=8' in result['command'] and '--config.eval_every_steps=4' in result['command']
@@ -133,6 +134,8 @@ def test_curve_is_the_runs_evaluations(curve, tmp_path):
   for p, r in zip(points, evals):
     assert p['mean_iou'] == r['mean_iou'] and p['per_class_iou'] == r['per_class_iou']
     assert p['pixel_accuracy'] == r['pixel_accuracy'] and len(p['per_class_iou']) == 11
+    # Training logs every 4 steps (TINY), so each evaluation has the training loss of its own step.
+    assert p['loss'] == r['loss'] and p['train_loss'] == train_losses[p['step']]
   assert result['final'] == points[-1]
   assert 'mean IoU' in proc.stdout and 'final:' in proc.stdout
   with Image.open(png) as img:
@@ -149,9 +152,9 @@ def test_curve_is_the_runs_evaluations(curve, tmp_path):
 def test_budget_stops_the_run_with_sigterm(digit_folder, curve, tmp_path):
   folder, _, data_dir = digit_folder
   out, workdir = tmp_path / 'curve.json', tmp_path / 'wd'
-  # Past start-up, so that the SIGTERM reaches the train loop: the 8-step run's whole time (start-up, compiling
-  # its programs, 8 steps, 2 evaluations) measured on this machine now, plus a margin; long before the end.
-  budget = math.ceil(curve[1]["wall_s"]) + 3
+  # Past start-up, so that the SIGTERM reaches the train loop: when the 8-step run (same start-up; its programs
+  # compiled, so this one loads them from the cache) had made its first evaluation, plus a margin; long before the end.
+  budget = math.ceil(curve[1]['points'][0]['wall_s']) + 2
   proc = _bench(folder, data_dir, [f'--budget_s={budget}', f'--json={out}', f'--workdir={workdir}', '--grace_s=60'],
                 ['--config.num_train_steps=100000', '--config.eval_every_steps=8',
                  '--config.checkpoint_every_steps=100000'])

@@ -5,9 +5,7 @@ on a free localhost port, gloo collectives between the CPU devices), exactly
 as two hosts of a pod slice would.
 """
 
-import glob
 import json
-import os
 import signal
 
 import jax
@@ -49,15 +47,6 @@ def test_two_processes_train_checkpoint_resume_and_evaluate_like_one(shapes_data
     for p in procs:
       assert f'Pre-empted (SIGTERM): checkpoint at step {stopped} of {STEPS} saved' in fw.output(p)
     assert 3 <= stopped < STEPS
-    # Each array was written once, not once per process: orbax splits a replicated array's bytes between
-    # the replicas, so both processes write, together one copy of the state (plus small metadata).
-    step_dir = two / 'checkpoints' / str(stopped) / 'default'
-    written = sum(os.path.getsize(f) for f in glob.glob(str(step_dir / 'ocdbt.process_*' / '**' / '*'),
-                                                        recursive=True) if os.path.isfile(f))
-    state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(load_checkpoint(two)[0]))
-    print(f'checkpoint at step {stopped}: {written} bytes of array files for a {state_bytes}-byte state')
-    assert state_bytes <= written < 2 * state_bytes, (written, state_bytes)  # One copy, not one per process.
-
     # A second 2-process launch resumes (every process restores) and finishes the schedule.
     (tmp_path / 'second').mkdir()
     procs = fw.launch_multiprocess(dict(spec, workdir=str(two)), processes=2, devices_per_process=2,

@@ -6,6 +6,7 @@ kill -9) and tests/test_faults.py (SGD, SIGTERM)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,17 +59,29 @@ def test_default_workdir_comes_from_the_config_file_name():
   assert cli.default_workdir('/x/configs/fcn.py:arg') == os.path.join('workdirs', 'fcn')
 
 
-@pytest.mark.parametrize('flag,message', [
-    ('--config.model.name=resnet', "config.model.name='resnet'"),
-    ('--config.dataset.num_classes=1', 'config.dataset.num_classes must be'),
-    ('--config.batch_size=7', 'config.batch_size=7 is not divisible by the number of devices (2)'),
-])
-def test_bad_config_values_give_a_clear_error(flag, message, tmp_path, shapes_data_dir):
+def test_a_bad_config_value_is_a_clear_error_from_run_py(tmp_path, shapes_data_dir):
+  """run.py turns a ConfigError into 'jaxseg: error: ...' and exit status 2 (the other fields' checks: below)."""
   proc = run_cli('--config=configs/unet.py', f'--workdir={tmp_path / "wd"}',
-                 f'--config.dataset.data_dir={shapes_data_dir}', flag, timeout=120)
+                 f'--config.dataset.data_dir={shapes_data_dir}', '--config.batch_size=7', timeout=120)
   assert proc.returncode == 2
-  assert message in proc.stderr, proc.stderr[-2000:]
+  assert 'jaxseg: error: config.batch_size=7 is not divisible by the number of devices (2)' in proc.stderr, \
+      proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.name', 'resnet', "config.model.name='resnet' is not a known model"),
+    ('dataset.num_classes', 1, 'config.dataset.num_classes must be >= 2'),
+])
+def test_bad_config_values_name_the_field(field, value, message):
+  from configs import unet  # pylint: disable=g-import-not-at-top
+  from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  config = unet.get_config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_utils.validate(config)
 
 
 def test_train_and_evaluate_in_process_learns_something(shapes_data_dir, tmp_path):
