@@ -1,5 +1,7 @@
 """Shared test helpers."""
 
+import contextlib
+import logging
 import os
 
 import numpy as np
@@ -38,6 +40,24 @@ def make_deprecations_errors() -> None:
   """In a worker process: DeprecationWarnings from DEPRECATION_MODULES raise."""
   import warnings  # pylint: disable=g-import-not-at-top
   warnings.filterwarnings('error', category=DeprecationWarning, module=DEPRECATION_MODULES)
+
+
+@contextlib.contextmanager
+def jaxseg_log_records():
+  """The jaxseg logger's records (INFO and above) while the block runs. A handler of its own, not pytest's caplog:
+  run.py's console logging (reporting.setup_console_logging) stops jaxseg's records reaching the root logger."""
+  records = []
+  handler = logging.Handler(logging.INFO)
+  handler.emit = records.append
+  logger = logging.getLogger('jaxseg')
+  level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:
+    yield records
+  finally:
+    logger.setLevel(level)
+    logger.removeHandler(handler)
 
 
 def load_checkpoint(workdir, step=None):

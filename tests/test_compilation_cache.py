@@ -12,6 +12,7 @@ from configs import default
 from jaxseg import compilation_cache
 from jaxseg import config_utils
 from jaxseg.errors import ConfigError
+from tests.helpers import jaxseg_log_records
 
 
 @pytest.fixture
@@ -26,18 +27,10 @@ def pristine(monkeypatch):
   monkeypatch.setattr(compilation_cache, '_active', {'dir': None})
   monkeypatch.setattr(compilation_cache, '_failed', set())
   jax.config.update('jax_compilation_cache_dir', None)
-  records = []
-  handler = logging.Handler(logging.INFO)
-  handler.emit = records.append
-  logger = logging.getLogger('jaxseg')
-  logger.addHandler(handler)
-  level = logger.level
-  logger.setLevel(logging.INFO)
   try:
-    yield records
+    with jaxseg_log_records() as records:
+      yield records
   finally:
-    logger.setLevel(level)
-    logger.removeHandler(handler)
     jax.config.update('jax_compilation_cache_dir', saved[0])
     jax.config.update('jax_persistent_cache_min_compile_time_secs', saved[1])
 

@@ -5,7 +5,6 @@ Workers inherit the session's persistent compilation cache (conftest), so launch
 skip most compiling."""
 
 import json
-import logging
 import os
 import re
 import signal
@@ -23,7 +22,7 @@ from jaxseg import train
 from jaxseg.errors import ConfigError
 from tests import fault_worker as fw
 from tests.conftest import tiny_unet_config
-from tests.helpers import ROOT, load_checkpoint, max_abs_diff, xla_flags
+from tests.helpers import ROOT, jaxseg_log_records, load_checkpoint, max_abs_diff, xla_flags
 
 STEPS = 60
 # One schedule for the runs here, so the persistent compilation cache serves them (log, checkpoint and evaluation
@@ -135,16 +134,10 @@ def test_corrupted_newest_checkpoint_warns_and_falls_back(tmp_path, how):
   ckpts.close()
   _corrupt(os.path.join(tmp_path, 'checkpoints', '3'), how)
 
-  messages = []
-  handler = logging.Handler()
-  handler.emit = lambda record: messages.append(record.getMessage())
-  logger = logging.getLogger('jaxseg')
-  logger.addHandler(handler)
-  try:
+  with jaxseg_log_records() as records:
     ckpts = checkpoint_lib.Checkpoints(str(tmp_path), keep=3)
     restored, step = ckpts.restore(state(0))
-  finally:
-    logger.removeHandler(handler)
+  messages = [r.getMessage() for r in records]
   assert step == 2
   assert max_abs_diff(restored, state(2)) == 0
   bad = os.path.join(tmp_path, 'checkpoints', '3')
@@ -200,15 +193,9 @@ def test_exploding_learning_rate_stops_at_the_first_nonfinite_step(shapes_data_d
 def test_nonfinite_loss_skip_drops_that_update_and_trains_on(shapes_data_dir, tmp_path, monkeypatch):
   fw.nan_at(15, monkeypatch.setattr)
   workdir = tmp_path / 'wd'
-  messages = []
-  handler = logging.Handler()
-  handler.emit = lambda record: messages.append(record.getMessage())
-  logger = logging.getLogger('jaxseg')
-  logger.addHandler(handler)
-  try:
+  with jaxseg_log_records() as records:
     train.train_and_evaluate(tiny_unet_config(shapes_data_dir, **CONFIG, on_nonfinite_loss='skip'), str(workdir))
-  finally:
-    logger.removeHandler(handler)
+  messages = [r.getMessage() for r in records]
   assert any('1 update(s) with a non-finite loss skipped so far (first at step 15)' in m for m in messages), messages
   state, step = load_checkpoint(workdir)
   assert step == STEPS

@@ -2,7 +2,6 @@
 reused by --mode=eval; explicit values win. Expected values are worked out by hand from the masks written here."""
 
 import json
-import logging
 import re
 
 import numpy as np
@@ -14,6 +13,7 @@ from jaxseg import recipe
 from jaxseg.data import datasets
 from jaxseg.errors import ConfigError
 from tests.conftest import tiny_unet_config
+from tests.helpers import jaxseg_log_records
 
 IGNORE = 255
 # (height, width) per image. Train median: 90 x 130. Largest validation image: 100 x 140.
@@ -112,18 +112,9 @@ def test_training_prints_and_saves_its_choices_and_eval_reuses_them(tmp_path):
                'num_train_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2, 'log_every_steps': 1,
                'eval_batch_size': 4, 'batch_size': 4}
   workdir = tmp_path / 'wd'
-  messages = []
-  handler = logging.Handler()
-  handler.emit = lambda record: messages.append(record.getMessage())
-  logger = logging.getLogger('jaxseg')
-  logger.addHandler(handler)
-  level = logger.level
-  logger.setLevel(logging.INFO)
-  try:
+  with jaxseg_log_records() as records:
     train.train_and_evaluate(_config(tmp_path, **overrides), str(workdir))
-  finally:
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+  messages = [r.getMessage() for r in records]
   printed = [m for m in messages if m.startswith('Auto recipe: ')]
   assert printed[0].startswith('Auto recipe: input.crop_size=(88, 128): the median training image is 90x130 (3 '
                                'images)'), printed
