@@ -13,6 +13,10 @@ from tests.helpers import DEPRECATION_MODULES, import_torch_or_skip, xla_flags  
 os.environ.setdefault('XLA_FLAGS', xla_flags(4))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# `import tensorflow` also imports Keras 3 eagerly (1.3 s of its 3.8 s), in pytest and in every worker process
+# (they inherit this environment). jaxseg uses no Keras; with this, tf.keras would mean tf_keras, which is not
+# installed, so TensorFlow skips that import, and any use of Keras by jaxseg would fail the tests.
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
