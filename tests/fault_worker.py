@@ -13,7 +13,7 @@ Spec keys:
 The job runs through `jaxseg.cli.run(mode, config, workdir)`, run.py's own entry point: jaxseg's user
 errors (and a non-finite loss) print 'jaxseg: error: ...' to stderr and exit with status 2 there. Prints
 'RESULT <json>' (mean_iou, confusion_matrix of the result cli.run returns, pid) at the end.
-Used by tests/test_faults.py, test_multihost.py and test_optim.py, which start it with `launch` or `run` below.
+Used by tests/test_faults.py and test_multihost.py, which start it with `launch` or `run` below.
 """
 
 import json

@@ -1,5 +1,5 @@
-"""Faults a long training job meets, each provoked for real: SIGTERM, a corrupted checkpoint, a NaN loss, an
-unwritable workdir, and memory over a long run. (SIGKILL mid-save: tests/test_optim.py.)
+"""Faults a long training job meets, each provoked for real: SIGTERM, SIGKILL mid-save, a corrupted checkpoint, a
+NaN loss, an unwritable workdir, and memory over a long run.
 
 Workers inherit the session's persistent compilation cache (conftest), so launches after the first of a schedule
 skip most compiling."""
@@ -36,8 +36,9 @@ def _run(spec, log_path, env=None):
 
 
 # ---------------------------------------------------------------------------
-# SIGTERM: a checkpoint at the current step, a clean exit, an exact resume (AdamW's moments and the moving
-# averages included), and the resumed process loads its programs from the first run's compilation cache.
+# A job pre-empted (SIGTERM), resumed, killed (SIGKILL) while writing a checkpoint and restarted ends exactly
+# where an uninterrupted run ends (AdamW's moments and the moving averages included); the resumed process loads
+# its programs from the first run's compilation cache.
 # ---------------------------------------------------------------------------
 
 RESUME_CONFIG = dict(CONFIG, **{'optimizer.name': 'adamw', 'optimizer.learning_rate': 0.01, 'ema_decay': 0.3})
@@ -45,7 +46,8 @@ COMPARED = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats
 COMPILE_LINE = re.compile(r'Finished XLA compilation of (\S+) in ([0-9.]+) sec')
 
 
-def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly_from_the_cache(shapes_data_dir, tmp_path):
+def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_the_resumed_run(shapes_data_dir,
+                                                                                                 tmp_path):
   cache = tmp_path / 'xla'
   # The session's JAX_COMPILATION_CACHE_DIR unset, so that config.compilation_cache_dir decides; compilations
   # logged.
@@ -58,8 +60,10 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly_from_t
   entries = [n for n in os.listdir(cache) if not n.startswith('.')]
   assert entries, 'the first run wrote nothing to the cache'
 
+  # 1. SIGTERM: a checkpoint at the current step, a clean exit.
   workdir = tmp_path / 'interrupted'
-  proc = fw.launch(dict(spec, workdir=str(workdir)), devices=DEVICES, log_path=tmp_path / 'interrupted.log', env=env)
+  spec = dict(spec, workdir=str(workdir))
+  proc = fw.launch(spec, devices=DEVICES, log_path=tmp_path / 'interrupted.log', env=env)
   try:
     # Past the periodic checkpoint at step 10, so the pre-emption checkpoint is a step of its own.
     fw.wait_until(lambda: len(fw.logged_steps(workdir)) >= 11, [proc], timeout=400, what='step 11')
@@ -73,21 +77,20 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly_from_t
   assert max_abs_diff(saved['ema_params'], saved['params']) > 1e-4  # Mid-run, the average is not the weights.
   assert f'Pre-empted (SIGTERM): checkpoint at step {stopped} of {STEPS} saved' in out
   assert 'exiting cleanly' in out
-  assert 11 <= stopped < STEPS, stopped
+  assert 11 <= stopped < STEPS - 10, stopped  # Room for a periodic save after the resumption.
   assert fw.logged_steps(workdir) == list(range(1, stopped + 1))
 
-  rc, resumed = _run(dict(spec, workdir=str(workdir)), tmp_path / 'resumed.log', env)
-  assert rc == 0, resumed[-3000:]
+  # 2. Resumed, then SIGKILL while the first periodic checkpoint after the next one is written (its files in
+  # orbax's tmp dir, not yet renamed).
+  killed_at = (stopped // 10 + 2) * 10
+  proc = fw.kill_while_saving(spec, killed_at, devices=DEVICES, log_path=tmp_path / 'resumed.log', env=env)
+  assert proc.returncode == -signal.SIGKILL
+  resumed = fw.output(proc)
   assert f'Resuming from the checkpoint at step {stopped}' in resumed
-  assert fw.logged_steps(workdir) == list(range(1, STEPS + 1))  # Each step logged once, none lost.
-  a, _ = load_checkpoint(tmp_path / 'straight')
-  b, step = load_checkpoint(workdir)
-  assert step == STEPS
-  for key in COMPARED:
-    diff = max_abs_diff(a[key], b[key])
-    print(f'SIGTERM at step {stopped}, resumed: {key} differs from the uninterrupted run by {diff:.3g}')
-    assert diff < 1e-5, (key, diff)
-
+  ckpt_dir = workdir / 'checkpoints'
+  assert f'{killed_at}.orbax-checkpoint-tmp' in os.listdir(ckpt_dir)
+  assert os.listdir(ckpt_dir / f'{killed_at}.orbax-checkpoint-tmp')  # Half a checkpoint: files, no rename.
+  assert load_checkpoint(workdir)[1] == killed_at - 10
   # Every program the first run cached and the resumed run needs (all but the initialiser: it restores) was
   # loaded, not compiled.
   hits = re.findall(r"Persistent compilation cache hit for '(\S+)'", resumed)
@@ -97,6 +100,28 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly_from_t
   print(f'compile seconds: first run {seconds[0]:.1f}, resumed run (warm cache) {seconds[1]:.1f}; '
         f'{len(entries)} cache entries')
   assert seconds[1] < seconds[0]
+
+  # 3. Restarted: from the last finished checkpoint, the unfinished save removed, to the end.
+  rc, restarted = _run(spec, tmp_path / 'restarted.log', env)
+  assert rc == 0, restarted[-3000:]
+  assert f'Resuming from the checkpoint at step {killed_at - 10}' in restarted
+  assert sorted(os.listdir(ckpt_dir)) == [str(STEPS - 10), str(STEPS)]  # keep_checkpoints=2.
+  # Each step logged once up to the pre-emption; the killed run logged on past its last finished checkpoint, and
+  # the restart logged those steps again.
+  logged = fw.logged_steps(workdir)
+  killed_run = logged[stopped:len(logged) - (STEPS - killed_at + 10)]
+  assert logged[:stopped] == list(range(1, stopped + 1))
+  assert killed_run == list(range(stopped + 1, stopped + 1 + len(killed_run))) and killed_run[-1] >= killed_at
+  assert logged[len(logged) - (STEPS - killed_at + 10):] == list(range(killed_at - 9, STEPS + 1))
+
+  a, _ = load_checkpoint(tmp_path / 'straight')
+  b, step = load_checkpoint(workdir)
+  assert step == STEPS
+  for key in COMPARED:
+    diff = max_abs_diff(a[key], b[key])
+    print(f'SIGTERM at step {stopped}, SIGKILL in the save of step {killed_at}, restarted: {key} differs from '
+          f'the uninterrupted run by {diff:.3g}')
+    assert diff < 1e-5, (key, diff)
 
 
 # ---------------------------------------------------------------------------

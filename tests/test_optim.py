@@ -1,11 +1,9 @@
 """AdamW and the moving average of the weights (EMA): AdamW's updates against numpy, the EMA over real train
-steps against numpy, exact resume after a stop and after a kill -9 mid-save (the suite's resume tests for
-AdamW + EMA, the richest state), and evaluation, prediction and export with the averaged weights."""
+steps against numpy, and evaluation, prediction and export with the averaged weights. (Exact resume of the
+AdamW + EMA state, the richest there is, after a SIGTERM and a kill -9 mid-save: tests/test_faults.py.)"""
 
 import math
-import os
 import re
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +23,6 @@ from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg.data.datasets import DatasetSpec
 from jaxseg.errors import ConfigError
-from tests import fault_worker as fw
 from tests.conftest import tiny_unet_config
 from tests.helpers import load_checkpoint, max_abs_diff
 
@@ -181,55 +178,24 @@ def test_ema_after_real_train_steps_matches_numpy(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# Exact resume with AdamW and the EMA after a kill -9 mid-save. (After a SIGTERM: tests/test_faults.py.)
+# A short AdamW + EMA run. (Exact resume of this state after a SIGTERM and a kill -9 mid-save:
+# tests/test_faults.py.)
 # ---------------------------------------------------------------------------
 
 OVERRIDES = {'num_train_steps': 6, 'checkpoint_every_steps': 2, 'eval_every_steps': 6, 'log_every_steps': 3,
              'optimizer.name': 'adamw', 'optimizer.learning_rate': 0.01, 'ema_decay': 0.3}
-COMPARED = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'step')
 
 
 @pytest.fixture(scope='module')
-def straight_run(shapes_data_dir, tmp_path_factory):
-  """6 uninterrupted steps of AdamW + EMA on 2 devices: (workdir, raw checkpoint of step 6)."""
-  workdir = tmp_path_factory.mktemp('ema_straight')
-  rc, out = fw.run({'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': OVERRIDES}, devices=2,
-                   log_path=workdir / 'worker.log')
-  assert rc == 0, out[-3000:]
+def averaged_run(shapes_data_dir, tmp_path_factory):
+  """6 steps of AdamW + EMA (in this process, on its 4 devices): (workdir, raw checkpoint of step 6)."""
+  workdir = tmp_path_factory.mktemp('ema_run')
+  train.train_and_evaluate(tiny_unet_config(shapes_data_dir, **OVERRIDES), str(workdir))
   raw, step = load_checkpoint(workdir)
   assert step == 6
   assert max_abs_diff(raw['ema_params'], raw['params']) > 1e-4  # The average is not the weights.
   assert max_abs_diff(raw['params'], load_checkpoint(workdir, step=4)[0]['params']) > 1e-4  # Training moved.
   return workdir, raw
-
-
-def _assert_same_state(a, b):
-  for key in COMPARED:
-    diff = max_abs_diff(a[key], b[key])
-    print(f'{key}: largest difference from the uninterrupted run {diff:.3g}')
-    assert diff < 1e-5, (key, diff)
-
-
-def test_kill_9_mid_save_then_restart_gives_the_state_of_an_uninterrupted_run(shapes_data_dir, tmp_path,
-                                                                                straight_run):
-  """SIGKILL while the step-4 checkpoint is written (its files in orbax's tmp dir, not yet renamed): the restart
-  resumes from step 2, removes the unfinished save, keeps the last two checkpoints and ends where the
-  uninterrupted run ended (AdamW moments and the averages included)."""
-  workdir = tmp_path / 'killed'
-  spec = {'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': OVERRIDES}
-  proc = fw.kill_while_saving(spec, 4, devices=2, log_path=tmp_path / 'killed.log')
-  assert proc.returncode == -signal.SIGKILL
-  ckpt_dir = workdir / 'checkpoints'
-  assert sorted(os.listdir(ckpt_dir)) == ['2', '4.orbax-checkpoint-tmp']
-  assert os.listdir(ckpt_dir / '4.orbax-checkpoint-tmp')  # Half a checkpoint: files, no rename.
-
-  rc, out = fw.run(spec, devices=2, log_path=tmp_path / 'restarted.log')
-  assert rc == 0, out[-3000:]
-  assert 'Resuming from the checkpoint at step 2' in out
-  assert sorted(os.listdir(ckpt_dir)) == ['4', '6']  # The unfinished save cleaned up; keep_checkpoints=2.
-  resumed, step = load_checkpoint(workdir)
-  assert step == 6
-  _assert_same_state(straight_run[1], resumed)
 
 
 # ---------------------------------------------------------------------------
@@ -287,11 +253,11 @@ def test_the_evaluator_scores_the_averaged_weights(tmp_path):
   assert np.abs(confusion - np.asarray(with_live['confusion_matrix'])).sum() > 0.05 * confusion.sum()
 
 
-def test_predict_and_export_use_the_averaged_weights(shapes_data_dir, straight_run, tmp_path):
+def test_predict_and_export_use_the_averaged_weights(shapes_data_dir, averaged_run, tmp_path):
   """load_predictor (--mode=predict, jaxseg.api) and the export compute the bare module on the checkpoint's
   raw averages; an eval config without the EMA is refused with a message naming the field."""
   from jaxseg import export, inference  # pylint: disable=g-import-not-at-top
-  workdir, raw = straight_run
+  workdir, raw = averaged_run
   config = tiny_unet_config(shapes_data_dir, **OVERRIDES)
   config.export.saved_model = False
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)

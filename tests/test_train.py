@@ -1,8 +1,8 @@
 """End-to-end training: run.py train then eval, the importable entry point against numpy, config errors.
 
 Elsewhere: 1 device against 4 (replicated and fsdp) in tests/test_sharding.py, 1 process x 4 devices against
-2 processes x 2 in tests/test_multihost.py; exact resume in tests/test_optim.py (AdamW + EMA, stop and
-kill -9) and tests/test_faults.py (SGD, SIGTERM)."""
+2 processes x 2 in tests/test_multihost.py; exact resume after a SIGTERM and a kill -9 mid-save (AdamW + EMA) in
+tests/test_faults.py."""
 
 import json
 import os
