@@ -237,7 +237,7 @@ def evaluate_with_predictor(predictor, builder, spec: datasets.DatasetSpec, *, s
                                  jax.process_count())
   count = len(share)
   ds = pipeline.records(builder, spec, spec.eval_split, tf.data.Dataset.from_tensor_slices(share))
-  ds = ds.map(lambda ex: pipeline.decode_example(ex, spec))
+  ds = ds.map(pipeline.no_autograph(lambda ex: pipeline.decode_example(ex, spec)))
   labels = collections.deque()
 
   def images():
