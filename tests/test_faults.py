@@ -17,6 +17,7 @@ import pytest
 
 from configs import default
 from jaxseg import checkpoint as checkpoint_lib
+from jaxseg import cli
 from jaxseg import config_utils
 from jaxseg import train
 from jaxseg.errors import ConfigError
@@ -192,19 +193,18 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_nonfinite_loss_stops_with_a_message_naming_the_step(shapes_data_dir, tmp_path):
+def test_nonfinite_loss_stops_with_a_message_naming_the_step(shapes_data_dir, tmp_path, monkeypatch, capsys):
+  """Through run.py's entry point (cli.run, in this process): 'jaxseg: error: ...' and exit status 2."""
+  fw.nan_at(15, monkeypatch.setattr)
   workdir = tmp_path / 'wd'
-  rc, out = _run({'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': CONFIG, 'nan_at': 15},
-                 tmp_path / 'stop.log')
-  assert rc == 2, out[-3000:]
-  assert 'jaxseg: error: The loss or a gradient became NaN or infinite at step 15 ' in out
-  assert 'parameters are from step 14' in out
-  assert 'Traceback' not in out
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run('train', tiny_unet_config(shapes_data_dir, **CONFIG), str(workdir))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert 'jaxseg: error: The loss or a gradient became NaN or infinite at step 15 ' in err
+  assert 'parameters are from step 14' in err
   assert fw.logged_steps(workdir) == list(range(1, 15))  # Stopped at the first log step after it.
   assert load_checkpoint(workdir)[1] == 10  # No checkpoint after the bad step.
-
-
-# The two below run in this process (cli.run's error handling is the test above's): no worker to start.
 
 
 def test_exploding_learning_rate_stops_at_the_first_nonfinite_step(shapes_data_dir, tmp_path):
@@ -237,22 +237,20 @@ def test_nonfinite_loss_skip_drops_that_update_and_trains_on(shapes_data_dir, tm
 # ---------------------------------------------------------------------------
 
 
-def test_unwritable_workdir_is_a_clear_error_before_training(shapes_data_dir, tmp_path):
+def test_unwritable_workdir_is_a_clear_error_before_training(shapes_data_dir, tmp_path, capsys):
+  """Through run.py's entry point (cli.run, in this process): 'jaxseg: error: ...', exit status 2, nothing started."""
   # Tests run as root, for whom permissions stop nothing: use places no one can create a directory.
   (tmp_path / 'a_file').write_text('not a directory')
   workdir = tmp_path / 'a_file' / 'wd'
-  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, 'run.py', '--config=configs/unet.py', f'--workdir={workdir}',
-                         f'--config.dataset.data_dir={shapes_data_dir}'], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert f'jaxseg: error: the workdir {workdir} cannot be written: Not a directory' in proc.stderr
-  assert 'Traceback' not in proc.stderr
-  assert 'step ' not in proc.stdout and 'Devices:' not in proc.stdout  # Nothing started.
+  with jaxseg_log_records() as records, pytest.raises(SystemExit) as exit_info:
+    cli.run('train', tiny_unet_config(shapes_data_dir), str(workdir))
+  assert exit_info.value.code == 2
+  assert f'jaxseg: error: the workdir {workdir} cannot be written: Not a directory' in capsys.readouterr().err
+  assert not [r.getMessage() for r in records if r.getMessage().startswith(('Devices:', 'step '))]  # Not started.
 
 
 def test_a_workdir_under_proc_cannot_be_written():
-  """Another OS error (no directories under /proc), the same message (run.py's handling: the test above)."""
+  """Another OS error (no directories under /proc), the same message (cli.run's handling: the test above)."""
   with pytest.raises(ConfigError, match='^the workdir /proc/jaxseg_workdir cannot be written: '):
     config_utils.prepare_workdir('/proc/jaxseg_workdir', default.get_config(), write=True)
 

@@ -27,7 +27,10 @@ def run_cli(*args, env=None, timeout=300):
 TINY_FLAGS = tiny_flags()
 
 
-def test_run_py_trains_then_evaluates(shapes_data_dir, tmp_path):
+def test_run_py_trains_then_evaluates(shapes_data_dir, tmp_path, capsys):
+  """run.py trains (its own process, 2 devices); --mode=eval's entry point (cli.run, in this process, 4 devices)
+  scores the best checkpoint at the training run's own figure."""
+  from jaxseg import cli  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'wd'
   common = ['--config=configs/unet.py', f'--workdir={workdir}', f'--config.dataset.data_dir={shapes_data_dir}']
   proc = run_cli(*common, *TINY_FLAGS)
@@ -43,11 +46,11 @@ def test_run_py_trains_then_evaluates(shapes_data_dir, tmp_path):
   assert os.listdir(workdir / 'tensorboard')
   assert json.load(open(workdir / 'config.json'))['model']['base_width'] == 4
 
-  proc = run_cli(*common, *TINY_FLAGS, '--mode=eval')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'Checkpoint step 4 (best)' in proc.stdout
+  cli.run('eval', tiny_unet_config(shapes_data_dir), str(workdir))  # What run.py --mode=eval runs.
+  out = capsys.readouterr().out
+  assert 'Checkpoint step 4 (best)' in out
   for name in ('background', 'disc', 'square', 'triangle'):
-    assert name in proc.stdout
+    assert name in out
   # Evaluating the same checkpoint again gives the training run's own figure.
   evals = [json.loads(l) for l in open(workdir / 'metrics.jsonl') if '"eval"' in l]
   assert evals[-1]['mean_iou'] == pytest.approx(evals[-2]['mean_iou'], abs=1e-6)
