@@ -38,8 +38,8 @@ def _run(spec, log_path, env=None):
 
 # ---------------------------------------------------------------------------
 # A job pre-empted (SIGTERM), resumed, killed (SIGKILL) while writing a checkpoint and restarted ends exactly
-# where an uninterrupted run ends (AdamW's moments and the moving averages included); the resumed process loads
-# its programs from the first run's compilation cache.
+# where an uninterrupted run ends (AdamW's moments and the moving averages included); the restarted process
+# loads its programs from the first run's compilation cache.
 # ---------------------------------------------------------------------------
 
 RESUME_CONFIG = dict(CONFIG, **{'optimizer.name': 'adamw', 'optimizer.learning_rate': 0.01, 'ema_decay': 0.3})
@@ -47,8 +47,8 @@ COMPARED = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats
 COMPILE_LINE = re.compile(r'Finished XLA compilation of (\S+) in ([0-9.]+) sec')
 
 
-def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_the_resumed_run(shapes_data_dir,
-                                                                                                 tmp_path):
+def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_the_restart(shapes_data_dir,
+                                                                                            tmp_path):
   cache = tmp_path / 'xla'
   # The session's JAX_COMPILATION_CACHE_DIR unset, so that config.compilation_cache_dir decides; compilations
   # logged.
@@ -92,20 +92,20 @@ def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_t
   assert f'{killed_at}.orbax-checkpoint-tmp' in os.listdir(ckpt_dir)
   assert os.listdir(ckpt_dir / f'{killed_at}.orbax-checkpoint-tmp')  # Half a checkpoint: files, no rename.
   assert load_checkpoint(workdir)[1] == killed_at - 10
-  # Every program the first run cached and the resumed run needs (all but the initialiser: it restores) was
-  # loaded, not compiled.
-  hits = re.findall(r"Persistent compilation cache hit for '(\S+)'", resumed)
-  needed = {re.sub(r'-[0-9a-f]+-cache$', '', n) for n in entries} - {'jit_initial_state'}
-  assert 'jit_train_step' in needed and needed <= set(hits), (hits, entries)
-  seconds = [sum(float(s) for _, s in COMPILE_LINE.findall(text)) for text in (first, resumed)]
-  print(f'compile seconds: first run {seconds[0]:.1f}, resumed run (warm cache) {seconds[1]:.1f}; '
-        f'{len(entries)} cache entries')
-  assert seconds[1] < seconds[0]
 
   # 3. Restarted: from the last finished checkpoint, the unfinished save removed, to the end.
   rc, restarted = _run(spec, tmp_path / 'restarted.log', env)
   assert rc == 0, restarted[-3000:]
   assert f'Resuming from the checkpoint at step {killed_at - 10}' in restarted
+  # Every program the first run cached and the restarted run needs (all but the initialiser: it restores) was
+  # loaded, not compiled.
+  hits = re.findall(r"Persistent compilation cache hit for '(\S+)'", restarted)
+  needed = {re.sub(r'-[0-9a-f]+-cache$', '', n) for n in entries} - {'jit_initial_state'}
+  assert 'jit_train_step' in needed and needed <= set(hits), (hits, entries)
+  seconds = [sum(float(s) for _, s in COMPILE_LINE.findall(text)) for text in (first, restarted)]
+  print(f'compile seconds: first run {seconds[0]:.1f}, restarted run (warm cache) {seconds[1]:.1f}; '
+        f'{len(entries)} cache entries')
+  assert seconds[1] < seconds[0]
   assert sorted(os.listdir(ckpt_dir)) == [str(STEPS - 10), str(STEPS)]  # keep_checkpoints=2.
   # Each step logged once up to the pre-emption; the killed run logged on past its last finished checkpoint, and
   # the restart logged those steps again.
