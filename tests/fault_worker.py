@@ -1,16 +1,14 @@
-"""Runs a tiny training (or evaluation) job in a fresh process, optionally with a fault injected.
+"""Runs a tiny training job in a fresh process, optionally with a fault injected.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/fault_worker.py '<json spec>'
 
 Spec keys:
   data_dir: a tfds data dir holding jaxseg_shapes; workdir: the run's workdir.
   overrides: config overrides ({"num_train_steps": 6, "optimizer.learning_rate": 0.1}).
-  mode: 'train' (default) or 'eval' (evaluate the latest checkpoint of workdir).
   hang_in_save_at: the checkpoint of this step hangs after its files are written, before orbax
     renames its tmp dir (prints 'HANGING IN SAVE <step>' first): a parent can SIGKILL it there.
-  nan_at: the batch of this (1-based) step makes the loss NaN.
 
-The job runs through `jaxseg.cli.run(mode, config, workdir)`, run.py's own entry point: jaxseg's user
+The training job runs through `jaxseg.cli.run('train', config, workdir)`, run.py's own entry point: jaxseg's user
 errors (and a non-finite loss) print 'jaxseg: error: ...' to stderr and exit with status 2 there. Prints
 'RESULT <json>' (mean_iou, confusion_matrix of the result cli.run returns, pid) at the end.
 Used by tests/test_faults.py and test_multihost.py, which start it with `launch` or `run` below.
@@ -31,8 +29,6 @@ from tests.helpers import make_deprecations_errors, xla_flags  # pylint: disable
 
 make_deprecations_errors()
 
-NAN_MARK = 7  # Pixel value of the injected batch: an image made only of it gives a NaN loss.
-
 
 def hang_in_save(step: int) -> None:
   """The save of `step` writes all its files into the tmp dir, then never renames it."""
@@ -47,38 +43,6 @@ def hang_in_save(step: int) -> None:
     return await original(self)
 
   atomicity.AtomicRenameTemporaryPath.finalize = finalize
-
-
-def nan_at(step: int, patch=setattr) -> None:
-  """The training batch of `step` (1-based) is made of NAN_MARK pixels, which normalise to NaN.
-
-  `patch(module, name, value)` installs the two replacements (in a test: monkeypatch.setattr, undone after it).
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jaxseg import train  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import pipeline  # pylint: disable=g-import-not-at-top
-
-  make_train_dataset = pipeline.train_dataset
-
-  def train_dataset(*args, start_step, **kwargs):
-    ds = make_train_dataset(*args, start_step=start_step, **kwargs)
-
-    def mark(index, batch):
-      bad = tf.equal(index + start_step, step - 1)
-      image = tf.where(bad, tf.fill(tf.shape(batch['image']), tf.constant(NAN_MARK, tf.uint8)), batch['image'])
-      return dict(batch, image=image)
-
-    return ds.enumerate().map(mark)
-
-  normalize = train.normalize_images
-
-  def normalize_images(images, dtype, *input_stats):
-    poisoned = jnp.all(images == NAN_MARK)
-    return jnp.where(poisoned, jnp.nan, normalize(images, dtype, *input_stats)).astype(dtype)
-
-  patch(pipeline, 'train_dataset', train_dataset)
-  patch(train, 'normalize_images', normalize_images)
 
 
 # ---------------------------------------------------------------------------
@@ -226,16 +190,13 @@ def main():
   spec = json.loads(sys.argv[1])
   from jaxseg import cli  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_unet_config  # pylint: disable=g-import-not-at-top
-  unknown = set(spec) - {'data_dir', 'workdir', 'overrides', 'mode', 'hang_in_save_at', 'nan_at'}
+  unknown = set(spec) - {'data_dir', 'workdir', 'overrides', 'hang_in_save_at'}
   assert not unknown, f'unknown spec keys {sorted(unknown)}'
   if spec.get('hang_in_save_at') is not None:
     hang_in_save(int(spec['hang_in_save_at']))
-  if spec.get('nan_at') is not None:
-    nan_at(int(spec['nan_at']))
   config = tiny_unet_config(spec['data_dir'], **spec.get('overrides', {}))
-  mode = spec.get('mode', 'train')
-  # What run.py runs: device set-up, the mode, and its handling of user errors (exit status 2).
-  result = cli.run(mode, config, spec['workdir'], checkpoint='latest' if mode == 'eval' else 'best')
+  # What run.py runs: device set-up, training, and its handling of user errors (exit status 2).
+  result = cli.run('train', config, spec['workdir'])
   print('RESULT ' + json.dumps({'mean_iou': result.get('mean_iou'), 'pid': os.getpid(),
                                 'confusion_matrix': result.get('confusion_matrix')}), flush=True)
 

@@ -1,5 +1,5 @@
 """The persistent XLA compilation cache (config.compilation_cache_dir): its set-up rules. (A resumed process loading
-its programs from the cache: tests/test_faults.py, the SIGTERM test.)"""
+its programs from the cache: tests/test_faults.py, the SIGTERM and kill -9 chain.)"""
 
 import logging
 import os

@@ -12,14 +12,17 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import default
 from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import cli
 from jaxseg import config_utils
 from jaxseg import train
+from jaxseg.data import pipeline
 from jaxseg.errors import ConfigError
 from tests import fault_worker as fw
 from tests.conftest import tiny_unet_config
@@ -110,10 +113,11 @@ def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_t
   # Each step logged once up to the pre-emption; the killed run logged on past its last finished checkpoint, and
   # the restart logged those steps again.
   logged = fw.logged_steps(workdir)
-  killed_run = logged[stopped:len(logged) - (STEPS - killed_at + 10)]
+  restart = len(logged) - (STEPS - (killed_at - 10))  # Where the restart's records begin.
+  killed_run = logged[stopped:restart]
   assert logged[:stopped] == list(range(1, stopped + 1))
   assert killed_run == list(range(stopped + 1, stopped + 1 + len(killed_run))) and killed_run[-1] >= killed_at
-  assert logged[len(logged) - (STEPS - killed_at + 10):] == list(range(killed_at - 9, STEPS + 1))
+  assert logged[restart:] == list(range(killed_at - 9, STEPS + 1))
 
   a, _ = load_checkpoint(tmp_path / 'straight')
   b, step = load_checkpoint(workdir)
@@ -193,9 +197,39 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+NAN_MARK = 7  # Pixel value of the injected batch: an image made only of it gives a NaN loss.
+
+
+def _nan_at(step: int, monkeypatch) -> None:
+  """The training batch of `step` (1-based) is made of NAN_MARK pixels, which normalise to NaN.
+
+  The two replacements are undone after the test (monkeypatch).
+  """
+  make_train_dataset = pipeline.train_dataset
+
+  def train_dataset(*args, start_step, **kwargs):
+    ds = make_train_dataset(*args, start_step=start_step, **kwargs)
+
+    def mark(index, batch):
+      bad = tf.equal(index + start_step, step - 1)
+      image = tf.where(bad, tf.fill(tf.shape(batch['image']), tf.constant(NAN_MARK, tf.uint8)), batch['image'])
+      return dict(batch, image=image)
+
+    return ds.enumerate().map(mark)
+
+  normalize = train.normalize_images
+
+  def normalize_images(images, dtype, *input_stats):
+    poisoned = jnp.all(images == NAN_MARK)
+    return jnp.where(poisoned, jnp.nan, normalize(images, dtype, *input_stats)).astype(dtype)
+
+  monkeypatch.setattr(pipeline, 'train_dataset', train_dataset)
+  monkeypatch.setattr(train, 'normalize_images', normalize_images)
+
+
 def test_nonfinite_loss_stops_with_a_message_naming_the_step(shapes_data_dir, tmp_path, monkeypatch, capsys):
   """Through run.py's entry point (cli.run, in this process): 'jaxseg: error: ...' and exit status 2."""
-  fw.nan_at(15, monkeypatch.setattr)
+  _nan_at(15, monkeypatch)
   workdir = tmp_path / 'wd'
   with pytest.raises(SystemExit) as exit_info:
     cli.run('train', tiny_unet_config(shapes_data_dir, **CONFIG), str(workdir))
@@ -216,7 +250,7 @@ def test_exploding_learning_rate_stops_at_the_first_nonfinite_step(shapes_data_d
 
 
 def test_nonfinite_loss_skip_drops_that_update_and_trains_on(shapes_data_dir, tmp_path, monkeypatch):
-  fw.nan_at(15, monkeypatch.setattr)
+  _nan_at(15, monkeypatch)
   workdir = tmp_path / 'wd'
   with jaxseg_log_records() as records:
     train.train_and_evaluate(tiny_unet_config(shapes_data_dir, **CONFIG, on_nonfinite_loss='skip'), str(workdir))
