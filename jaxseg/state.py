@@ -134,7 +134,12 @@ class Setup:
     if isinstance(state, EmaTrainState):
       changes.update(ema_params=loaded['params'], ema_batch_stats=loaded['batch_stats'])
     names = list(changes)
-    placed = jax.device_put([changes[n] for n in names], [getattr(self.state_sharding, n) for n in names])
+    shardings = [getattr(self.state_sharding, n) for n in names]
+    # The averages start as the same trees as the weights, which hold the fresh state's own arrays where the
+    # file has nothing. A put returns an array already in its layout as itself (and on a CPU places a numpy
+    # array without a copy), so a leaf and its average would share a buffer and the donated train step would
+    # receive it twice. The second put, of device arrays with may_alias=False, gives each leaf its own copy.
+    placed = jax.device_put(jax.device_put([changes[n] for n in names], shardings), shardings, may_alias=False)
     return state.replace(**dict(zip(names, placed)))
 
 
@@ -168,6 +173,39 @@ def build(config, num_classes: int, mesh: Mesh, *, sharding: Optional[str] = Non
                state_sharding=state_sharding, dtype=compute_dtype(config),
                input_stats=finetune.input_statistics(config.model), _create=initial_state,
                _model_config=config.model)
+
+
+def check_distinct_buffers(state: TrainState) -> None:
+  """Raises a RuntimeError naming the leaves of `state` whose device buffers are shared.
+
+  The train step donates the whole state: XLA writes the new state into the
+  old one's buffers, and a buffer passed twice makes it abort the process
+  ("Attempt to donate the same buffer twice"). Called once before the first
+  step; it reads one pointer per leaf and device, no data. (CPU devices may
+  share the host memory of a numpy array placed without a copy, as orbax's
+  restore does: PjRt never donates such a buffer, so that is allowed.)
+  """
+  owner = {}
+  shared = set()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if not isinstance(leaf, jax.Array):
+      continue
+    name = jax.tree_util.keystr(path)
+    for shard in leaf.addressable_shards:
+      try:
+        pointer = shard.data.unsafe_buffer_pointer()
+      except Exception:  # pylint: disable=broad-except  # A backend without raw pointers: nothing to check.
+        return
+      key = (shard.device.id, pointer)
+      if key in owner:
+        shared.add((owner[key], name))
+      owner.setdefault(key, name)
+  if shared:
+    pairs = sorted(shared)
+    raise RuntimeError(
+        f'{len(pairs)} pair(s) of train-state leaves share a device buffer, which the donated train step cannot '
+        'take (each leaf must own its buffer; copy one with jax.device_put(x, s, may_alias=False)): '
+        + '; '.join(f'{a} and {b}' for a, b in pairs[:10]) + (' ...' if len(pairs) > 10 else ''))
 
 
 def ema_decay_of(config) -> float:

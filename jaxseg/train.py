@@ -277,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
     else:
       state, start_step = setup.init_state(), 0
+    state_lib.check_distinct_buffers(state)  # The step donates the state: one buffer passed twice aborts XLA.
 
     train_ds = pipeline.train_dataset(
         builder, spec, config.input, global_batch=config.batch_size, seed=config.seed, start_step=start_step,

@@ -155,3 +155,41 @@ def test_fsdp_splits_the_state_across_devices(tmp_path):
   assert per_device['fsdp'] == expected
   assert expected < 0.3 * total  # VGG16-sized kernels all split.
   assert sharding.tree_bytes_per_device(state) == per_device['fsdp']
+
+
+def _buffers(state) -> list:
+  """(device id, buffer address) of every shard of every leaf."""
+  return [(s.device.id, s.data.unsafe_buffer_pointer()) for leaf in jax.tree.leaves(state) for s in leaf.addressable_shards]
+
+
+@pytest.mark.parametrize('devices,layout', [(1, 'replicated'), (4, 'replicated'), (4, 'fsdp')])
+def test_a_state_from_a_weight_file_with_averages_owns_every_buffer(devices, layout, tmp_path):
+  """From an encoder weight file with EMA, no two leaves share a buffer (the donated step would get it twice), on
+  any layout; the averages equal the weights and the encoder is the file's. check_distinct_buffers names an alias."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from jaxseg.models import encoders  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: encoders.create_encoder('resnet18').init(jax.random.key(0),
+                                                                          jnp.zeros((1, 32, 32, 3))))
+  rng = np.random.default_rng(0)
+  file_values = {}
+  for key, (collection, path) in encoders.torch_key_table('resnet18').items():
+    leaf = shapes[collection]
+    for p in path:
+      leaf = leaf[p]
+    shape = leaf.shape if len(leaf.shape) != 4 else tuple(leaf.shape[i] for i in (3, 2, 0, 1))  # HWIO -> OIHW.
+    file_values[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+  path = str(tmp_path / 'resnet18.safetensors')
+  safetensors.numpy.save_file(file_values, path)
+  config = tiny_unet_config('', **{'model.encoder': 'resnet18', 'model.encoder_weights': path, 'ema_decay': 0.99,
+                                   'sharding': layout})
+  state = state_lib.build(config, NUM_CLASSES, sharding.make_mesh(jax.devices()[:devices])).init_state()
+
+  buffers = _buffers(state)
+  assert len(set(buffers)) == len(buffers)
+  state_lib.check_distinct_buffers(state)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ema_params), jax.device_get(state.params))
+  np.testing.assert_array_equal(state.params['encoder']['conv1']['kernel'],
+                                file_values['conv1.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(state.ema_batch_stats['encoder']['bn1']['var'], file_values['bn1.running_var'])
+  with pytest.raises(RuntimeError, match=r"share a device buffer.*\.ema_params\['decoder_block0'\]"):
+    state_lib.check_distinct_buffers(state.replace(ema_params=state.params))
