@@ -76,7 +76,12 @@ def tiny_unet_config(data_dir: str, **overrides):
   from configs import unet  # pylint: disable=g-import-not-at-top
   config = unet.get_config()
   config.dataset.data_dir = data_dir
-  for key, value in {**TINY_UNET, **overrides}.items():
+  return set_fields(config, {**TINY_UNET, **overrides})
+
+
+def set_fields(config, fields: dict):
+  """Sets dotted fields ({'model.depth': 2, ...}) of an ml_collections config in place; returns it."""
+  for key, value in fields.items():
     target = config
     *path, last = key.split('.')
     for p in path:

@@ -102,3 +102,14 @@ def best_checkpoint_logits_fn(config, workdir):
   model = state_lib.build_model(config, datasets.resolve_spec(config.dataset).num_classes)
   fn = jax.jit(lambda x: model.apply(variables, models.normalize_images(x, jnp.float32), train=False))
   return lambda images: np.asarray(fn(np.asarray(images)))
+
+def save_state_dict(state_dict, path):
+  """torch.save for .pth, safetensors for .safetensors (the two formats a user downloads)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  path = str(path)
+  if path.endswith('.safetensors'):
+    import safetensors.torch  # pylint: disable=g-import-not-at-top
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+  else:
+    torch.save(state_dict, path)
+  return path

@@ -1,11 +1,6 @@
 """Tests for the tfds catalog presets (jaxseg/data/catalog.py) on small local copies of the datasets.
 
-Nothing is downloaded. `_write_prepared` writes what `tfds build` would leave
-in a data dir: dataset_info.json with each dataset's real feature spec (from
-the installed tfds builder code) and small splits, and shards whose records
-hold an encoded image and mask with the values the real datasets hold (tfds's
-random mock data would put arbitrary 0..255 values in the masks). The other
-features of the real records are left out: the pipeline parses only these two.
+Nothing is downloaded: tests/tfds_fixtures.py writes what `tfds build` would leave in a data dir.
 """
 
 import logging
@@ -16,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import file_adapters
 
 from configs import default
 from configs import fcn_scene_parse150
@@ -25,47 +19,11 @@ from jaxseg.data import catalog
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg.errors import ConfigError
+from tests.tfds_fixtures import FEATURE_KEYS, SPLIT_SIZES, write_catalog_dataset
 
 RECIPES = {'oxford_iiit_pet': unet_oxford_pet, 'scene_parse150': fcn_scene_parse150}
-# The image and mask features of each dataset in the installed tfds (checked below).
-FEATURE_KEYS = {'oxford_iiit_pet': ('image', 'segmentation_mask'), 'scene_parse150': ('image', 'annotation')}
-SPLIT_SIZES = {'train': 5, 'test': 3}
 CROP = (32, 32)
 EVAL = (48, 48)
-
-
-def _fake_mask(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-  """A mask as the real dataset stores it."""
-  if name == 'oxford_iiit_pet':
-    return rng.integers(1, 4, size=(h, w, 1)).astype(np.uint8)  # Trimap: 1, 2, 3.
-  # scene_parse150: red = category id 0..100 (0 = not one of the 100 objects), green = instance id.
-  red = rng.choice(np.array([0, 1, 2, 50, 99, 100]), size=(h, w))
-  green = rng.integers(0, 30, size=(h, w))
-  return np.stack([red, green, np.zeros_like(red)], axis=-1).astype(np.uint8)
-
-
-def _write_prepared(data_dir: str, name: str, file_format: str) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-  """Writes NAME, prepared in FILE_FORMAT, into DATA_DIR; returns each split's (image, mask) arrays in record order."""
-  builder = tfds.builder(name, data_dir=data_dir, file_format=file_format)
-  keys = FEATURE_KEYS[name]
-  features = tfds.features.FeaturesDict({k: builder.info.features[k] for k in keys})
-  adapter = file_adapters.ADAPTER_FOR_FORMAT[builder.info.file_format]
-  tf.io.gfile.makedirs(builder.data_dir)
-  examples, split_infos = {}, []
-  for split, n in SPLIT_SIZES.items():
-    rng = np.random.default_rng(len(split) * 1000 + n)
-    # Some images larger than the eval size (set aside whole), some smaller than the crop (padded).
-    sizes = rng.integers(20, 72, size=(n, 2))
-    examples[split] = [(rng.integers(0, 256, size=(h, w, 3)).astype(np.uint8), _fake_mask(name, rng, h, w))
-                       for h, w in sizes]
-    template = tfds.core.naming.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=name, split=split,
-                                                    filetype_suffix=builder.info.file_format.file_suffix)
-    adapter.write_examples(template.sharded_filepath(shard_index=0, num_shards=1),
-                           enumerate(features.serialize_example(dict(zip(keys, ex))) for ex in examples[split]))
-    split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0, filename_template=template))
-  builder.info.set_splits(tfds.core.SplitDict(split_infos))
-  builder.info.write_to_directory(builder.data_dir)
-  return examples
 
 
 @pytest.fixture(scope='module')
@@ -73,7 +31,7 @@ def catalog_dir(tmp_path_factory):
   """A data dir where both catalog datasets are prepared as ArrayRecord."""
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   for name in RECIPES:
-    _write_prepared(data_dir, name, 'array_record')
+    write_catalog_dataset(data_dir, name, 'array_record')
   return data_dir
 
 
@@ -188,7 +146,7 @@ def test_open_dataset_and_batches(name, catalog_dir):
 
 def test_tfrecord_catalog_dataset_is_converted(tmp_path, caplog):
   """A catalog dataset prepared as TFRecord (a plain `tfds build`) is converted in place and read by index."""
-  examples = _write_prepared(str(tmp_path), 'oxford_iiit_pet', 'tfrecord')
+  examples = write_catalog_dataset(str(tmp_path), 'oxford_iiit_pet', 'tfrecord')
   config = _small_recipe('oxford_iiit_pet', str(tmp_path))
   with caplog.at_level(logging.INFO, logger='jaxseg.data.datasets'):
     spec, builder = datasets.open_dataset(config.dataset)

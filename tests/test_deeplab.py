@@ -18,7 +18,8 @@ from jaxseg import models
 from jaxseg.errors import ConfigError
 from jaxseg.models import encoders
 from jaxseg.models.deeplabv3plus import DeepLabV3Plus, upsample_bilinear_align_corners
-from tests.test_encoders import assert_close_relative, param_count, random_images, save_state_dict
+from tests.helpers import save_state_dict
+from tests.test_encoders import assert_close_relative, param_count, random_images
 from tests.helpers import import_torch_or_skip
 
 

@@ -24,7 +24,7 @@ from jaxseg.models import encoders
 from jaxseg.models.unet import UNet
 from jaxseg.models.unet_encoder import EncoderUNet
 from tests.conftest import tiny_unet_config
-from tests.helpers import load_checkpoint
+from tests.helpers import load_checkpoint, save_state_dict
 
 # CI (.ci/run) installs PyTorch and sets this: the PyTorch checks must then run, never skip.
 RTOL = 1e-4
@@ -88,16 +88,6 @@ def parse_keys(text):
   return out
 
 
-def save_state_dict(state_dict, path):
-  """torch.save for .pth, safetensors for .safetensors (the two formats a user downloads)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  path = str(path)
-  if path.endswith('.safetensors'):
-    import safetensors.torch  # pylint: disable=g-import-not-at-top
-    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
-  else:
-    torch.save(state_dict, path)
-  return path
 
 
 def random_images(seed, n=2, h=64, w=64):
