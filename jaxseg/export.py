@@ -22,6 +22,7 @@ Loading needs only jax and numpy:
 or `jaxseg.export.load(dir)`, which pads any size and crops back.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -83,6 +84,7 @@ def export_function(fn, multiples: list[int], platforms: tuple[str, ...] = ALL_P
 
 
 def _write_saved_model(fn, spec: str, directory: str, platforms: tuple[str, ...], channels: int = 3) -> None:
+  """`fn` as a TensorFlow SavedModel (jax2tf): uint8 images [B, H, W, C] with the export's symbolic shape."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   tf_fn = jax2tf.convert(fn, polymorphic_shapes=[f'({spec})'], native_serialization_platforms=platforms)
@@ -90,7 +92,31 @@ def _write_saved_model(fn, spec: str, directory: str, platforms: tuple[str, ...]
   module.serve = tf.function(tf_fn, input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8,
                                                                        name='images')],
                              autograph=False)
-  tf.saved_model.save(module, directory, signatures={'serving_default': module.serve})
+  with _stablehlo_readable_by_tensorflow():  # jax2tf serialises the program when save traces it.
+    tf.saved_model.save(module, directory, signatures={'serving_default': module.serve})
+
+
+@contextlib.contextmanager
+def _stablehlo_readable_by_tensorflow():
+  """jax serialises StableHLO for a consumer at most ~4 weeks older than itself; TensorFlow's XlaCallModule, which
+  runs a SavedModel's program, reads the StableHLO of its own release, often older (jax 0.12 writes its shape
+  assertions as custom_call_v2 ops that TensorFlow 2.21 cannot read). Within this block jax targets the older of
+  the two versions; the program keeps its shape assertions."""
+  from jaxlib.mlir.dialects import stablehlo  # pylint: disable=g-import-not-at-top
+  try:
+    from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo  # pylint: disable=g-import-not-at-top
+    tf_version = tf_stablehlo.get_current_version()
+  except (ImportError, AttributeError):  # A TensorFlow without its StableHLO bindings: jax's own target.
+    yield
+    return
+  jax_target = stablehlo.get_version_from_compatibility_requirement
+  as_tuple = lambda v: tuple(int(x) for x in v.split('.'))
+  stablehlo.get_version_from_compatibility_requirement = (
+      lambda requirement: min(jax_target(requirement), tf_version, key=as_tuple))
+  try:
+    yield
+  finally:
+    stablehlo.get_version_from_compatibility_requirement = jax_target
 
 
 def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: Optional[str] = None) -> str:

@@ -81,3 +81,17 @@ def test_saved_model_matches_the_live_model(exported, live):
   images = images_of(2, 32, 64, 3, seed=2)
   out = loaded.signatures['serving_default'](images=tf.constant(images))
   np.testing.assert_allclose(out['logits'].numpy(), live(images), atol=1e-4)
+
+
+def test_saved_model_checks_the_image_size(exported):
+  """The SavedModel refuses sizes its symbolic shape does not take (serialised at a StableHLO version the installed
+  TensorFlow reads, it keeps jax's shape checks)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  _, _, directory = exported
+  m = json.load(open(os.path.join(directory, 'model.json')))['input']['size_multiple']
+  serve = tf.saved_model.load(os.path.join(directory, 'saved_model')).signatures['serving_default']
+  if m > 1:
+    with pytest.raises(tf.errors.InvalidArgumentError):
+      serve(images=tf.constant(images_of(1, m + 1, 2 * m, 3)))
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    serve(images=tf.constant(images_of(0, 2 * m, 2 * m, 3)))
