@@ -15,12 +15,19 @@ import pytest
 from jaxseg import train
 from tests import fault_worker as fw
 from tests.conftest import tiny_unet_config
-from tests.helpers import load_checkpoint, max_abs_diff
+from tests.helpers import load_checkpoint
 
-# The two runs add across devices in different orders, so their losses differ by ~1e-7 at first;
-# at the tiny config's learning rate (0.05) training is chaotic enough to blow that up to ~1e-4
-# within 7 steps. A smaller one keeps the comparison meaningful over 16 steps. (A 2-process resumed
-# run matches an uninterrupted 2-process run bit for bit.)
+# The two runs add across devices in different orders (any change of device count does): their losses differ by
+# ~3e-7 (relative) at the first steps, float32 rounding, and training at the tiny config's learning rate (0.05) is
+# chaotic enough to blow that up to ~1e-4 within 7 steps. A smaller one keeps the comparison meaningful over 16
+# steps. Measured (benchmarks/NOTES.md, "Multi-host equality"), as ||a - b|| / ||a|| over all parameters (or all
+# BatchNorm statistics) after 16 steps: 2 processes x 2 devices against 1 x 4, 2.5e-5 and 5.6e-5; 1 process x 2
+# devices against 1 x 4, 1.4e-4 and 4.4e-4. The multi-process run is as close as a change of device count within
+# one process: reduction order, which float32 rounding and the training dynamics bound, not something the
+# processes compute differently. The bound is twice the single-process spread; the first steps, before the
+# amplification, are held to rounding. (A 2-process resumed run matches an uninterrupted 2-process run bit for bit.)
+RELATIVE_TOLERANCE = 1e-3
+FIRST_STEPS, FIRST_STEPS_RTOL = 3, 1e-5
 STEPS = 16
 CONFIG = {'num_train_steps': STEPS, 'log_every_steps': 1, 'eval_every_steps': STEPS,
           'checkpoint_every_steps': 8, 'optimizer.learning_rate': 0.01}
@@ -61,15 +68,16 @@ def test_two_processes_train_checkpoint_resume_and_evaluate_like_one(shapes_data
   a, step_a = load_checkpoint(one)
   b, step_b = load_checkpoint(two)
   assert step_a == step_b == STEPS
-  diff = max_abs_diff(a['params'], b['params'])
-  print(f'2 processes (pre-empted at step {stopped}, resumed) vs 1 process: largest parameter difference '
-        f'{diff:.3g}; batch statistics {max_abs_diff(a["batch_stats"], b["batch_stats"]):.3g}')
-  assert diff < 1e-4
-  assert max_abs_diff(a['batch_stats'], b['batch_stats']) < 1e-4
-  assert max_abs_diff(a['params'], load_checkpoint(one, step=8)[0]['params']) > 1e-4  # Training moved them.
+  params, stats = (relative_difference(a[c], b[c]) for c in ('params', 'batch_stats'))
+  print(f'2 processes (pre-empted at step {stopped}, resumed) vs 1 process: ||a - b|| / ||a|| of the parameters '
+        f'{params:.3g}, of the batch statistics {stats:.3g}')
+  assert params < RELATIVE_TOLERANCE and stats < RELATIVE_TOLERANCE
+  # Training moved them far more than that (9.5e-3 from step 8 to 16, measured).
+  assert relative_difference(a['params'], load_checkpoint(one, step=8)[0]['params']) > 5 * RELATIVE_TOLERANCE
   # Step by step the same losses, across the pre-emption too.
   losses = [[json.loads(l)['loss'] for l in open(w / 'metrics.jsonl') if '"train"' in l] for w in (one, two)]
-  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+  np.testing.assert_allclose(losses[1][:FIRST_STEPS], losses[0][:FIRST_STEPS], rtol=FIRST_STEPS_RTOL)
+  np.testing.assert_allclose(losses[1], losses[0], rtol=RELATIVE_TOLERANCE)
 
   # Only process 0 wrote metrics.jsonl: one line per step, no duplicates, across the pre-emption.
   assert fw.logged_steps(two) == list(range(1, STEPS + 1))
@@ -91,3 +99,10 @@ def validation_label_histogram(data_dir, num_classes=4):
   from jaxseg.data import shapes  # pylint: disable=g-import-not-at-top,unused-import  # Registers the builder.
   source = tfds.data_source('jaxseg_shapes', split='validation', data_dir=data_dir)
   return sum(np.bincount(source[i]['segmentation_mask'].ravel(), minlength=num_classes) for i in range(len(source)))
+
+
+def relative_difference(tree_a, tree_b) -> float:
+  """||a - b|| / ||a|| over all the leaves as one vector (float64)."""
+  a = np.concatenate([np.float64(x).ravel() for x in jax.tree.leaves(tree_a)])
+  b = np.concatenate([np.float64(x).ravel() for x in jax.tree.leaves(tree_b)])
+  return float(np.linalg.norm(a - b) / np.linalg.norm(a))
