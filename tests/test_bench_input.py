@@ -146,6 +146,7 @@ def allowed_cpus_from_proc() -> int:
   return count
 
 
+@pytest.mark.slow
 def test_bench_input_smoke_writes_the_report(shapes_data_dir, tmp_path):
   """Every phase with a tiny UNet on 2 CPU devices, one loop round of 6 run.py steps: every field is written, the
   figures are positive and finite, the loop's temporary workdir is removed."""

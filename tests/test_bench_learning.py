@@ -117,6 +117,7 @@ def curve(digit_folder, tmp_path_factory):
 
 
 
+@pytest.mark.slow
 def test_curve_is_the_runs_evaluations(curve, tmp_path):
   proc, result, workdir, files = curve
   out, png = files / 'curve.json', files / 'curve.png'
@@ -149,6 +150,7 @@ def test_curve_is_the_runs_evaluations(curve, tmp_path):
     assert img.format == 'PNG'
 
 
+@pytest.mark.slow
 def test_budget_stops_the_run_with_sigterm(digit_folder, curve, tmp_path):
   folder, _, data_dir = digit_folder
   out, workdir = tmp_path / 'curve.json', tmp_path / 'wd'

@@ -17,14 +17,11 @@ import pytest
 
 from configs import unet as unet_config
 from jaxseg import models
-from jaxseg import state as state_lib
-from jaxseg import train
 from jaxseg.errors import ConfigError, WeightsError
 from jaxseg.models import encoders
 from jaxseg.models.unet import UNet
 from jaxseg.models.unet_encoder import EncoderUNet
-from tests.conftest import tiny_unet_config
-from tests.helpers import load_checkpoint, save_state_dict
+from tests.helpers import save_state_dict
 
 # CI (.ci/run) installs PyTorch and sets this: the PyTorch checks must then run, never skip.
 RTOL = 1e-4
@@ -474,45 +471,3 @@ def test_a_one_channel_model_gets_the_rgb_kernel_summed(resnet18_sd, tmp_path):
   rgb = np.asarray(resnet18_sd['conv1.weight']).transpose(2, 3, 1, 0)  # OIHW -> HWIO, [7, 7, 3, 64].
   np.testing.assert_allclose(variables['params']['encoder']['conv1']['kernel'], rgb.sum(axis=2, keepdims=True),
                              rtol=1e-5, atol=1e-7)
-
-
-def test_fine_tuning_starts_from_the_file(ref, shapes_data_dir, tmp_path, monkeypatch):
-  """train_and_evaluate with encoder_weights: the first update starts from the file's encoder (torch-checked)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  torch_encoder = ref.randomize_(ref.make_encoder('resnet18'), seed=11)
-  path = save_state_dict(torch_encoder.state_dict(), tmp_path / 'resnet18.pth')
-  initial = {}
-  init_state = state_lib.Setup.init_state
-
-  def recording_init_state(setup):
-    state = init_state(setup)
-    initial.update(jax.device_get(state_lib.variables_of(state)))  # Copied: the train step donates the state.
-    return state
-
-  monkeypatch.setattr(state_lib.Setup, 'init_state', recording_init_state)
-  # The encoder at a tenth of the decoder's learning rate, its BatchNorm statistics frozen (small batches).
-  config = tiny_unet_config(shapes_data_dir, **{'model.encoder': 'resnet18', 'model.encoder_weights': path,
-                                                'num_train_steps': 2, 'eval_every_steps': 2,
-                                                'checkpoint_every_steps': 2, 'log_every_steps': 1,
-                                                'finetune.encoder_lr_multiplier': 0.1,
-                                                'finetune.freeze_encoder_batch_stats': True})
-  metrics = train.train_and_evaluate(config, str(tmp_path / 'wd'))
-  assert metrics and initial, 'trained, evaluated, and the initial state was seen'
-
-  # The encoder the first step used computes the torch reference's features from the same file.
-  x, x_nchw = random_images(12, h=64, w=64)
-  encoder_vars = {c: initial[c]['encoder'] for c in ('params', 'batch_stats')}
-  got = jax.jit(lambda v, x: encoders.create_encoder('resnet18').apply(v, x))(encoder_vars, x)
-  reference = ref.make_encoder('resnet18').eval()
-  reference.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-  for stride, g, w in zip((2, 4, 8, 16, 32), got, torch_features(ref, reference, x_nchw)):
-    assert_close_relative(g, w, f'initial encoder stride {stride}')
-  # Training moved the weights on from it; the frozen statistics are still the file's, while the decoder's moved.
-  saved, _ = load_checkpoint(str(tmp_path / 'wd'))
-  assert not np.allclose(saved['params']['encoder']['conv1']['kernel'], initial['params']['encoder']['conv1']['kernel'])
-  file_stats = {k: v.numpy() for k, v in torch.load(path, map_location='cpu', weights_only=True).items()}
-  np.testing.assert_array_equal(saved['batch_stats']['encoder']['bn1']['mean'], file_stats['bn1.running_mean'])
-  np.testing.assert_array_equal(saved['batch_stats']['encoder']['layer4_1']['bn2']['var'],
-                                file_stats['layer4.1.bn2.running_var'])
-  assert not np.allclose(saved['batch_stats']['decoder_block0']['bn1']['mean'],
-                         initial['batch_stats']['decoder_block0']['bn1']['mean'])

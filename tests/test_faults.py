@@ -294,6 +294,7 @@ def test_a_workdir_under_proc_cannot_be_written():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_after_warmup(shapes_data_dir, tmp_path):
   """benchmarks/bench_memory.py, shortened: after warm-up the RSS slope stays far below a leak's.
 

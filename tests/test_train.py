@@ -1,6 +1,6 @@
-"""End-to-end training: run.py train then eval, the importable entry point against numpy, config errors.
+"""End-to-end training: the importable entry point against numpy, config errors.
 
-Elsewhere: 1 device against 4 (replicated and fsdp) in tests/test_sharding.py, 1 process x 4 devices against
+Elsewhere: run.py's train, eval, predict and export as the README shows them in tests/test_readme.py; 1 device against 4 (replicated and fsdp) in tests/test_sharding.py, 1 process x 4 devices against
 2 processes x 2 in tests/test_multihost.py; exact resume after a SIGTERM and a kill -9 mid-save (AdamW + EMA) in
 tests/test_faults.py."""
 
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_flags, tiny_unet_config
+from tests.conftest import tiny_unet_config
 from tests.helpers import ROOT, best_checkpoint_logits_fn, xla_flags
 
 def run_cli(*args, env=None, timeout=300):
@@ -23,37 +23,6 @@ def run_cli(*args, env=None, timeout=300):
   return subprocess.run([sys.executable, 'run.py', *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                         timeout=timeout)
 
-
-TINY_FLAGS = tiny_flags()
-
-
-def test_run_py_trains_then_evaluates(shapes_data_dir, tmp_path, capsys):
-  """run.py trains (its own process, 2 devices); --mode=eval's entry point (cli.run, in this process, 4 devices)
-  scores the best checkpoint at the training run's own figure."""
-  from jaxseg import cli  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path / 'wd'
-  common = ['--config=configs/unet.py', f'--workdir={workdir}', f'--config.dataset.data_dir={shapes_data_dir}']
-  proc = run_cli(*common, *TINY_FLAGS)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'step 4/4' in proc.stdout and 'mean IoU' in proc.stdout
-  records = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
-  train_rec = [r for r in records if r['split'] == 'train']
-  eval_rec = [r for r in records if r['split'] == 'eval']
-  assert [r['step'] for r in train_rec] == [2, 4]
-  assert {'loss', 'learning_rate', 'images_per_sec'} <= set(train_rec[0])
-  assert {'loss', 'mean_iou', 'pixel_accuracy', 'per_class_iou'} <= set(eval_rec[-1])
-  assert len(eval_rec[-1]['per_class_iou']) == 4
-  assert os.listdir(workdir / 'tensorboard')
-  assert json.load(open(workdir / 'config.json'))['model']['base_width'] == 4
-
-  cli.run('eval', tiny_unet_config(shapes_data_dir), str(workdir))  # What run.py --mode=eval runs.
-  out = capsys.readouterr().out
-  assert 'Checkpoint step 4 (best)' in out
-  for name in ('background', 'disc', 'square', 'triangle'):
-    assert name in out
-  # Evaluating the same checkpoint again gives the training run's own figure.
-  evals = [json.loads(l) for l in open(workdir / 'metrics.jsonl') if '"eval"' in l]
-  assert evals[-1]['mean_iou'] == pytest.approx(evals[-2]['mean_iou'], abs=1e-6)
 
 
 def test_default_workdir_comes_from_the_config_file_name():
