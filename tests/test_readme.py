@@ -68,8 +68,10 @@ class Command:
     return self.flag('config')
 
   def key(self):
-    """What makes two commands the same run: their arguments, but not where the workdir is or a GPU mask."""
-    args = [a for a in self.args if not a.startswith('--workdir=')]
+    """What makes two commands the same run: their arguments, but not where the workdir is, a GPU mask, or how the
+    data dir is named (a recipe's docstring says DIR where the README relies on TFDS_DATA_DIR)."""
+    args = [a for a in self.args if not a.startswith(('--workdir=', '--config.dataset.data_dir=DIR',
+                                                      '--config.dataset.data_dir=/data/tfds'))]
     env = {k: v for k, v in self.env.items() if k != 'CUDA_VISIBLE_DEVICES'}
     return tuple(args), tuple(sorted(env.items()))
 
@@ -163,7 +165,7 @@ def plan() -> tuple[list, dict, dict, list]:
     if reason:
       unrunnable[command.source] = reason
       continue
-    key = normalised_key(command)
+    key = command.key()
     if key in seen:
       repeats[command.source] = seen[key]
     elif command.source.startswith('README.md'):
@@ -172,14 +174,6 @@ def plan() -> tuple[list, dict, dict, list]:
     else:
       recipes_only.append(command)
   return runs, repeats, unrunnable, recipes_only
-
-
-def normalised_key(command: Command):
-  """A recipe's docstring command and the README's differ only in how they name the data dir (DIR, or the
-  TFDS_DATA_DIR default): the same run."""
-  args, env = command.key()
-  args = tuple(a for a in args if a not in ('--config.dataset.data_dir=DIR', '--config.dataset.data_dir=/data/tfds'))
-  return args, env
 
 
 RUNS, REPEATS, UNRUNNABLE_FOUND, RECIPES_ONLY = plan()
@@ -299,20 +293,14 @@ def resolved_config(command: Command, args: list):
   spec = importlib.util.spec_from_file_location('recipe', os.path.join(ROOT, command.config_file))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  fields = {}
   for a in args:
     if a.startswith('--config.'):
       name, value = a[len('--config.'):].split('=', 1)
-      try:
+      with contextlib.suppress(ValueError, SyntaxError):  # Else the string itself, as ml_collections reads it.
         value = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        pass
-      *path, last = name.split('.')
-      target = config
-      for p in path:
-        target = target[p]
-      with target.ignore_type():
-        target[last] = value
+      fields[name] = value
+  config = set_fields(module.get_config(), fields)
   return config
 
 
