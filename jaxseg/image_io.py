@@ -11,6 +11,9 @@ from PIL import Image
 from jaxseg.errors import DataError
 
 IGNORE_COLOUR = (224, 224, 192)  # The colour of the ignore label (and any index past the palette) in pictures.
+# Extensions (matched lower-cased) of the image files listed in a folder dataset's images/ folders and in a
+# --mode=predict input folder: the common picture formats PIL reads.
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
 
 def open_decoded(path: str, what: str) -> Image.Image:
@@ -146,7 +149,7 @@ def read_mask(path: str) -> np.ndarray:
   if mode in ('PA', 'LA'):
     # The alpha channel carries no class information.
     return np.ascontiguousarray(np.asarray(img)[..., 0].astype(np.uint8))
-  if mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N'):
+  if mode in _SIXTEEN_BIT_MODES:
     arr = np.asarray(img).astype(np.int64)
     if arr.size and (arr.min() < 0 or arr.max() > 255):
       bad = np.unique(arr[(arr < 0) | (arr > 255)])[:10].tolist()

@@ -23,8 +23,6 @@ from jaxseg.errors import ConfigError, DataError
 
 log = logging.getLogger('jaxseg')
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-
 
 def list_inputs(path: str) -> list[str]:
   """An image file, a folder (its image files, not recursive) or a glob -> sorted file paths."""
@@ -33,10 +31,10 @@ def list_inputs(path: str) -> list[str]:
     return [path]
   if os.path.isdir(path):
     names = sorted(n for n in os.listdir(path) if not n.startswith('.')
-                   and os.path.isfile(os.path.join(path, n)) and n.lower().endswith(IMAGE_EXTENSIONS))
+                   and os.path.isfile(os.path.join(path, n)) and n.lower().endswith(image_io.IMAGE_EXTENSIONS))
     files = [os.path.join(path, n) for n in names]
     if not files:
-      raise DataError(f'--input folder {path} holds no images ({", ".join(IMAGE_EXTENSIONS)})')
+      raise DataError(f'--input folder {path} holds no images ({", ".join(image_io.IMAGE_EXTENSIONS)})')
     return files
   files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
   if not files:

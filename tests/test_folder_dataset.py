@@ -196,15 +196,6 @@ def test_changed_contents_are_prepared_again(tmp_path):
   )
 
 
-def test_fingerprint_covers_the_file_format(tmp_path, monkeypatch):
-  """A folder prepared in another format (older jaxseg wrote TFRecord) is prepared again, not read."""
-  root = tmp_path / 'ds'
-  make_folder(root, val_count=1)
-  array_record = folder.folder_fingerprint(root, NUM_CLASSES, 255)
-  monkeypatch.setattr(folder, 'ARRAY_RECORD', tfds.core.FileFormat.TFRECORD)
-  assert folder.folder_fingerprint(root, NUM_CLASSES, 255) != array_record
-
-
 # --- readers ----------------------------------------------------------------
 
 
@@ -230,6 +221,27 @@ def test_read_image_sixteen_bit_and_la(tmp_path):
   la[..., 0] = 9
   Image.fromarray(la, mode='LA').save(tmp_path / 'la.png')
   assert image_io.read_image(str(tmp_path / 'la.png'))[0, 0].tolist() == [9] * 3
+
+
+def test_images_of_every_listed_format_are_paired(tmp_path, caplog):
+  """bmp, gif, webp and tiff images (any case) pair with their masks; a file of another extension is skipped."""
+  root = tmp_path / 'ds'
+  make_folder(root, val_count=1)
+  rgb = _rng(20).integers(0, 256, size=(H, W, 3)).astype(np.uint8)
+  m = _mask_values(20)
+  added = ['b.bmp', 'g.gif', 'w.webp', 't.TIFF']
+  for name in added:
+    Image.fromarray(rgb).save(root / 'train' / 'images' / name)
+    Image.fromarray(m).save(root / 'train' / 'masks' / (os.path.splitext(name)[0] + '.png'))
+  (root / 'train' / 'images' / 'notes.txt').write_text('not an image')
+  with caplog.at_level(logging.WARNING):
+    pairs = folder.validate_folder(str(root), num_classes=NUM_CLASSES)
+  made = ['rgb.png', 'gray.png', 'rgba.png', 'pal.png', 'photo.JPG', 'palmask.png']  # By make_folder.
+  assert {p.file_name for p in pairs['train']} == {f'train/images/{n}' for n in made + added}
+  assert 'notes.txt' in caplog.text
+  # bmp and tiff are lossless: the pixels read are those written.
+  for name in ('b.bmp', 't.TIFF'):
+    np.testing.assert_array_equal(image_io.read_image(str(root / 'train' / 'images' / name)), rgb)
 
 
 def test_orphan_mask_is_ignored_with_warning(tmp_path, caplog):

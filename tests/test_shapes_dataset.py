@@ -1,14 +1,8 @@
 """Tests for the synthetic `jaxseg_shapes` tfds dataset."""
 
-import logging
-
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import default
-from jaxseg.data import datasets
-from jaxseg.data import pipeline
 from jaxseg.data import shapes
 
 
@@ -237,41 +231,3 @@ def test_prepared_splits(shapes_data_dir):
   assert len(names) == 2000
   assert len(set(names)) == 2000
   assert all(name.startswith('train_') for name in names)
-
-
-def test_tfrecord_data_is_converted_once(tmp_path, monkeypatch, caplog):
-  """jaxseg_shapes that an older jaxseg (or `tfds build`) prepared as TFRecord is converted in place, once.
-
-  The converted examples are checked against the TFRecord files (read by
-  tfds) and against `generate_example` for each file name.
-  """
-  monkeypatch.setattr(shapes, 'SPLIT_SIZES', {'train': 12, 'validation': 4})
-  tfds.builder('jaxseg_shapes', data_dir=tmp_path, file_format='tfrecord').download_and_prepare()
-  config = default.get_config()
-  config.dataset.data_dir = str(tmp_path)
-  with caplog.at_level(logging.INFO, logger='jaxseg.data.datasets'):
-    spec, builder = datasets.open_dataset(config.dataset)
-  assert 'Converting tfds dataset jaxseg_shapes' in caplog.text and 'to ArrayRecord' in caplog.text
-  # The TFRecord files stay (tfds still reads them); the ArrayRecord ones are listed next to them.
-  reopened = tfds.builder('jaxseg_shapes', data_dir=tmp_path)
-  assert reopened.info.file_format == tfds.core.FileFormat.TFRECORD
-  assert list(reopened.info.as_proto.alternative_file_formats) == ['array_record']
-
-  keys = {'image': tfds.decode.SkipDecoding(), 'segmentation_mask': tfds.decode.SkipDecoding()}
-  stored = list(tfds.as_numpy(reopened.as_dataset(split='train', shuffle_files=False, decoders=keys)))
-  converted = list(tfds.as_numpy(pipeline.records(builder, spec, 'train', tf.data.Dataset.range(12))))
-  assert len(stored) == len(converted) == 12
-  for old, new in zip(stored, converted):
-    assert new['image'] == old['image'] and new['segmentation_mask'] == old['segmentation_mask']
-    index = int(old['file_name'].decode().split('_')[1])
-    image, mask = _example('train', index)
-    np.testing.assert_array_equal(tf.io.decode_png(new['image']).numpy(), image)
-    np.testing.assert_array_equal(tf.io.decode_png(new['segmentation_mask']).numpy()[..., 0], mask)
-
-  shard = next(tmp_path.glob('jaxseg_shapes/2.0.0/*train.array_record*'))
-  written = shard.stat().st_mtime_ns
-  caplog.clear()
-  with caplog.at_level(logging.INFO, logger='jaxseg.data.datasets'):
-    datasets.open_dataset(config.dataset)
-  assert 'Converting' not in caplog.text
-  assert shard.stat().st_mtime_ns == written

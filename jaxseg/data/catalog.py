@@ -1,11 +1,11 @@
 """Presets for segmentation datasets in the tfds catalog.
 
-Importing this module registers each preset with `jaxseg.data.datasets`
-(which imports it, so the presets exist whenever the registry does). A preset
-only says how to read a catalog dataset: which features hold the image and the
-mask, how mask values become class indices, and which splits to use. The data
-itself comes from tfds: prepare it once with `tfds build NAME --data_dir=DIR`
-(or let jaxseg prepare it on first use, which needs the network).
+`PRESETS` holds, per dataset, the fields of its preset as plain data;
+`jaxseg.data.datasets` builds its registry from them. A preset only says how to
+read a catalog dataset: which features hold the image and the mask, how mask
+values become class indices, and which splits to use. The data itself comes
+from tfds: prepare it once with `tfds build NAME --data_dir=DIR` (or let
+jaxseg prepare it on first use, which needs the network).
 
 oxford_iiit_pet
   Oxford-IIIT Pet, 7349 photos of cats and dogs with trimaps
@@ -25,11 +25,8 @@ scene_parse150
   ...), the other objects and unlabelled pixels -- is 0. So this preset is 100
   classes of objects: red value v -> class v - 1, and 0 is ignored. It is NOT
   the 150-class ADE20K benchmark, and its scores do not compare with
-  published ADE20K mean IoU. The 150 benchmark classes are listed in
-  `ADE20K_CLASS_NAMES` for a dataset built from ADEChallengeData2016.
+  published ADE20K mean IoU.
 """
-
-from jaxseg.data import datasets
 
 # Oxford-IIIT Pet trimap values 1, 2, 3 in order.
 OXFORD_IIIT_PET_CLASS_NAMES = ('pet', 'background', 'border')
@@ -51,48 +48,27 @@ SCENE_PARSE150_CLASS_NAMES = (
     'plate', 'monitor', 'bulletin board', 'radiator', 'glass', 'clock', 'flag',
 )
 
-# The 150 classes of the ADE20K scene-parsing benchmark (ADEChallengeData2016
-# mask value v = index v - 1; 0 is "other"), in the official order. Not used by
-# the tfds `scene_parse150` preset, whose masks hold other ids (see above).
-ADE20K_CLASS_NAMES = (
-    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass',
-    'cabinet', 'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain', 'chair',
-    'car', 'water', 'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field',
-    'armchair', 'seat', 'fence', 'desk', 'rock', 'wardrobe', 'lamp', 'bathtub', 'railing', 'cushion',
-    'base', 'box', 'column', 'signboard', 'chest of drawers', 'counter', 'sand', 'sink', 'skyscraper',
-    'fireplace', 'refrigerator', 'grandstand', 'path', 'stairs', 'runway', 'case', 'pool table', 'pillow',
-    'screen door', 'stairway', 'river', 'bridge', 'bookcase', 'blind', 'coffee table', 'toilet', 'flower',
-    'book', 'hill', 'bench', 'countertop', 'stove', 'palm', 'kitchen island', 'computer', 'swivel chair',
-    'boat', 'bar', 'arcade machine', 'hovel', 'bus', 'towel', 'light', 'truck', 'tower', 'chandelier',
-    'awning', 'streetlight', 'booth', 'television receiver', 'airplane', 'dirt track', 'apparel', 'pole',
-    'land', 'bannister', 'escalator', 'ottoman', 'bottle', 'buffet', 'poster', 'stage', 'van', 'ship',
-    'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything', 'swimming pool', 'stool', 'barrel',
-    'basket', 'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven', 'ball', 'food', 'step', 'tank',
-    'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake', 'dishwasher', 'screen', 'blanket',
-    'sculpture', 'hood', 'sconce', 'vase', 'traffic light', 'tray', 'ashcan', 'fan', 'pier', 'crt screen',
-    'plate', 'monitor', 'bulletin board', 'shower', 'radiator', 'glass', 'clock', 'flag',
-)
-
-datasets.register_dataset(
-    'oxford_iiit_pet',
-    num_classes=3,
-    class_names=OXFORD_IIIT_PET_CLASS_NAMES,
-    image_key='image',
-    label_key='segmentation_mask',
-    label_offset=-1,  # Trimap values 1..3 -> classes 0..2.
-    ignore_values=(0,),  # Never in the trimaps; ignored rather than wrapped to -1.
-    train_split='train',
-    eval_split='test',  # No validation split: evaluate on the official test list.
-)
-
-datasets.register_dataset(
-    'scene_parse150',
-    num_classes=len(SCENE_PARSE150_CLASS_NAMES),
-    class_names=SCENE_PARSE150_CLASS_NAMES,
-    image_key='image',
-    label_key='annotation',  # RGB png; the pipeline reads its first (red) channel: the category id.
-    label_offset=-1,  # Category ids 1..100 -> classes 0..99.
-    ignore_values=(0,),  # Stuff, other objects and unlabelled pixels.
-    train_split='train',
-    eval_split='test',  # tfds's 'test' holds the 2000 ADE20K validation images.
-)
+# Preset fields per tfds dataset name (see `jaxseg.data.datasets.DatasetSpec`). They set no `open_builder`:
+# jaxseg.data.datasets opens them as any tfds dataset, with tfds.builder(name).
+PRESETS = {
+    'oxford_iiit_pet': dict(
+        num_classes=3,
+        class_names=OXFORD_IIIT_PET_CLASS_NAMES,
+        image_key='image',
+        label_key='segmentation_mask',
+        label_offset=-1,  # Trimap values 1..3 -> classes 0..2.
+        ignore_values=(0,),  # Never in the trimaps; ignored rather than wrapped to -1.
+        train_split='train',
+        eval_split='test',  # No validation split: evaluate on the official test list.
+    ),
+    'scene_parse150': dict(
+        num_classes=len(SCENE_PARSE150_CLASS_NAMES),
+        class_names=SCENE_PARSE150_CLASS_NAMES,
+        image_key='image',
+        label_key='annotation',  # RGB png; the pipeline reads its first (red) channel: the category id.
+        label_offset=-1,  # Category ids 1..100 -> classes 0..99.
+        ignore_values=(0,),  # Stuff, other objects and unlabelled pixels.
+        train_split='train',
+        eval_split='test',  # tfds's 'test' holds the 2000 ADE20K validation images.
+    ),
+}

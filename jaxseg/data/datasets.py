@@ -3,14 +3,15 @@
 Every dataset reaches the pipeline as a tfds builder whose examples hold an
 encoded image and an encoded mask, stored as ArrayRecord: the pipeline reads
 examples by index (each process only its share), which TFRecord files cannot
-do. Data jaxseg prepares is written as ArrayRecord; a dataset already prepared
-as TFRecord (by a plain `tfds build`, or an older jaxseg) is converted once,
-in place (`as_array_record`).
+do. Data jaxseg prepares is written as ArrayRecord; a tfds dataset already
+prepared as TFRecord (by a plain `tfds build`) is converted once, in place
+(`as_array_record`).
 
 A preset gives a dataset's defaults (which features, how mask values map to
-classes, class names); any field set in `config.dataset` overrides them, and
-a tfds name with no preset works when the config names its features and
-classes.
+classes, class names): `PRESETS` holds the embedded shapes, user folders and
+the tfds catalog presets of `jaxseg.data.catalog`. Any field set in
+`config.dataset` overrides them, and a tfds name with no preset works when the
+config names its features and classes.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core.utils import py_utils
 
 from jaxseg import image_io
+from jaxseg.data import catalog
 from jaxseg.errors import ConfigError, DataError
 
 _log = logging.getLogger(__name__)
@@ -94,9 +96,9 @@ def _prepare_catalog(spec: DatasetSpec, builder) -> tfds.core.DatasetBuilder:
 def as_array_record(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   """`builder`, prepared, set to read its ArrayRecord files.
 
-  Data prepared in another format (TFRecord by a plain `tfds build` or an
-  older jaxseg) is converted once, in place: ArrayRecord shards holding the
-  same records in the same order are written next to the existing ones, and
+  Data prepared in another format (TFRecord, by a plain `tfds build`) is
+  converted once, in place: ArrayRecord shards holding the same records in
+  the same order are written next to the existing ones, and
   dataset_info.json lists them as an alternative format, so later runs find
   them and other tfds readers still read the original files. This does what
   tfds's `convert_format` does, without the Apache Beam that it imports.
@@ -145,7 +147,7 @@ def _open_shapes(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
     builder = tfds.builder('jaxseg_shapes', data_dir=_data_dir(dataset_config))
     if not builder.is_prepared():
       builder.download_and_prepare(file_format=ARRAY_RECORD)
-    return as_array_record(builder)
+    return builder
 
   return prepare_once(prepare)
 
@@ -157,11 +159,11 @@ def _open_folder(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
                       '(DIR holds train/images, train/masks, val/images, val/masks)')
   data_dir = _data_dir(dataset_config) or os.path.expanduser('~/tensorflow_datasets')
   return prepare_once(lambda: folder.prepare_folder_dataset(
-      dataset_config.path, num_classes=spec.num_classes, data_dir=data_dir, ignore_label=spec.ignore_label,
+      dataset_config['path'], num_classes=spec.num_classes, data_dir=data_dir, ignore_label=spec.ignore_label,
       channels=spec.image_channels))
 
 
-# Defaults per dataset; every key may be overridden by the config field of the same name.
+# Defaults per dataset; every key but open_builder may be overridden by the config field of the same name.
 PRESETS: dict[str, dict[str, Any]] = {
     'jaxseg_shapes': dict(
         num_classes=4, class_names=('background', 'disc', 'square', 'triangle'),
@@ -171,17 +173,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_classes=None, class_names=None,
         image_key='image', label_key='segmentation_mask', label_offset=0, ignore_values=(),
         train_split='train', eval_split='validation', open_builder=_open_folder),
+    **catalog.PRESETS,
 }
-
-
-def register_dataset(name: str, **preset) -> None:
-  """Adds a preset so that `config.dataset.name = name` resolves with these defaults."""
-  PRESETS[name] = preset
 
 
 def resolve_spec(dataset_config) -> DatasetSpec:
   """Merges the preset named by `dataset_config.name` with the fields set in the config, and checks them."""
-  name = dataset_config.name
+  name = dataset_config['name']
   preset = dict(num_classes=None, class_names=None, image_key='image', label_key='segmentation_mask',
                 label_offset=0, ignore_values=(), train_split='train', eval_split='validation',
                 open_builder=_open_catalog)
@@ -248,7 +246,7 @@ def open_dataset(dataset_config, *, in_channels: int = 3) -> tuple[DatasetSpec, 
     if key not in features:
       raise ConfigError(f'config.dataset.{field}={key!r} is not a feature of {spec.name!r}; it has {list(features)}')
   stored = getattr(features[spec.image_key], 'shape', (None,))[-1]
-  # 3 reads any image as RGB, as it always has (grayscale repeated, alpha dropped); other counts must be stored.
+  # 3 reads any stored image as RGB (grayscale repeated, alpha dropped); 1 and 4 must be stored with that count.
   if in_channels != 3 and stored is not None and stored != in_channels:
     raise ConfigError(f'config.model.in_channels={in_channels} but the images of {spec.name!r} '
                       f'({builder.data_dir}) have {stored} channel(s)')
@@ -260,6 +258,3 @@ def open_dataset(dataset_config, *, in_channels: int = 3) -> tuple[DatasetSpec, 
     if n == 0:
       raise DataError(f'split {split!r} of dataset {spec.name!r} ({builder.data_dir}) is empty')
   return spec, builder
-
-
-from jaxseg.data import catalog  # noqa: E402,F401  (registers catalog presets)

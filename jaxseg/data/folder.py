@@ -2,15 +2,16 @@
 
 A folder dataset is a directory laid out as::
 
-  DIR/train/images/*.{png,jpg,jpeg,tif,tiff}   DIR/train/masks/*.png
-  DIR/val/images/*.{png,jpg,jpeg,tif,tiff}     DIR/val/masks/*.png
+  DIR/train/images/*.{png,jpg,...}   DIR/train/masks/*.png
+  DIR/val/images/*.{png,jpg,...}     DIR/val/masks/*.png
 
+Images are the files with an extension of `jaxseg.image_io.IMAGE_EXTENSIONS`.
 Each mask has the same file stem as its image and holds one class index per
 pixel (`ignore_label`, 255 by default, marks pixels to ignore). The folder is
 validated completely, then written once into a tfds dataset (ArrayRecord
 files, read by index) under `data_dir` whose config name is a fingerprint of
-the folder's contents, the file format and the channel count, so an unchanged
-folder is reused and a changed one is prepared again.
+the folder's contents, the label settings and the channel count, so an
+unchanged folder is reused and a changed one is prepared again.
 
 Images are stored with `channels` bands (config.model.in_channels), read by
 `jaxseg.image_io.read_image`: 3 converts grayscale to RGB and drops alpha; 1
@@ -41,13 +42,12 @@ import tqdm
 
 from jaxseg.data import datasets
 from jaxseg.data.datasets import ARRAY_RECORD
-from jaxseg.image_io import CHANNEL_COUNTS, read_image, read_mask
+from jaxseg.image_io import CHANNEL_COUNTS, IMAGE_EXTENSIONS, read_image, read_mask
 from jaxseg.errors import ConfigError
 from jaxseg.errors import DataError
 
 _log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 MASK_EXTENSION = '.png'
 
 # tfds split name -> folder name on disk.
@@ -122,15 +122,14 @@ def _check_layout(path: str) -> str:
 def folder_fingerprint(
     path: str, num_classes: int, ignore_label: int, channels: int = 3
 ) -> str:
-  """Fingerprints a folder dataset's contents, label settings and file format.
+  """Fingerprints a folder dataset's contents, label settings and channel count.
 
   The fingerprint is a sha1 over the sorted relative paths, sizes and
   modification times (ns) of all files under `train/` and `val/`, plus
-  `num_classes`, `ignore_label`, the file format (ArrayRecord) and the image
-  channel count. It changes when any file is added, removed, resized or
-  touched, which makes it a cheap cache key (no file is read); a folder that
-  an older jaxseg prepared as TFRecord is prepared again, and so is a folder
-  prepared with 3 channels when another count is asked for.
+  `num_classes`, `ignore_label` and the image channel count. It changes when
+  any file is added, removed, resized or touched, which makes it a cheap
+  cache key (no file is read); a folder prepared with one channel count is
+  prepared again for another.
 
   Args:
     path: The dataset folder.
@@ -163,10 +162,7 @@ def folder_fingerprint(
   h = hashlib.sha1()
   h.update(f'num_classes={int(num_classes)}\n'.encode())
   h.update(f'ignore_label={int(ignore_label)}\n'.encode())
-  h.update(f'file_format={ARRAY_RECORD.value}\n'.encode())
-  if channels != 3:
-    # Only other counts are hashed: folders prepared for RGB keep their fingerprint (no needless rebuild).
-    h.update(f'channels={int(channels)}\n'.encode())
+  h.update(f'channels={int(channels)}\n'.encode())
   for rel, size, mtime in sorted(entries):
     h.update(f'{rel}\0{size}\0{mtime}\n'.encode('utf-8', 'surrogateescape'))
   return h.hexdigest()
@@ -209,13 +205,15 @@ def _match_split(root: str, split_dir: str) -> List[Tuple[str, str]]:
     images[stem] = name
   if skipped:
     _log.warning(
-        'Ignoring %d file(s) in %s that are not png/jpg/jpeg/tif: %s',
-        len(skipped), images_dir, ', '.join(skipped[:5]),
+        'Ignoring %d file(s) in %s that are not images (%s): %s',
+        len(skipped), images_dir, ', '.join(IMAGE_EXTENSIONS),
+        ', '.join(skipped[:5]),
     )
   if not images:
     raise DataError(
-        f'Split folder {images_dir} holds no images (png, jpg, jpeg or tif); '
-        'every split needs at least one image.'
+        f'Split folder {images_dir} holds no images '
+        f'({", ".join(IMAGE_EXTENSIONS)}); every split needs at least one '
+        'image.'
     )
 
   masks: Dict[str, str] = {}

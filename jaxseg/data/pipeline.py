@@ -38,7 +38,7 @@ PREFETCH = 4
 # Records read from the data source per Python call: few calls, yet little read ahead (PARALLEL_CALLS calls in flight).
 READ_BATCH = 8
 # The functions jaxseg gives tf.data's map, filter and flat_map branch only on Python values (the config), never
-# on tensors, so they are traced as written: AutoGraph's rewriting of their source cost 0.6 s at every start.
+# on tensors, so they are traced as written, without AutoGraph's slow rewriting of their source at every start.
 no_autograph = tf.autograph.experimental.do_not_convert
 
 
@@ -76,8 +76,8 @@ def _options() -> tf.data.Options:
   options.deterministic = True
   options.threading.private_threadpool_size = 0
   # No autotuning thread: destroying an iterator waits for that thread's current
-  # sleep, up to a minute, which held every finished run open for ~45 s.
-  # Parallelism is set explicitly below instead (PARALLEL_CALLS, PREFETCH).
+  # sleep, up to a minute, which would hold a finished run open. Parallelism is
+  # set explicitly instead (PARALLEL_CALLS, PREFETCH).
   options.autotune.enabled = False
   return options
 
