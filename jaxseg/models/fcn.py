@@ -7,9 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.models import layers
+from jaxseg.models.encoders.vgg import VGG16_BLOCKS
 
-# VGG16: convolutions per block and their widths.
-VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 VARIANTS = ('fcn32s', 'fcn16s', 'fcn8s')
 
 
