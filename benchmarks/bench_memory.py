@@ -62,6 +62,16 @@ def rss_bytes() -> int:
       return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
+def worker_result(proc: subprocess.Popen, tag: str) -> dict:
+  """What a worker process (this script or bench_train.py run again in a mode of its own) measured: it is waited
+  for, and its last stdout line `TAG {json}` read; RuntimeError with its output's end if it failed."""
+  out, _ = proc.communicate()
+  lines = [l for l in out.splitlines() if l.startswith(tag + ' ')]
+  if proc.returncode or not lines:
+    raise RuntimeError(f'{tag} worker failed (exit {proc.returncode}):\n{out[-2000:]}')
+  return json.loads(lines[-1].split(' ', 1)[1])
+
+
 def slope_per_1000_steps(samples: list[tuple[int, float]]) -> float:
   """Least-squares slope of (step, MiB) samples, in MiB per 1000 steps."""
   n = len(samples)
@@ -270,11 +280,7 @@ def input_memory(args) -> dict:
                f'--crop={args.crop}', f'--process_count={process_count}']
     procs = [subprocess.Popen(command + [f'--process_index={p}'], stdout=subprocess.PIPE, text=True)
              for p in range(process_count)]
-    for proc in procs:
-      out, _ = proc.communicate()
-      if proc.returncode:
-        raise RuntimeError(f'input worker failed (exit {proc.returncode}):\n{out[-2000:]}')
-      workers.append(json.loads([l for l in out.splitlines() if l.startswith('INPUT_WORKER ')][-1].split(' ', 1)[1]))
+    workers += [worker_result(proc, 'INPUT_WORKER') for proc in procs]
 
   columns = ('process_count', 'process_index', 'examples_taken', 'records_read', 'mib_read', 'rss_setup_mib',
              'rss_max_mib', 'rss_growth_mib', 'ru_maxrss_mib', 'seconds')

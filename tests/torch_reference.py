@@ -9,8 +9,13 @@ resnet18's and VGG's key lists, and smp's parameter counts).
 
 Deviation, deliberate: torchvision's BasicBlock refuses dilation; here (as in jaxseg) a dilated stage's first
 BasicBlock keeps the previous dilation in conv1 (the conv that held the stride) and uses the stage's in conv2.
+
+Also jaxseg's own plain UNet and FCN in PyTorch (`jaxseg_peer`, `load_jaxseg_variables`) and jaxseg's train step
+(`Trainer`): benchmarks/bench_train.py's PyTorch side; tests/test_benchmarks.py checks that given jaxseg's weights
+they compute jaxseg's logits.
 """
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -224,9 +229,9 @@ def randomize_(model, seed):
 class Conv2dReLU(nn.Sequential):
   """smp.base.modules.Conv2dReLU with BatchNorm: conv (no bias), BN, ReLU -> keys '0.weight', '1.weight', ..."""
 
-  def __init__(self, in_channels, out_channels):
-    super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-                     nn.ReLU(inplace=True))
+  def __init__(self, in_channels, out_channels, kernel_size=3):
+    super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                     nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 class DecoderBlock(nn.Module):
@@ -372,3 +377,209 @@ class DeepLabV3Plus(nn.Module):
 
   def forward(self, x):
     return self.segmentation_head(self.decoder([x] + self.encoder.features(x)))
+
+
+# ---- jaxseg's plain UNet and FCN, and its train step (benchmarks/bench_train.py's PyTorch side). ----
+# BatchNorm: Flax's momentum 0.9 is PyTorch's 0.1, epsilon 1e-5 in both (PyTorch's defaults).
+
+
+def pad_to_multiple(x, multiple):
+  """Zero-pads NCHW input at the bottom/right to a multiple of `multiple`, as jaxseg; returns it and (H, W)."""
+  h, w = x.shape[-2:]
+  return F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple)), (h, w)
+
+
+def conv_relu(in_channels, out_channels, kernel_size, norm):
+  """jaxseg's conv -> norm -> ReLU: Conv2dReLU for norm 'batch' (conv without bias), conv with bias -> ReLU for 'none'."""
+  if norm == 'batch':
+    return Conv2dReLU(in_channels, out_channels, kernel_size)
+  return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+                       nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+  """jaxseg.models.UNet(norm='batch', upsample='transpose'): images [N, C, H, W] -> logits [N, K, H, W]."""
+
+  def __init__(self, num_classes, base_width=64, depth=4, in_channels=3):
+    super().__init__()
+    self.depth = depth
+    widths = [base_width * 2 ** level for level in range(depth + 1)]
+    double = lambda cin, cout: nn.Sequential(conv_relu(cin, cout, 3, 'batch'), conv_relu(cout, cout, 3, 'batch'))
+    self.enc = nn.ModuleList([double(cin, cout) for cin, cout in zip([in_channels] + widths[:-1], widths)])
+    self.up = nn.ModuleList([nn.ConvTranspose2d(2 * w, w, 2, stride=2) for w in widths[:-1]])  # Index = level.
+    self.dec = nn.ModuleList([double(2 * w, w) for w in widths[:-1]])
+    self.head = nn.Conv2d(base_width, num_classes, 1)
+
+  def forward(self, x):
+    x, (h, w) = pad_to_multiple(x, 2 ** self.depth)
+    skips = []
+    for level, block in enumerate(self.enc):
+      if level:
+        skips.append(x)
+        x = F.max_pool2d(x, 2)
+      x = block(x)
+    for level in reversed(range(self.depth)):
+      x = self.dec[level](torch.cat([skips[level], self.up[level](x)], dim=1))
+    return self.head(x)[:, :, :h, :w]
+
+
+class FCN(nn.Module):
+  """jaxseg.models.FCN (VGG16 x width_multiplier, fc6/fc7 as convolutions, norm 'none' or 'batch'): NCHW -> logits.
+
+  The 2x up-samplings are ConvTranspose2d(k=4, s=2, padding=1): Flax's ConvTranspose 'SAME' (k=4, s=2); the final
+  up-sampling F.interpolate(align_corners=False) is jax.image.resize's 'bilinear' when up-sampling.
+  """
+
+  def __init__(self, num_classes, variant='fcn8s', width_multiplier=1.0, fc_width=4096, fc6_kernel=7,
+               dropout_rate=0.5, norm='none', in_channels=3):
+    super().__init__()
+    self.variant, self.dropout_rate = variant, dropout_rate
+    self.blocks, block, widths, c = nn.ModuleList(), nn.ModuleList(), [], in_channels
+    for v in VGG16_CFG:
+      if v == 'M':
+        self.blocks.append(block)
+        widths.append(c)
+        block = nn.ModuleList()
+      else:
+        feats = max(1, int(round(v * width_multiplier)))  # Python's round, as jaxseg's.
+        block.append(conv_relu(c, feats, 3, norm))
+        c = feats
+    self.fc6 = conv_relu(c, fc_width, fc6_kernel, norm)
+    self.fc7 = conv_relu(fc_width, fc_width, 1, norm)
+    self.score_fr = nn.Conv2d(fc_width, num_classes, 1)
+    up2 = lambda: nn.ConvTranspose2d(num_classes, num_classes, 4, stride=2, padding=1, bias=False)
+    if variant in ('fcn16s', 'fcn8s'):
+      self.upscore2, self.score_pool4 = up2(), nn.Conv2d(widths[3], num_classes, 1)
+    if variant == 'fcn8s':
+      self.upscore_pool4, self.score_pool3 = up2(), nn.Conv2d(widths[2], num_classes, 1)
+
+  def forward(self, x):
+    x, (h, w) = pad_to_multiple(x, 32)
+    pools = []
+    for block in self.blocks:
+      for layer in block:
+        x = layer(x)
+      x = F.max_pool2d(x, 2)
+      pools.append(x)
+    x = F.dropout(self.fc6(x), self.dropout_rate, self.training)
+    x = F.dropout(self.fc7(x), self.dropout_rate, self.training)
+    score, stride = self.score_fr(x), 32
+    if self.variant in ('fcn16s', 'fcn8s'):
+      score, stride = self.upscore2(score) + self.score_pool4(pools[3]), 16
+    if self.variant == 'fcn8s':
+      score, stride = self.upscore_pool4(score) + self.score_pool3(pools[2]), 8
+    return F.interpolate(score, scale_factor=stride, mode='bilinear', align_corners=False)[:, :, :h, :w]
+
+
+def jaxseg_peer(model: dict, num_classes: int) -> nn.Module:
+  """The PyTorch peer of jaxseg's config.model (as a dict); ValueError for a model without one."""
+  if model['name'] == 'unet' and not model.get('encoder') and model.get('norm') == 'batch' and \
+      model.get('upsample') == 'transpose':
+    return UNet(num_classes, model['base_width'], model['depth'])
+  fields = ('variant', 'width_multiplier', 'fc_width', 'fc6_kernel', 'dropout_rate', 'norm')
+  if model['name'] == 'fcn' and model.get('norm', 'none') in ('none', 'batch'):
+    return FCN(num_classes, **{k: model[k] for k in fields if k in model})
+  raise ValueError(f'no PyTorch peer of {model}: the plain UNet (norm batch, upsample transpose) or FCN only')
+
+
+def load_jaxseg_variables(model: nn.Module, variables: dict) -> None:
+  """Copies a jaxseg UNet/FCN's variables ({'params', 'batch_stats'} of arrays) into its peer from `jaxseg_peer`."""
+  params, stats = variables['params'], variables.get('batch_stats', {})
+
+  def put(tensor, value):
+    value = torch.as_tensor(np.array(value, dtype=np.float32))
+    if tuple(tensor.shape) != tuple(value.shape):
+      raise ValueError(f'shape mismatch: {tuple(tensor.shape)} vs {tuple(value.shape)}')
+    with torch.no_grad():
+      tensor.copy_(value)
+
+  def conv(layer, p, norm_p=None, norm_s=None):
+    """A Conv2d, or conv_relu's Sequential, from Flax conv params (kernel [kh, kw, in, out]) and its norm's."""
+    c = layer[0] if isinstance(layer, nn.Sequential) else layer
+    put(c.weight, np.asarray(p['kernel']).transpose(3, 2, 0, 1))
+    if c.bias is not None:
+      put(c.bias, p['bias'])
+    if isinstance(layer, nn.Sequential) and isinstance(layer[1], nn.BatchNorm2d):
+      for tensor, value in zip((layer[1].weight, layer[1].bias, layer[1].running_mean, layer[1].running_var),
+                               (norm_p['scale'], norm_p['bias'], norm_s['mean'], norm_s['var'])):
+        put(tensor, value)
+
+  def up(layer, p):
+    # Flax's ConvTranspose (and UpConv2x2) correlate the dilated input with the kernel unflipped; PyTorch's
+    # ConvTranspose2d scatters, i.e. correlates with the spatially flipped kernel [in, out, kh, kw].
+    put(layer.weight, np.asarray(p['kernel'])[::-1, ::-1].transpose(2, 3, 0, 1))
+    if layer.bias is not None:
+      put(layer.bias, p['bias'])
+
+  if isinstance(model, UNet):
+    for name, blocks in (('enc', model.enc), ('dec', model.dec)):
+      for level, block in enumerate(blocks):
+        p, s = params[f'{name}{level}'], stats[f'{name}{level}']
+        for i in range(2):
+          conv(block[i], p[f'conv{i}'], p[f'norm{i}'], s[f'norm{i}'])
+    for level, layer in enumerate(model.up):
+      up(layer, params[f'up{level}'])
+    conv(model.head, params['head'])
+  elif isinstance(model, FCN):
+    named = [(f'conv{b + 1}_{i + 1}', layer) for b, block in enumerate(model.blocks) for i, layer in enumerate(block)]
+    for name, layer in named + [('fc6', model.fc6), ('fc7', model.fc7)]:
+      conv(layer, params[name], params.get(f'{name}_norm'), stats.get(f'{name}_norm'))
+    for name in ('score_fr', 'score_pool4', 'score_pool3'):
+      if hasattr(model, name):
+        conv(getattr(model, name), params[name])
+    for name in ('upscore2', 'upscore_pool4'):
+      if hasattr(model, name):
+        up(getattr(model, name), params[name])
+  else:
+    raise TypeError(f'not a jaxseg peer: {type(model).__name__}')
+
+
+class Trainer:
+  """jaxseg's train step in PyTorch, in its fast standard settings, on uint8 batches.
+
+  uint8 images normalised on the device (ImageNet statistics, jaxseg's default), the forward autocast to bfloat16
+  when `bf16`, float32 cross-entropy ignoring `ignore_index` (mean over the other pixels), config.optimizer's SGD
+  (momentum, L2 weight decay) or AdamW (decoupled weight decay), decay on kernels only (ndim > 1) as jaxseg's
+  optimiser, and with `ema_decay` > 0 the moving average of the parameters and BatchNorm statistics that jaxseg
+  keeps (decay min(ema_decay, (1 + step) / (10 + step))). channels_last memory format; `compile`: torch.compile.
+  """
+
+  def __init__(self, model: nn.Module, device, optimizer: dict, *, bf16: bool, ema_decay: float = 0.0,
+               channels_last: bool = True, compile: bool = False, ignore_index: int = 255):  # pylint: disable=redefined-builtin
+    self.device, self.bf16, self.ignore_index, self.ema_decay, self.steps = device, bf16, ignore_index, ema_decay, 0
+    self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    self.model = model.to(device=device, memory_format=self.memory_format).train()
+    groups = [{'params': [p for p in model.parameters() if p.ndim > 1], 'weight_decay': optimizer['weight_decay']},
+              {'params': [p for p in model.parameters() if p.ndim <= 1], 'weight_decay': 0.0}]
+    if optimizer['name'] == 'adamw':
+      self.optimizer = torch.optim.AdamW(groups, lr=optimizer['learning_rate'], betas=(optimizer['b1'], optimizer['b2']),
+                                         eps=optimizer['eps'])
+    else:
+      self.optimizer = torch.optim.SGD(groups, lr=optimizer['learning_rate'], momentum=optimizer['momentum'],
+                                       nesterov=optimizer['nesterov'])
+    self.live = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    self.ema = [t.detach().clone() for t in self.live] if ema_decay > 0 else None
+    self.mean = torch.tensor((123.675, 116.28, 103.53), device=device).view(1, 3, 1, 1)
+    self.std = torch.tensor((58.395, 57.12, 57.375), device=device).view(1, 3, 1, 1)
+    self.forward = torch.compile(self.model) if compile else self.model
+
+  def prepare_batch(self, images_nhwc_uint8, labels_uint8):
+    """numpy uint8 [N, H, W, 3] and [N, H, W] -> device tensors (NCHW in the chosen memory format)."""
+    images = torch.as_tensor(images_nhwc_uint8).permute(0, 3, 1, 2).to(self.device)
+    return images.contiguous(memory_format=self.memory_format), torch.as_tensor(labels_uint8).to(self.device)
+
+  def step(self, images, labels):
+    """One update; returns the loss (on the device, not synchronised)."""
+    x = (images.float() - self.mean) / self.std
+    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+      logits = self.forward(x)
+    loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=self.ignore_index)
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    self.optimizer.step()
+    if self.ema is not None:
+      decay = min(self.ema_decay, (1 + self.steps) / (10 + self.steps))
+      with torch.no_grad():
+        torch._foreach_lerp_(self.ema, self.live, 1 - decay)  # pylint: disable=protected-access
+    self.steps += 1
+    return loss.detach()
