@@ -53,14 +53,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for path in (ROOT, HERE):  # The repo (jaxseg, configs) and this folder (bench_train).
-  if path not in sys.path:
-    sys.path.insert(0, path)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # jaxseg, configs.
+  sys.path.insert(0, ROOT)
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -95,7 +94,7 @@ def define_flags() -> None:
 
 
 # ---------------------------------------------------------------------------
-# The arithmetic (pure functions, checked by hand in tests/test_bench_input.py).
+# The arithmetic (tests/test_bench_input.py checks the report's figures by hand).
 # ---------------------------------------------------------------------------
 
 
@@ -200,31 +199,65 @@ class CompileEvents:
     return {'xla_compiles': len(events), 'compile_s': sum(d for _, d in events)}
 
 
-class FixedStep:
-  """jaxseg's production train step for `config` on one fixed device-resident global batch: input excluded.
+# ---------------------------------------------------------------------------
+# The one function that calls jaxseg's internals (its API is being reworked: adapt it here, nowhere else).
+# ---------------------------------------------------------------------------
 
-  The state is built and laid out as train_and_evaluate does (`state.build(...)` on the mesh of every device,
-  `init_state()`), the step is `train.make_train_step(...)` with the same class weights. Create it after
-  JAX's device flags are set.
+
+def jaxseg_parts(config) -> types.SimpleNamespace:
+  """What the measurements use, for `config` (shorthands applied), built as run.py and train_and_evaluate build it.
+
+  The CPU-only host's cores split into devices (before any JAX computation; the flag goes into os.environ, so
+  run.py's child processes get the same devices), the config checked, the dataset opened, the 'auto' crop and
+  class weighting chosen from the data, the state laid out on the mesh of every device.
+
+  Returns a namespace: config (resolved), spec, builder; batches(): a fresh training pipeline's numpy global
+  batches; train_step(state, device batch) -> (state, metrics), jitted, and state, its initial state;
+  put(numpy batch) -> device batch; prefetch(numpy batches) -> device batches, as training feeds the step;
+  state_bytes(state): one device's bytes of it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxseg import config_utils, distributed, finetune, recipe, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  distributed.split_cpu_into_devices(config)
+  config_utils.validate(config)
+  pipeline.hide_accelerators_from_tf()
+  config_utils.check_batch(config, jax.device_count())
+  spec, builder = datasets.open_dataset(config.dataset, in_channels=finetune.in_channels_of(config.model))
+  config, _ = recipe.resolve(config, spec, builder)
+  mesh = sharding.make_mesh()
+  setup = state_lib.build(config, spec.num_classes, mesh)
+
+  def batches():
+    return pipeline.as_numpy(pipeline.train_dataset(builder, spec, config.input, global_batch=config.batch_size,
+                                                    seed=config.seed, start_step=0, process_index=0,
+                                                    process_count=1))
+
+  return types.SimpleNamespace(
+      config=config, spec=spec, builder=builder, batches=batches, state=setup.init_state(),
+      train_step=train.make_train_step(config, spec, setup, recipe.class_weights(config, spec, builder)),
+      put=lambda batch: sharding.global_batch(batch, mesh),
+      prefetch=lambda it: sharding.prefetch(it, mesh, config.input.prefetch_to_device),
+      state_bytes=sharding.tree_bytes_per_device)
+
+
+class FixedStep:
+  """jaxseg's production train step (`jaxseg_parts`) on one fixed device-resident global batch: input excluded.
 
   Attributes:
     state, metrics: the train state and the last step's metrics (global device arrays).
-    mesh: the device mesh.
   """
 
-  def __init__(self, config, spec, builder, host_batch: dict):
+  def __init__(self, parts, host_batch: dict):
     """host_batch: one numpy batch as the training pipeline yields it; placed on the mesh as training does."""
     import jax  # pylint: disable=g-import-not-at-top
-    from jaxseg import recipe, sharding, train  # pylint: disable=g-import-not-at-top
-    from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
     self._jax = jax
-    self.mesh = sharding.make_mesh()
-    setup = state_lib.build(config, spec.num_classes, self.mesh)
-    self._train_step = train.make_train_step(config, spec, setup, recipe.class_weights(config, spec, builder))
-    self.state = jax.block_until_ready(setup.init_state())
+    self._train_step = parts.train_step
+    self.state = jax.block_until_ready(parts.state)
     self.metrics = None
-    self._batch = jax.block_until_ready(sharding.global_batch(host_batch, self.mesh))
-    self.batch_size = config.batch_size
+    self._batch = jax.block_until_ready(parts.put(host_batch))
+    self.batch_size = parts.config.batch_size
 
   def step(self, batch=None) -> None:
     """Dispatches one step on `batch` (a global device batch; default the fixed one) without waiting for it."""
@@ -294,38 +327,26 @@ def run_benchmark(config, settings: dict, loop_args: list[str]) -> dict:
     settings: batches, warmup_batches, steps, warmup_steps, fed_steps, rounds, loop_steps, config_file.
     loop_args: the config arguments for run.py (`config_args`).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxseg import config_utils, finetune, recipe, sharding  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
-  import bench_train  # pylint: disable=g-import-not-at-top  # cpu_count (no jax at import)
-
   s = settings
-  config_utils.validate(config)
   if s['rounds'] and s['loop_steps'] < 2 * config.log_every_steps:
     raise ValueError(f'--loop_steps={s["loop_steps"]} must cover at least two log intervals of '
                      f'config.log_every_steps={config.log_every_steps}')
-  pipeline.hide_accelerators_from_tf()
-  config_utils.check_batch(config, jax.device_count())
   load_start = _loadavg()
-  spec, builder = datasets.open_dataset(config.dataset, in_channels=finetune.in_channels_of(config.model))
-  config, _ = recipe.resolve(config, spec, builder)  # 'auto' crop/eval size/weighting as training chooses them.
+  parts = jaxseg_parts(config)
+  import jax  # pylint: disable=g-import-not-at-top  # After jaxseg_parts has split the CPU into devices.
+  config, spec, builder = parts.config, parts.spec, parts.builder
   batch_size = config.batch_size
-
-  def train_batches():
-    ds = pipeline.train_dataset(builder, spec, config.input, global_batch=batch_size, seed=config.seed,
-                                start_step=0, process_index=0, process_count=1)
-    return pipeline.as_numpy(ds)
 
   # ---- Pipeline alone. ----
   t_start = time.perf_counter()
-  it = train_batches()
+  it = parts.batches()
   pipe = measure_pipeline(it, batch_size, s['warmup_batches'], s['batches'], t_start)
   print(f'pipeline: {pipe["images_per_s"]:.1f} img/s (first batch after {pipe["time_to_first_batch_s"]:.2f}s)',
         flush=True)
 
   # ---- Train step alone, on one device-resident batch from the pipeline. ----
   compiles = CompileEvents()
-  fixed = FixedStep(config, spec, builder, next(it))
+  fixed = FixedStep(parts, next(it))
   del it  # Its threads would otherwise keep filling its buffers.
   gc.collect()
   compiles.take()
@@ -346,13 +367,13 @@ def run_benchmark(config, settings: dict, loop_args: list[str]) -> dict:
           # XLA compilations in the calls after the first (0 unless the step recompiles, e.g. for a change of
           # the state's sharding between the first call and the next).
           'recompiles': sum(c['xla_compiles'] for c in warmup_compiles[1:]) + timed_compiles['xla_compiles'],
-          'state_bytes_per_device': sharding.tree_bytes_per_device(fixed.state)}
+          'state_bytes_per_device': parts.state_bytes(fixed.state)}
   print(f'train step: {step["images_per_s"]:.1f} img/s ({step["ms_per_step"]:.1f} ms/step)', flush=True)
 
   # ---- The train step fed by a fresh pipeline, as train_and_evaluate feeds it. ----
   fed = None
   if s['fed_steps'] > 0:
-    feed = sharding.prefetch(train_batches(), fixed.mesh, config.input.prefetch_to_device)
+    feed = parts.prefetch(parts.batches())
     fixed.seconds(max(s['warmup_steps'], 1), feed)
     compiles.take()
     fed_s = fixed.seconds(s['fed_steps'], feed)
@@ -387,7 +408,7 @@ def run_benchmark(config, settings: dict, loop_args: list[str]) -> dict:
                  'model': config.model.to_dict(), 'half_precision': bool(config.half_precision)},
       'device': {'platform': device.platform, 'kind': device.device_kind, 'device_count': jax.device_count(),
                  'local_device_count': jax.local_device_count()},
-      'host': {'cpu_count': bench_train.cpu_count(),
+      'host': {'cpu_count': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
                'loadavg_start': load_start, 'loadavg_end': _loadavg(), 'machine': platform.machine(),
                'python': platform.python_version(), 'jax_version': jax.__version__},
       'settings': {k: v for k, v in s.items() if k != 'config_file'},
@@ -448,14 +469,9 @@ def main(argv):
   settings = {'batches': FLAGS.batches, 'warmup_batches': FLAGS.warmup_batches, 'steps': FLAGS.steps,
               'warmup_steps': FLAGS.warmup_steps, 'fed_steps': FLAGS.fed_steps, 'rounds': FLAGS.rounds,
               'loop_steps': FLAGS.loop_steps, 'config_file': config_file}
-  from jaxseg import distributed  # pylint: disable=g-import-not-at-top
-  from jaxseg.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   try:
-    # As run.py: a CPU-only host's cores as devices. The flag goes into os.environ, so run.py's child processes
-    # get the same devices.
-    distributed.split_cpu_into_devices(config)
     report = run_benchmark(config, settings, config_args(sys.argv[1:], config_file, shorthands))
-  except (ConfigError, DataError, ValueError, RuntimeError) as e:
+  except (ValueError, RuntimeError) as e:  # jaxseg's ConfigError and DataError are ValueErrors.
     print(f'bench_input: error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
   print(format_report(report), flush=True)
