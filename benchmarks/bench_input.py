@@ -217,28 +217,33 @@ def jaxseg_parts(config) -> types.SimpleNamespace:
   state_bytes(state): one device's bytes of it.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxseg import config_utils, distributed, finetune, recipe, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import distributed, recipe, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
-  distributed.split_cpu_into_devices(config)
-  config_utils.validate(config)
+  distributed.split_cpu_into_devices(config.get('cpu_devices', 0), (config.batch_size, config.eval_batch_size))
+  settings = settings_lib.from_config(config)
   pipeline.hide_accelerators_from_tf()
-  config_utils.check_batch(config, jax.device_count())
-  spec, builder = datasets.open_dataset(config.dataset, in_channels=finetune.in_channels_of(config.model))
-  config, _ = recipe.resolve(config, spec, builder)
+  settings_lib.check_batch(settings, jax.device_count())
+  spec, builder = datasets.open_dataset(settings.dataset, in_channels=settings.model.in_channels)
+  settings = recipe.resolve(settings, spec, builder)
+  config = config.copy_and_resolve_references()  # The report's config: the recipe's choices in place of 'auto'.
+  with config.ignore_type():
+    config.input.crop_size, config.input.eval_size = settings.input.crop_size, settings.input.eval_size
+    config.loss.class_weighting = settings.loss.class_weighting
   mesh = sharding.make_mesh()
-  setup = state_lib.build(config, spec.num_classes, mesh)
+  setup = state_lib.build(settings, spec.num_classes, mesh)
 
   def batches():
-    return pipeline.as_numpy(pipeline.train_dataset(builder, spec, config.input, global_batch=config.batch_size,
-                                                    seed=config.seed, start_step=0, process_index=0,
+    return pipeline.as_numpy(pipeline.train_dataset(builder, spec, settings.input, global_batch=settings.batch_size,
+                                                    seed=settings.seed, start_step=0, process_index=0,
                                                     process_count=1))
 
   return types.SimpleNamespace(
       config=config, spec=spec, builder=builder, batches=batches, state=setup.init_state(),
-      train_step=train.make_train_step(config, spec, setup, recipe.class_weights(config, spec, builder)),
+      train_step=train.make_train_step(settings, spec, setup, recipe.class_weights(settings, spec, builder)),
       put=lambda batch: sharding.global_batch(batch, mesh),
-      prefetch=lambda it: sharding.prefetch(it, mesh, config.input.prefetch_to_device),
+      prefetch=lambda it: sharding.prefetch(it, mesh, settings.input.prefetch_to_device),
       state_bytes=sharding.tree_bytes_per_device)
 
 

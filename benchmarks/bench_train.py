@@ -137,17 +137,18 @@ def jaxseg_step(config):
   """(the jitted train step, the initial state, put: numpy batch -> global device batch, num_classes), built as
   train_and_evaluate builds them: the CPU cores split into devices as run.py does (before any JAX computation),
   the config checked, the state laid out on the mesh of every device, no class weights."""
-  from jaxseg import config_utils, distributed, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import distributed, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  distributed.split_cpu_into_devices(config)
-  config_utils.validate(config)
-  config_utils.check_batch(config, jax.device_count())
-  spec = datasets.resolve_spec(config.dataset)
+  distributed.split_cpu_into_devices(config.cpu_devices, (config.batch_size, config.eval_batch_size))
+  settings = settings_lib.from_config(config)
+  settings_lib.check_batch(settings, jax.device_count())
+  spec = datasets.resolve_spec(settings.dataset)
   mesh = sharding.make_mesh()
-  setup = state_lib.build(config, spec.num_classes, mesh)
-  step = train.make_train_step(config, spec, setup, None)
+  setup = state_lib.build(settings, spec.num_classes, mesh)
+  step = train.make_train_step(settings, spec, setup, None)
   return step, setup.init_state(), lambda batch: sharding.global_batch(batch, mesh), spec.num_classes
 
 

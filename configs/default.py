@@ -22,20 +22,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.upsample = 'transpose'  # 'transpose' (2x2 stride-2 up-conv, as the paper) or 'bilinear'.
   config.model.encoder = placeholder(str)  # None: the UNet above. 'resnet18', 'resnet34', 'resnet50' or 'resnet101': UNet on that encoder with smp's decoder (base_width, depth, norm, upsample then unused; inputs padded to a multiple of 32).
   config.model.encoder_weights = placeholder(str)  # Path of a torchvision/timm state dict (.safetensors; .pth/.pt with torch installed) that the encoder starts from; None: random init. Checked wherever the model is built; its values are the initial encoder when training starts from scratch. README "Pretrained encoders".
-  # Input contract, read by models with a pretrained encoder (not a field of unet/fcn, which reject it, so not set here):
-  config.model.in_channels = 3        # Channels of the input images: 3 (RGB), 1 (grayscale) or 4 (e.g. RGB + near-infrared: 4-band PNG/TIFF), read so by folder datasets, --mode=predict, jaxseg.api and the export (README "Your own folders"); catalog and embedded datasets are RGB (3). 1 and 4 need input_mean/std of as many values. A pretrained RGB first convolution is adapted to it (jaxseg.finetune.adapt_first_conv: 1 = sum of R, G, B; 4 = R, G, B, R, x 3/4).
+  # Input contract, every model's (jaxseg/settings.py reads it; the train/eval steps and the export apply it):
+  config.model.in_channels = 3        # Channels of the input images: 3 (RGB), 1 (grayscale) or 4 (e.g. RGB + near-infrared: 4-band PNG/TIFF), read so by folder datasets, --mode=predict, jaxseg.api and the export (README "Your own folders"); catalog and embedded datasets are RGB (3). 1 and 4 need input_mean/std of as many values. A pretrained RGB first convolution is adapted to it (jaxseg.models.encoders.weights.adapt_first_conv: 1 = sum of R, G, B; 4 = R, G, B, R, x 3/4).
   config.model.input_mean = placeholder(tuple)  # Per-channel mean (0-255 units) subtracted from the images; None: ImageNet's, which torchvision/timm weights expect.
   config.model.input_std = placeholder(tuple)   # Per-channel standard deviation (0-255 units) the images are divided by; None: ImageNet's.
 
-  # ---- Fine-tuning a model with a pretrained encoder (its submodule 'encoder'; see jaxseg/finetune.py). ----
-  # Training controls, not the model: changing them between runs keeps the state's layout (a checkpoint of a frozen
-  # stage resumes unfrozen) and eval/predict/export do not compare them. Other than the defaults, they need a model
-  # with an encoder.
+  # ---- Fine-tuning: the optimiser's parameter-group rules (jaxseg/optim.py). ----
+  # Each parameter (path like 'encoder/layer1_0/conv1/kernel') takes each property -- learning-rate multiplier,
+  # frozen, weight decay -- from the first rule that matches it and sets that property: param_rules first, then the
+  # encoder's rule made from the four encoder fields below, then "no weight decay on biases and norm scales".
+  # Training controls, not the model: changing the values between runs keeps the state's layout (a checkpoint of a
+  # frozen stage resumes unfrozen). The encoder fields, other than their defaults, need a model with an encoder.
   config.finetune = ml_collections.ConfigDict()
   config.finetune.encoder_lr_multiplier = 1.0  # The encoder's learning rate is this x the schedule's (e.g. 0.1); the same optimiser, weight decay included.
   config.finetune.freeze_encoder = False  # True: the encoder's parameters never move (no update, no weight decay; their gradients are not computed).
   config.finetune.freeze_encoder_steps = 0  # N > 0: the encoder is frozen for the first N optimiser updates, then trains with fresh momentum/Adam moments at the schedule's learning rate of step N. 0: not frozen. Not with freeze_encoder.
   config.finetune.freeze_encoder_batch_stats = False  # True: the encoder's BatchNorm statistics stay as loaded and it normalises with them in training too (frozen_bn; for small batches). Independent of freeze_encoder.
+  config.finetune.param_rules = placeholder(tuple)  # Rules of your own, before the ones above: (regex on the parameter path, learning-rate multiplier or 'frozen' or None, weight decay True/False/None), None leaving that property to later rules. E.g. (('encoder/(conv1|bn1|layer1)', 'frozen', None), ('encoder/layer2', 0.1, None)). Each must match some parameter. Changing them changes the optimiser state's layout (eval/predict/export compare them).
 
   # ---- Data (see jaxseg/data/datasets.py for the registry). ----
   config.dataset = ml_collections.ConfigDict()

@@ -14,7 +14,6 @@ Inference settings (sliding window, TTA) come from the training config's
 `Segmenter.from_workdir(workdir, flip=True, scales=(0.75, 1.0, 1.25))`.
 """
 
-import json
 import os
 from typing import Optional, Sequence, Union
 
@@ -24,19 +23,10 @@ from PIL import Image
 
 from jaxseg import image_io
 from jaxseg import inference
+from jaxseg import startup
 from jaxseg import viz
-from jaxseg.errors import CheckpointError
 
 ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike]
-
-
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved as WORKDIR/config.json, as a ConfigDict."""
-  path = os.path.join(os.path.abspath(os.path.expanduser(os.fspath(workdir))), 'config.json')
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path} does not exist: is {workdir} the workdir of a training run?')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def _read(image: ImageLike, channels: int) -> np.ndarray:
@@ -79,7 +69,7 @@ class Segmenter:
       **inference_options: overrides of config.inference: mode, window, stride,
         flip, scales, batch_size, size_multiple.
     """
-    return cls.from_config(load_workdir_config(workdir), workdir, checkpoint=checkpoint, **inference_options)
+    return cls.from_config(startup.load_config(workdir), workdir, checkpoint=checkpoint, **inference_options)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best',

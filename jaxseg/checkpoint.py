@@ -4,8 +4,7 @@ The train state is saved as the global arrays it is (each array once,
 whatever its sharding) and restored straight into the layout the caller asks
 for (`abstract_state`: shapes, dtypes and shardings from `state.build`), so a
 checkpoint restores onto any number of devices, any mesh, replicated or
-fsdp. Checkpoints written by jaxseg 0.1 (host numpy arrays of the
-same TrainState) restore the same way. The manager keeps the last `keep`
+fsdp. The manager keeps the last `keep`
 checkpoints plus the one with the best validation mean IoU.
 
 Several processes: every process calls save and restore; orbax writes each
@@ -15,7 +14,6 @@ orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete, and
 the next run deletes such leftovers (a process killed mid-save).
 """
 
-import json
 import logging
 import os
 from typing import Any, Optional
@@ -25,7 +23,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxseg import finetune
 from jaxseg.errors import CheckpointError, ConfigError
 
 log = logging.getLogger('jaxseg')
@@ -49,9 +46,8 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   Orbax's default for accelerators other than GPUs is replica-parallel saving:
   each of R replicas writes 1/R of every array they all hold, which spreads a
   replicated state's writing over the hosts of a pod. On one host that gains
-  nothing and costs a slice per array and device, compiled per shape at the
-  first save: a ResNet-18 UNet's first save on 4 CPU devices takes 3.5 s
-  that way, 0.55 s this way (benchmarks/NOTES.md).
+  nothing and costs a slice per array and device, each compiled per shape at
+  the first save.
   """
   handlers = {t: ocp.type_handlers.get_type_handler(t) for t in ocp.type_handlers.supported_types()}
   if jax.process_count() == 1:
@@ -173,49 +169,11 @@ class Checkpoints:
     self._manager.close()
 
 
-def _state_layout(config: dict) -> dict:
-  """The config values besides the model that shape the saved state: the optimiser and whether EMA is kept."""
-  return {'optimizer.name': (config.get('optimizer') or {}).get('name', 'sgd'),
-          'ema_decay > 0': float(config.get('ema_decay') or 0.0) > 0}
-
-
-def check_model_matches_workdir(config, workdir: str) -> None:
-  """Fails clearly when the config's model (or state layout) differs from the one trained in `workdir`."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return
-  try:
-    with open(path, encoding='utf-8') as f:
-      saved_config = json.load(f)
-  except (OSError, ValueError):
-    return
-  saved = saved_config.get('model')
-  current = json.loads(config.model.to_json_best_effort())
-  # Where the initial weights came from does not change the trained model (and the file is not needed).
-  for fields in (saved, current):
-    if fields is not None:
-      fields.pop('encoder_weights', None)
-  if saved is not None:  # Input-contract fields a config may leave out (in_channels: 3) compare as their defaults.
-    saved, current = ({**finetune.MODEL_INPUT_DEFAULTS, **saved}, {**finetune.MODEL_INPUT_DEFAULTS, **current})
-  diffs = []
-  if saved is not None and saved != current:
-    diffs = [f'model.{k}: {current.get(k)!r} here, {saved.get(k)!r} in training'
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-  saved_layout, layout = _state_layout(saved_config), _state_layout(config)
-  diffs += [f'{k}: {layout[k]!r} here, {saved_layout[k]!r} in training' for k in layout
-            if layout[k] != saved_layout[k]]
-  if not diffs:
-    return
-  raise ConfigError(f'the config describes another model than the one trained in {workdir} ({path}): '
-                    + '; '.join(diffs) + '. Pass the same --config (and overrides) as for training.')
-
-
-def restore_trained(config, workdir: str, abstract_state: Any, *, checkpoint: str = 'best') -> tuple[Any, int]:
+def restore_trained(workdir: str, abstract_state: Any, *, checkpoint: str = 'best') -> tuple[Any, int]:
   """The state of `workdir`'s best (or latest) checkpoint, in `abstract_state`'s layout (eval, predict, export).
 
-  Checks first that the config describes the model trained there. 'best'
-  falls back to the latest checkpoint (with a warning) when none was scored
-  by an evaluation yet.
+  'best' falls back to the latest checkpoint (with a warning) when none was
+  scored by an evaluation yet.
 
   Returns:
     (state, restored step).
@@ -225,7 +183,6 @@ def restore_trained(config, workdir: str, abstract_state: Any, *, checkpoint: st
     raise ConfigError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise CheckpointError(f'no checkpoints in {workdir}: train first (--mode=train) or pass the right --workdir')
-  check_model_matches_workdir(config, workdir)
   ckpts = Checkpoints(workdir, read_only=True)
   try:
     step = ckpts.best_step() if checkpoint == 'best' else ckpts.latest_step()

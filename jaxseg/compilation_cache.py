@@ -1,7 +1,7 @@
 """Persistent XLA compilation cache: programs compiled once are loaded by later runs, not compiled again.
 
 Every entry point that compiles (train_and_evaluate, evaluate, predict and
-jaxseg.api through load_predictor, export) calls `enable(config)` first, so a
+jaxseg.api through load_predictor, export) calls `enable(settings.compilation_cache_dir)` first, so a
 resumed run, --mode=eval or --mode=predict reuses what an earlier run with the
 same model and shapes compiled. The directory is config.compilation_cache_dir
 ('' disables it); a JAX_COMPILATION_CACHE_DIR set in the environment (or a
@@ -23,7 +23,6 @@ import jax
 
 log = logging.getLogger('jaxseg')
 
-DEFAULT_DIR = '~/.cache/jaxseg/xla'  # configs/default.py's value; used for configs saved before the field existed.
 # Programs that compile faster than this are not written (JAX's default, 1 s, leaves out eval and
 # inference programs of small models that still cost a restart seconds).
 MIN_COMPILE_TIME_SECS = 0.5
@@ -52,8 +51,8 @@ def _writable(path: str) -> Optional[str]:
   return None
 
 
-def enable(config) -> Optional[str]:
-  """Points JAX's persistent compilation cache at config.compilation_cache_dir; returns the directory in use.
+def enable(cache_dir: Optional[str]) -> Optional[str]:
+  """Points JAX's persistent compilation cache at `cache_dir` (config.compilation_cache_dir); returns the one in use.
 
   Never fails a run: a directory that cannot be created or written is logged
   as a warning and the run goes on without the cache. Calling it again (or
@@ -73,8 +72,7 @@ def enable(config) -> Optional[str]:
       _active['dir'] = current
     return current
 
-  value = config.get('compilation_cache_dir', DEFAULT_DIR)
-  path = resolve_dir(value)
+  path = resolve_dir(cache_dir)
   if path is None or path in _failed:
     return None
   if '$' in path:

@@ -1,6 +1,6 @@
 """Device start-up: CPU cores as devices, and one JAX program across all hosts (jax.distributed).
 
-Call `split_cpu_into_devices(config)` and then `initialize()` once per process
+Call `split_cpu_into_devices(cpu_devices, batch_sizes)` and then `initialize()` once per process
 before anything touches a JAX device (run.py does).
 
 `initialize()`:
@@ -31,29 +31,27 @@ CPU_DEVICE_FLAG = '--xla_force_host_platform_device_count'
 log = logging.getLogger('jaxseg')
 
 
-def cpu_device_count(config, cores: int, processes: int = 1) -> int:
-  """How many devices the CPU backend exposes: config.cpu_devices, or for 0 the most that fit.
+def cpu_device_count(requested, batch_sizes: tuple[int, ...], cores: int, processes: int = 1) -> int:
+  """How many devices the CPU backend exposes: `requested` (config.cpu_devices), or for 0 the most that fit.
 
   'The most that fit' is the largest count <= `cores` that divides the
   per-process share of both batch_size and eval_batch_size, so the batches
   split evenly (e.g. 2 on a 2-core machine with batch 16).
   """
-  requested = config.get('cpu_devices', 0)
   if not isinstance(requested, int) or isinstance(requested, bool) or requested < 0:
     raise ConfigError(f'config.cpu_devices must be an integer >= 0 (0: one per core), got {requested!r}')
   if requested:
     return requested
-  per_process = math.gcd(int(config.batch_size), int(config.eval_batch_size)) // max(1, processes)
+  per_process = math.gcd(*(int(b) for b in batch_sizes)) // max(1, processes)
   return max([d for d in range(1, max(1, cores) + 1) if per_process % d == 0] or [1])
 
 
-def split_cpu_into_devices(config) -> None:
+def split_cpu_into_devices(cpu_devices, batch_sizes: tuple[int, ...]) -> None:
   """Lets the CPU backend expose several devices, one per core, so a CPU-only run uses every core.
 
   XLA:CPU runs most of a small network's convolutions on one thread; the
   step sharded over several devices runs each device's share on its own
-  thread, so two devices on two cores train ~1.35x faster
-  (benchmarks/NOTES.md). The math is unchanged: the global batch is split and
+  thread, so a CPU-only run uses every core. The math is unchanged: the global batch is split and
   BatchNorm statistics, gradients and the loss are over the global batch.
   Only the CPU backend is affected: on GPU/TPU hosts the accelerators stay
   the devices. Does nothing when XLA_FLAGS already sets the count; XLA reads
@@ -64,26 +62,9 @@ def split_cpu_into_devices(config) -> None:
   if CPU_DEVICE_FLAG in flags:
     return
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-  count = cpu_device_count(config, cores, int(os.environ.get(ENV_NUM_PROCESSES, '1') or 1))
+  count = cpu_device_count(cpu_devices, batch_sizes, cores, int(os.environ.get(ENV_NUM_PROCESSES, '1') or 1))
   if count > 1:
     os.environ['XLA_FLAGS'] = f'{flags} {CPU_DEVICE_FLAG}={count}'.strip()
-
-
-def enable_cpu_collectives() -> None:
-  """Lets CPU devices of different processes talk (gloo over TCP).
-
-  Without a cross-process collectives implementation the CPU backend of a
-  multi-process run has no way to psum across hosts. jax 0.10 defaults to
-  gloo; older versions default to none, so it is set here unless the user
-  chose one (e.g. 'mpi'). It only matters to the CPU client, which reads it
-  when the backend initialises, i.e. after jax.distributed.initialize.
-  """
-  try:
-    current = jax.config.jax_cpu_collectives_implementation
-  except AttributeError:  # A JAX without the option: nothing to set.
-    return
-  if current in (None, '', 'none'):
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 
 
 def _int_env(name: str) -> int:
@@ -109,11 +90,9 @@ def initialize() -> None:
     num_processes, process_id = _int_env(ENV_NUM_PROCESSES), _int_env(ENV_PROCESS_ID)
     if not 0 <= process_id < num_processes:
       raise ConfigError(f'{ENV_PROCESS_ID}={process_id} must be in [0, {ENV_NUM_PROCESSES}={num_processes})')
-    enable_cpu_collectives()
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
   elif os.environ.get(ENV_AUTO) == '1':
-    enable_cpu_collectives()
     jax.distributed.initialize()  # Auto-detected: TPU pod slices, SLURM, Open MPI, ...
   else:
     return

@@ -32,6 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg import inference
+from jaxseg import startup
+from jaxseg import state as state_lib
+from jaxseg import viz
+
 log = logging.getLogger('jaxseg')
 
 MODEL_FILE = 'model.jax_exported'
@@ -47,22 +52,11 @@ def serving_function(model, variables: dict, dtype, input_stats=None):
 
   C = len(input_stats[0]) (the model's channel count; 3 without input_stats).
   """
-  from jaxseg import inference  # pylint: disable=g-import-not-at-top
-
   def serve(images):
     logits = inference.forward(model, variables, images, dtype, input_stats)
     return {'logits': logits, 'mask': jnp.argmax(logits, axis=-1).astype(jnp.int32)}
 
   return serve
-
-
-def _size_multiples(model_config) -> list[int]:
-  """H/W multiples to try for the symbolic shape, most general first (1: any size)."""
-  candidates = [1]
-  if model_config.get('depth') is not None:
-    candidates.append(2 ** int(model_config.depth))  # UNet pads to 2**depth.
-  candidates += [8, 16, 32, 64]
-  return sorted(set(candidates), key=candidates.index)
 
 
 def export_function(fn, multiples: list[int], platforms: tuple[str, ...] = ALL_PLATFORMS, channels: int = 3):
@@ -125,37 +119,22 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   Returns:
     The export directory.
   """
-  from jaxseg import compilation_cache  # pylint: disable=g-import-not-at-top
-  from jaxseg import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
-  from jaxseg import recipe  # pylint: disable=g-import-not-at-top
-  from jaxseg import sharding  # pylint: disable=g-import-not-at-top
-  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
-  from jaxseg import viz  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
-  from jaxseg.data import pipeline  # pylint: disable=g-import-not-at-top
-  config_utils.validate(config)
-  compilation_cache.enable(config)
-  pipeline.hide_accelerators_from_tf()
-  workdir = os.path.abspath(workdir)
-  config = recipe.settle(config, workdir)  # 'auto' sizes: those training chose.
-  out = os.path.abspath(output_dir or os.path.join(workdir, 'export'))
-  spec = datasets.resolve_spec(config.dataset)
   # The weights go into the artefact as constants: one copy, on one device.
-  setup = state_lib.build(config, spec.num_classes, sharding.make_mesh(jax.local_devices()[:1]),
-                          sharding='replicated')
-  state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
-  variables = jax.device_get(state_lib.inference_variables(state))
+  run = startup.open_run(config, workdir, mode='export', checkpoint=checkpoint, devices=jax.local_devices()[:1],
+                         sharding_mode='replicated')
+  settings, spec, setup, step = run.settings, run.spec, run.setup, run.step
+  out = os.path.abspath(output_dir or os.path.join(run.workdir, 'export'))
+  variables = jax.device_get(state_lib.inference_variables(run.state))
   fn = serving_function(setup.model, variables, setup.dtype, setup.input_stats)
-  channels = len(setup.input_stats[0])  # config.model.in_channels: one mean per channel.
-  exported, multiple, shape_spec = export_function(fn, _size_multiples(config.model), channels=channels)
+  channels = settings.model.in_channels
+  # Any height and width where the model's program allows it, else multiples of the model's own.
+  exported, multiple, shape_spec = export_function(fn, [1, settings.model.size_multiple], channels=channels)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, MODEL_FILE), 'wb') as f:
     f.write(exported.serialize())
 
   saved_model = None
-  export_config = config.get('export') or {}
-  if export_config.get('saved_model', True):
+  if settings.export_saved_model:
     try:
       _write_saved_model(fn, shape_spec, os.path.join(out, SAVED_MODEL_DIR), tuple(exported.platforms), channels)
       saved_model = SAVED_MODEL_DIR
@@ -181,7 +160,7 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
                         'applied_inside': True},
       'num_classes': k, 'class_names': list(spec.class_names), 'ignore_label': spec.ignore_label,
       'palette': viz.palette_for(spec.name, k).tolist(), 'dataset': spec.name,
-      'model': json.loads(config.model.to_json_best_effort()), 'checkpoint': checkpoint, 'checkpoint_step': step,
+      'model': settings.model.as_dict(), 'checkpoint': checkpoint, 'checkpoint_step': step,
   }
   with open(os.path.join(out, META_FILE), 'w', encoding='utf-8') as f:
     json.dump(meta, f, indent=2)

@@ -29,8 +29,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import math
-import os
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -38,102 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxseg import checkpoint as checkpoint_lib
-from jaxseg import compilation_cache
-from jaxseg import config_utils
 from jaxseg import image_io
 from jaxseg import models
-from jaxseg import recipe
 from jaxseg import sharding
+from jaxseg import startup
 from jaxseg import state as state_lib
-from jaxseg.data import datasets
-from jaxseg.errors import ConfigError
+from jaxseg.settings import InferenceOptions
 
 log = logging.getLogger('jaxseg')
-
-
-SEGMENTATION_MODES = ('auto', 'whole', 'slide')  # config.inference.mode.
-OPTION_FIELDS = ('mode', 'window', 'stride', 'flip', 'scales', 'batch_size', 'size_multiple')
-
-
-# ---------------------------------------------------------------------------
-# Settings.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceOptions:
-  """How images are segmented (see the module docstring); built from `config.inference` by `options_from_config`."""
-  mode: str = 'auto'
-  window: tuple[int, int] = (64, 64)
-  stride: tuple[int, int] = (43, 43)
-  flip: bool = False
-  scales: tuple[float, ...] = (1.0,)
-  batch_size: int = 8
-  size_multiple: int = 32
-  whole_max_size: tuple[int, int] = (96, 96)  # 'auto': views that fit in this go whole, larger ones slide.
-
-  @property
-  def uses_tta(self) -> bool:
-    return self.flip or tuple(self.scales) != (1.0,)
-
-  def describe(self) -> str:
-    parts = [self.mode if self.mode != 'slide' else f'slide {self.window[0]}x{self.window[1]} stride '
-             f'{self.stride[0]}x{self.stride[1]}']
-    if self.flip:
-      parts.append('flip')
-    if tuple(self.scales) != (1.0,):
-      parts.append('scales ' + '/'.join(f'{s:g}' for s in self.scales))
-    return ', '.join(parts)
-
-
-def _pair(value, field: str) -> tuple[int, int]:
-  try:
-    pair = tuple(int(v) for v in value)
-  except (TypeError, ValueError):
-    pair = ()
-  if len(pair) != 2 or any(v < 1 for v in pair) or pair != tuple(value):
-    raise ConfigError(f'config.inference.{field} must be (height, width) in pixels, got {value!r}')
-  return pair
-
-
-def options_from_config(config, **overrides) -> InferenceOptions:
-  """`config.inference` (each field optional) plus keyword overrides -> checked InferenceOptions.
-
-  Defaults: mode 'auto'; window input.crop_size; stride 2/3 of the window;
-  no TTA; batch_size eval_batch_size / processes; size_multiple 32.
-  """
-  section = dict(config.get('inference') or {})
-  for source, keys in (('config.inference', section), ('inference option', overrides)):
-    unknown = sorted(set(keys) - set(OPTION_FIELDS))
-    if unknown:
-      raise ConfigError(f'unknown {source} field(s) {unknown}; the fields are {list(OPTION_FIELDS)}')
-  section.update({k: v for k, v in overrides.items() if v is not None})
-  get = lambda key, default: default if section.get(key) is None else section[key]
-  mode = get('mode', 'auto')
-  if mode not in SEGMENTATION_MODES:
-    raise ConfigError(f'config.inference.mode must be one of {SEGMENTATION_MODES}, got {mode!r}')
-  window = _pair(get('window', tuple(config.input.crop_size)), 'window')
-  stride = _pair(get('stride', tuple(max(1, (2 * w) // 3) for w in window)), 'stride')
-  if any(s > w for s, w in zip(stride, window)):
-    raise ConfigError(f'config.inference.stride={stride} is larger than the window {window}: pixels between '
-                      f'windows would get no prediction')
-  scales = tuple(float(s) for s in get('scales', (1.0,)))
-  if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
-    raise ConfigError(f'config.inference.scales must be positive numbers, got {scales!r}')
-  batch_size = get('batch_size', max(1, int(config.get('eval_batch_size', 8)) // jax.process_count()))
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ConfigError(f'config.inference.batch_size must be a positive integer, got {batch_size!r}')
-  size_multiple = get('size_multiple', 32)
-  if not isinstance(size_multiple, int) or size_multiple < 1:
-    raise ConfigError(f'config.inference.size_multiple must be a positive integer, got {size_multiple!r}')
-  flip = get('flip', False)
-  if not isinstance(flip, bool):
-    raise ConfigError(f'config.inference.flip must be True or False, got {flip!r}')
-  whole_max = tuple(config.input.get('eval_size', window))
-  return InferenceOptions(mode=mode, window=window, stride=stride, flip=flip, scales=scales,
-                          batch_size=batch_size, size_multiple=size_multiple,
-                          whole_max_size=(max(whole_max[0], 1), max(whole_max[1], 1)))
 
 
 # ---------------------------------------------------------------------------
@@ -264,63 +174,74 @@ class _View:
     return np.ascontiguousarray(logits, np.float32)
 
 
-class Predictor:
-  """Segments uint8 images of the model's channel count (see the module docstring for the method).
+class Program:
+  """What a Predictor runs: the model's forward pass jitted over a mesh of `devices`, compiled once per tile shape.
 
   Args:
     model: the Flax module.
-    variables: its variables ({'params': ..., 'batch_stats': ...}; numpy or jax arrays), or None to
-      give them later with `with_variables`.
     num_classes: K.
-    options: InferenceOptions.
     dtype: compute dtype (bfloat16 with half precision).
     devices: the devices to run on (default: this process's local devices).
     input_stats: (mean, std) per channel that images are normalised with (None: ImageNet's, RGB). Their
       length is the model's channel count (config.model.in_channels), which images are checked against.
   """
 
-  def __init__(self, model, variables: Optional[dict], num_classes: int, options: InferenceOptions, *,
-               dtype=jnp.float32, devices: Optional[Sequence[Any]] = None, input_stats: Optional[tuple] = None):
+  def __init__(self, model, num_classes: int, *, dtype=jnp.float32, devices: Optional[Sequence[Any]] = None,
+               input_stats: Optional[tuple] = None):
     self.model = model
-    self.channels = len(input_stats[0]) if input_stats else 3
     self.num_classes = num_classes
-    self.options = options
-    self.dtype = dtype
+    self.channels = len(input_stats[0]) if input_stats else 3
     self.devices = list(devices or jax.local_devices())
-    self._mesh = sharding.make_mesh(self.devices)
-    n = len(self.devices)
+    self.mesh = sharding.make_mesh(self.devices)
+    tiles = sharding.batch_sharding(self.mesh)
+    self.forward = jax.jit(functools.partial(forward, model, dtype=dtype, input_stats=input_stats),
+                           in_shardings=(sharding.replicated(self.mesh), tiles), out_shardings=tiles)
+
+  def place(self, variables: dict) -> dict:
+    return jax.device_put(variables, sharding.replicated(self.mesh))
+
+
+class Predictor:
+  """Segments uint8 images of the model's channel count (see the module docstring for the method).
+
+  Args:
+    program: the compiled model (Program); predictors with other options or variables share it.
+    variables: the model's variables ({'params': ..., 'batch_stats': ...}; numpy or jax arrays), or None to
+      give them later with `with_variables`.
+    options: InferenceOptions.
+  """
+
+  def __init__(self, program: Program, variables: Optional[dict], options: InferenceOptions):
+    self.program = program
+    self.options = options
+    self.channels = program.channels
+    self.num_classes = program.num_classes
+    n = len(program.devices)
     self.per_device = max(1, -(-options.batch_size // n))
     self.batch_size = self.per_device * n
-    self._variables = None if variables is None else self._place(variables)
-    tiles = sharding.batch_sharding(self._mesh)
-    self._forward = jax.jit(functools.partial(forward, model, dtype=dtype, input_stats=input_stats),
-                            in_shardings=(sharding.replicated(self._mesh), tiles), out_shardings=tiles)
+    self._variables = None if variables is None else program.place(variables)
 
-  def _place(self, variables: dict) -> dict:
-    return jax.device_put(variables, sharding.replicated(self._mesh))
+  @classmethod
+  def create(cls, model, variables: Optional[dict], num_classes: int, options: InferenceOptions, *,
+             dtype=jnp.float32, devices: Optional[Sequence[Any]] = None,
+             input_stats: Optional[tuple] = None) -> 'Predictor':
+    """A Predictor of `model` with a Program of its own (see Program for the arguments)."""
+    return cls(Program(model, num_classes, dtype=dtype, devices=devices, input_stats=input_stats), variables, options)
 
   def with_options(self, **changes) -> 'Predictor':
     """The same model with other options (shares the variables and compiled programs)."""
-    other = object.__new__(Predictor)
-    other.__dict__.update(self.__dict__)
-    other.options = dataclasses.replace(self.options, **changes)
-    other.per_device = max(1, -(-other.options.batch_size // len(self.devices)))
-    other.batch_size = other.per_device * len(self.devices)
-    return other
+    return Predictor(self.program, self._variables, dataclasses.replace(self.options, **changes))
 
   def with_variables(self, variables: dict) -> 'Predictor':
     """The same program with other variables of the same shapes (e.g. a later training step): no recompilation."""
-    other = object.__new__(Predictor)
-    other.__dict__.update(self.__dict__)
-    other._variables = self._place(variables)  # pylint: disable=protected-access
-    return other
+    return Predictor(self.program, variables, self.options)
 
   # -- Tiles to logits. --
 
   def _run_tiles(self, tiles: list[tuple[_View, int, int]]) -> None:
     """Runs tiles of one shape in full batches (the last padded), dispatching one batch ahead of the fetch."""
     shape = tuple(tiles[0][0].tile)
-    n = len(self.devices)
+    n = len(self.program.devices)
     pending = None
     for start in range(0, len(tiles) + self.batch_size, self.batch_size):
       chunk = tiles[start:start + self.batch_size]
@@ -332,7 +253,7 @@ class Predictor:
         batch = np.zeros((n * b,) + shape + (self.channels,), np.uint8)
         for j, (view, y, x) in enumerate(chunk):
           batch[j] = view.crop(y, x)
-        launched = (chunk, self._forward(self._variables, batch))
+        launched = (chunk, self.program.forward(self._variables, batch))
       if pending is not None:
         done, out = pending
         logits = np.asarray(out)
@@ -413,17 +334,17 @@ class Predictor:
 def load_predictor(config, workdir: str, *, checkpoint: str = 'best', **overrides):
   """Restores `workdir`'s checkpoint into a Predictor (--mode=predict and jaxseg.api start here).
 
+  `overrides`: inference options that replace config.inference's (mode, window, stride, flip, scales,
+  batch_size, size_multiple).
+
   Returns:
     (predictor, spec, restored step).
   """
-  config_utils.validate(config)
-  compilation_cache.enable(config)
-  config = recipe.settle(config, os.path.abspath(workdir))  # 'auto' sizes: those training chose.
-  spec = datasets.resolve_spec(config.dataset)
-  options = options_from_config(config, **overrides)
   # Each process restores a full copy onto its own devices: prediction runs without collectives.
-  setup = state_lib.build(config, spec.num_classes, sharding.make_mesh(jax.local_devices()), sharding='replicated')
-  state, step = checkpoint_lib.restore_trained(config, workdir, setup.abstract_state, checkpoint=checkpoint)
-  predictor = Predictor(setup.model, state_lib.inference_variables(state), spec.num_classes, options, dtype=setup.dtype,
-                        input_stats=setup.input_stats)
-  return predictor, spec, step
+  run = startup.open_run(config, workdir, mode='predict', checkpoint=checkpoint, devices=jax.local_devices(),
+                         sharding_mode='replicated')
+  options = run.settings.inference_options(processes=jax.process_count(), **overrides)
+  setup = run.setup
+  predictor = Predictor.create(setup.model, state_lib.inference_variables(run.state), run.spec.num_classes, options,
+                               dtype=setup.dtype, input_stats=setup.input_stats)
+  return predictor, run.spec, run.step

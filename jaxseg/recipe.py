@@ -2,36 +2,32 @@
 
 Fields that may be 'auto' (explicit values always win):
   input.crop_size: the median training image (height, width), each side rounded to the model's size multiple
-    (2**depth for the plain UNet, 32 for the others) and at most MAX_AUTO_SIDE: a crop holds about a whole
-    image, so objects are not cut (small-image folders), and large images are still cropped.
+    (the model states it: 2**depth for the plain UNet, the encoder's coarsest stride for the others) and at
+    most MAX_AUTO_SIDE: a crop holds about a whole image, so objects are not cut (small-image folders), and
+    large images are still cropped.
   input.eval_size: the largest evaluation image, each side rounded up to the multiple and at most
     MAX_AUTO_SIDE: every image is scored in the batched eval step; larger ones at their own size.
   loss.class_weighting: 'median_frequency' when the classes are imbalanced (the most frequent class covers
     more than IMBALANCE_RATIO times the pixels of the least frequent one present), else 'none'.
 
-Training resolves them once (`resolve`), logs each choice with its reason and saves the chosen values in
-WORKDIR/config.json; --mode=eval, predict and export take them from there (`settle`), so they use the
-sizes the model was trained with.
+Training resolves them once (`resolve`) and logs each choice with its reason; the start-up saves the chosen
+values in WORKDIR/config.json, and --mode=eval, predict and export take them from there (`settle`), so they use
+the sizes the model was trained with.
 """
 
 import dataclasses
-import json
 import logging
-import os
 from typing import Optional
 
-import ml_collections
 import numpy as np
 
-from jaxseg import config_utils
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg.errors import ConfigError
+from jaxseg.settings import AUTO, Settings
 
 log = logging.getLogger('jaxseg')
 
-AUTO = 'auto'
-SIZE_FIELDS = ('crop_size', 'eval_size')  # Of config.input.
 MAX_AUTO_SIDE = 512
 IMBALANCE_RATIO = 10.0
 STATISTICS_EXAMPLES = 2000  # Examples read for the statistics at most (evenly spaced over the split).
@@ -44,30 +40,17 @@ class Choice:
   reason: str
 
 
-def auto_fields(config) -> list[str]:
-  """The fields of `config` set to 'auto'."""
-  fields = [f'input.{f}' for f in SIZE_FIELDS if config_utils.size_value(config.input[f], f'input.{f}') == AUTO]
-  if config.loss.class_weighting == AUTO:
-    fields.append('loss.class_weighting')
-  return fields
-
-
-def size_multiple(model_config) -> int:
-  """The factor a model's input sides are padded to (no padding is wasted on sides that are multiples of it)."""
-  if model_config.name == 'unet' and not model_config.get('encoder'):
-    return 2 ** int(model_config.depth)
-  return 32
-
-
 def _round(value: float, multiple: int, up: bool) -> int:
   units = np.ceil(value / multiple) if up else max(np.round(value / multiple), 1)
   return int(min(units * multiple, MAX_AUTO_SIDE))
 
 
-def choose(config, statistics: dict) -> list[Choice]:
-  """The choices for the 'auto' fields of `config` from `statistics` ({'train', 'eval': SplitStatistics})."""
-  fields = auto_fields(config)
-  m = size_multiple(config.model)
+def choose(fields: list[str], statistics: dict, multiple: int) -> list[Choice]:
+  """The choices for the 'auto' `fields` from `statistics` ({'train', 'eval': SplitStatistics}).
+
+  `multiple`: the model's size multiple (settings.model.size_multiple): sides are rounded to it.
+  """
+  m = multiple
   choices = []
   if 'input.crop_size' in fields:
     stats = statistics['train']
@@ -107,82 +90,48 @@ def _read(stats) -> str:
   return f'{stats.num_examples} of {stats.split_examples} images, evenly spaced'
 
 
-def apply(config, choices: list[Choice]) -> ml_collections.ConfigDict:
-  """A copy of `config` with the chosen values in place of 'auto', and every image size as a (height, width) tuple."""
-  config = config.copy_and_resolve_references()
-  with config.ignore_type():  # A size field may hold 'auto' (a str) until here.
-    for field in SIZE_FIELDS:
-      value = config_utils.size_value(config.input[field], f'input.{field}')
-      if value != AUTO:
-        config.input[field] = value
-    for choice in choices:
-      section, name = choice.field.split('.')
-      config[section][name] = choice.value
-  return config
-
-
-def resolve(config, spec: datasets.DatasetSpec, builder, workdir: Optional[str] = None, *,
-            is_primary: bool = True) -> tuple[ml_collections.ConfigDict, list[Choice]]:
-  """Training's step: the statistics the 'auto' fields need, the choices logged, WORKDIR/config.json updated.
-
-  Returns:
-    (the config with concrete values, the choices made; [] when nothing is 'auto').
-  """
-  fields = auto_fields(config)
+def resolve(settings: Settings, spec: datasets.DatasetSpec, builder, *, is_primary: bool = True) -> Settings:
+  """Training's step: the statistics the 'auto' fields need, the choices logged; the settings with them in place."""
+  fields = settings.auto_fields()
   if not fields:
-    return apply(config, []), []
+    return settings
   statistics = {}
   if 'input.crop_size' in fields or 'loss.class_weighting' in fields:
     statistics['train'] = pipeline.split_statistics(builder, spec, spec.train_split, STATISTICS_EXAMPLES)
   if 'input.eval_size' in fields:
     statistics['eval'] = pipeline.split_statistics(builder, spec, spec.eval_split, STATISTICS_EXAMPLES)
-  choices = choose(config, statistics)
-  config = apply(config, choices)
+  choices = choose(fields, statistics, settings.model.size_multiple)
   if is_primary:
     for c in choices:
       log.info('Auto recipe: %s=%s: %s.', c.field, _format(c.value), c.reason)
-    if workdir is not None:
-      config_utils.write_config(workdir, config)
-  return config, choices
+  return settings.with_choices({c.field: c.value for c in choices})
 
 
 def _format(value) -> str:
   return f'({value[0]}, {value[1]})' if isinstance(value, tuple) else repr(value)
 
 
-def settle(config, workdir: str) -> ml_collections.ConfigDict:
-  """--mode=eval, predict, export: 'auto' fields take the values training chose (WORKDIR/config.json)."""
-  fields = auto_fields(config)
+def settle(settings: Settings, trained: Optional[Settings], config_path: str) -> Settings:
+  """--mode=eval, predict, export: 'auto' fields take the values training chose (`trained`, from its config.json)."""
+  fields = settings.auto_fields()
   if not fields:
-    return apply(config, [])
-  path = os.path.join(workdir, 'config.json')
-  try:
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    saved = {}
-  choices = []
+    return settings
+  choices = {}
   for field in fields:
     section, name = field.split('.')
-    value = saved.get(section, {}).get(name)
-    if isinstance(value, list):
-      value = tuple(value)
+    value = None if trained is None else getattr(getattr(trained, section), name)
     if value is None or value == AUTO:
-      raise ConfigError(f"config.{field}='auto' is chosen by training from the dataset, and {path} holds no "
+      raise ConfigError(f"config.{field}='auto' is chosen by training from the dataset, and {config_path} holds no "
                         f'chosen value; train in this workdir first, or give config.{field} explicitly')
-    choices.append(Choice(field, value, 'as chosen in training'))
-  return apply(config, choices)
+    choices[field] = value
+  return settings.with_choices(choices)
 
 
-def class_weights(config, spec: datasets.DatasetSpec, builder) -> Optional[tuple[float, ...]]:
+def class_weights(settings: Settings, spec: datasets.DatasetSpec, builder) -> Optional[tuple[float, ...]]:
   """Per-class cross-entropy weights: config.loss.class_weights, or computed (median frequency), or None."""
-  if config.loss.class_weights is not None:
-    weights = tuple(float(w) for w in config.loss.class_weights)
-    if len(weights) != spec.num_classes:
-      raise ConfigError(f'config.loss.class_weights has {len(weights)} values; num_classes is '
-                        f'{spec.num_classes}')
-    return weights
-  if config.loss.class_weighting == 'median_frequency':
+  if settings.loss.class_weights is not None:
+    return settings.loss.class_weights
+  if settings.loss.class_weighting == 'median_frequency':
     stats = pipeline.split_statistics(builder, spec, spec.train_split)
     weights = tuple(float(w) for w in median_frequency_weights(stats.class_pixels, stats.present_pixels))
     log.info('Class weights (median frequency): %s', ', '.join(f'{w:.3g}' for w in weights))

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import logging
 import numpy as np
 
+from jaxseg import viz
 
 log = logging.getLogger('jaxseg')
 
@@ -161,3 +162,38 @@ def format_iou_table(per_class_iou, class_names, per_class_accuracy=None) -> str
     fmt = lambda v: '    n/a' if v is None else f'{100 * v:7.2f}'
     lines.append(f'{name:<{width}}  {fmt(iou)}  {fmt(acc)}')
   return '\n'.join(lines)
+
+
+def eval_pictures(result: dict, spec, examples=()) -> dict:
+  """TensorBoard pictures of an evaluation: name -> uint8 [N, H, W, 3].
+
+  `examples`: (image, label, prediction) triples, drawn as image | ground truth | prediction panels.
+  """
+  pictures = {}
+  palette = viz.palette_for(spec.name, spec.num_classes)
+  if examples:
+    panels = [viz.comparison_panel(i, l, p, palette, ignore_label=spec.ignore_label) for i, l, p in examples]
+    pictures['examples'] = np.stack(panels)  # Same eval_size for all.
+  if result.get('confusion_matrix') is not None:
+    pictures['confusion_matrix'] = viz.confusion_matrix_image(
+        np.asarray(result['confusion_matrix']), spec.class_names)[None]
+  return pictures
+
+
+def log_eval(writer: MetricWriter, step: int, result: dict, spec, *, examples=(), split: str = 'eval',
+             include_confusion: bool = False) -> None:
+  """Writes an evaluation: figures to metrics.jsonl/TensorBoard, pictures to TensorBoard, a console line.
+
+  Only the writer's process (process 0) writes anything.
+  """
+  if not writer.enabled:
+    return
+  drop = () if include_confusion else ('confusion_matrix',)
+  scalars = {k: v for k, v in result.items() if k not in drop and not isinstance(v, dict)}
+  scalars.setdefault('class_names', list(spec.class_names))
+  writer.write(step, split, scalars)
+  for name, images in eval_pictures(result, spec, examples).items():
+    writer.write_images(step, f'{split}/{name}', images)
+  log.info('%s at step %d | loss %.4f | mean IoU %.4f | pixel acc %.4f | mean class acc %.4f',
+           split.replace('_', ' '), step, result.get('loss', float('nan')), result['mean_iou'],
+           result['pixel_accuracy'], result['mean_class_accuracy'])

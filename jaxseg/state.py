@@ -1,6 +1,6 @@
-"""The train state and the one place that builds it: model, schedule, optimiser and state layout from the config.
+"""The train state and the one place that builds it: model, schedule, optimiser and state layout from the settings.
 
-`build(config, num_classes, mesh)` is what training, evaluation, inference,
+`build(settings, num_classes, mesh)` is what training, evaluation, inference,
 export, jaxseg.api, the benchmarks and the tests all call. It returns the
 abstract state (shapes, dtypes and shardings) without computing anything;
 `init_state()` initialises it directly in its sharded layout, and
@@ -17,11 +17,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import optax
 
-from jaxseg import finetune
 from jaxseg import models
 from jaxseg import optim
 from jaxseg import sharding as sharding_lib
-from jaxseg.errors import ConfigError
 
 
 class TrainState(train_state.TrainState):
@@ -34,10 +32,8 @@ class TrainState(train_state.TrainState):
 class EmaTrainState(TrainState):
   """A TrainState that also keeps an exponential moving average of the weights (config.ema_decay > 0).
 
-  A subclass rather than fields that are empty when EMA is off: a checkpoint's
-  tree must match the state's exactly, so without EMA the state (and its
-  checkpoints) keep TrainState's layout, and those written before EMA existed
-  still restore.
+  A subclass rather than fields that are empty when EMA is off: without EMA the
+  state (and its checkpoints) hold no unused arrays.
 
   The average covers the BatchNorm running statistics too (as timm's
   ModelEmaV2, which averages the whole state_dict, and TF's EfficientNet
@@ -51,27 +47,16 @@ class EmaTrainState(TrainState):
   ema_batch_stats: Any  # Same tree as batch_stats ({} for models without BatchNorm).
 
 
-def compute_dtype(config) -> Any:
-  return jnp.bfloat16 if config.half_precision else jnp.float32
-
-
-def build_model(config, num_classes: int) -> nn.Module:
-  """The module of config.model; with config.finetune.freeze_encoder_batch_stats, built with frozen_bn=True.
+def build_model(settings, num_classes: int) -> nn.Module:
+  """The module of settings.model in the run's compute dtype; with frozen encoder BatchNorm statistics, frozen_bn.
 
   Frozen encoder statistics have two sides: the train step keeps
-  batch_stats['encoder'] as it was (train.train_step), and the encoder
-  normalises with those running averages in training too, which a model with
-  a pretrained encoder does when its `frozen_bn` field is True (it passes it
-  to its encoder's BatchNorm layers as use_running_average). Both read the one
-  field; a model without `frozen_bn` cannot freeze them.
+  batch_stats['encoder'] as it was, and the encoder normalises with those
+  running averages in training too (its BatchNorm layers' use_running_average).
   """
-  model = models.create_model(config.model, num_classes=num_classes, dtype=compute_dtype(config))
-  if finetune.settings(config).freeze_encoder_batch_stats:
-    if 'frozen_bn' not in {f.name for f in dataclasses.fields(model)}:
-      raise ConfigError(f'config.finetune.freeze_encoder_batch_stats=True, but model {config.model.name!r} cannot '
-                        f'normalise its encoder with frozen statistics (it has no frozen_bn field)')
-    model = model.clone(frozen_bn=True)
-  return model
+  model = models.create_model(settings.model.name, settings.model.kwargs, num_classes=num_classes,
+                              dtype=jnp.bfloat16 if settings.half_precision else jnp.float32)
+  return model.clone(frozen_bn=True) if settings.freeze_encoder_batch_stats else model
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
@@ -97,17 +82,18 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """What `build` makes from a config: the model, its optimiser, and the state's layout on a mesh.
+  """What `build` makes from the settings: the model, its optimiser, and the state's layout on a mesh.
 
   Attributes:
     model: the Flax module.
     learning_rate_fn: the schedule (step -> learning rate).
-    tx: the optax optimiser.
+    tx: the optax optimiser (one transformation per parameter group of the fine-tuning rules).
     mesh: the device mesh the state lives on.
     abstract_state: the TrainState as jax.ShapeDtypeStructs carrying their shardings.
     state_sharding: a NamedSharding per leaf of the state.
     dtype: the compute dtype.
     input_stats: (mean, std) per input channel, 0-255 units: how the steps normalise images.
+    frozen: a bool per parameter: frozen for the whole run (the train step computes no gradient for it).
   """
   model: nn.Module
   learning_rate_fn: optax.Schedule
@@ -117,19 +103,21 @@ class Setup:
   state_sharding: Any
   dtype: Any
   input_stats: tuple
+  frozen: Any
   _create: Callable[[], TrainState] = dataclasses.field(repr=False)
-  _model_config: Any = dataclasses.field(repr=False)
+  _encoder_weights: Optional[str] = dataclasses.field(repr=False)
 
   def init_state(self) -> TrainState:
     """The initial state, computed in its sharded layout (no device ever holds a replicated copy under fsdp).
 
-    With config.model.encoder_weights, the encoder's variables (and their averages under EMA) are the
-    file's, read on the host and placed in the state's layout; a WeightsError names a file that does not fit.
+    With a weight file (config.model.encoder_weights), the encoder's variables (and their averages under EMA) are
+    the file's, read on the host and placed in the state's layout; a WeightsError names a file that does not fit.
     """
     state = jax.jit(self._create, out_shardings=self.state_sharding)()
-    if not self._model_config.get('encoder_weights'):
+    if not self._encoder_weights:
       return state
-    loaded = models.load_pretrained(self._model_config, {'params': state.params, 'batch_stats': state.batch_stats})
+    loaded = models.load_pretrained(self.model, {'params': state.params, 'batch_stats': state.batch_stats},
+                                    self._encoder_weights)
     changes = {'params': loaded['params'], 'batch_stats': loaded['batch_stats']}
     if isinstance(state, EmaTrainState):
       changes.update(ema_params=loaded['params'], ema_batch_stats=loaded['batch_stats'])
@@ -143,36 +131,36 @@ class Setup:
     return state.replace(**dict(zip(names, placed)))
 
 
-def build(config, num_classes: int, mesh: Mesh, *, sharding: Optional[str] = None) -> Setup:
-  """Model, schedule, optimiser and the state's layout for `config` on `mesh`.
+def build(settings, num_classes: int, mesh: Mesh, *, sharding: Optional[str] = None) -> Setup:
+  """Model, schedule, optimiser and the state's layout for `settings` (jaxseg.settings.Settings) on `mesh`.
 
   Args:
-    config: the experiment config (model, optimizer, finetune, input.crop_size, seed, sharding, half_precision,
-      ema_decay: > 0 makes the state an EmaTrainState, its averages laid out as the parameters).
+    settings: the run's settings (model, optimizer, param_rules, input.crop_size, seed, sharding,
+      half_precision, ema_decay: > 0 makes the state an EmaTrainState, its averages laid out as the parameters).
     num_classes: K.
     mesh: the device mesh (sharding.make_mesh()).
-    sharding: overrides config.sharding (inference restores replicated onto its own devices).
+    sharding: overrides settings.sharding (inference restores replicated onto its own devices).
   """
-  model = build_model(config, num_classes)
-  ft = finetune.settings(config)
-  learning_rate_fn = optim.create_learning_rate_schedule(config.optimizer, config.num_train_steps)
-  tx = optim.create_optimizer(config.optimizer, learning_rate_fn, ft)
-  image_shape = tuple(config.input.crop_size) + (finetune.in_channels_of(config.model),)
-  seed = int(config.seed)
-  ema = ema_decay_of(config) > 0
+  model = build_model(settings, num_classes)
+  learning_rate_fn = optim.create_learning_rate_schedule(settings.optimizer, settings.num_train_steps)
+  image_shape = tuple(settings.input.crop_size) + (settings.model.in_channels,)
+  rng = jax.random.key(settings.seed)
+  params = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False))['params']
+  optim.check_rules(settings.param_rules, params, settings.model.name)
+  tx = optim.create_optimizer(settings.optimizer, learning_rate_fn, settings.param_rules, params)
+  ema = settings.ema_decay > 0
 
   def initial_state():
-    return create_train_state(model, tx, jax.random.key(seed), image_shape, ema=ema)
+    return create_train_state(model, tx, rng, image_shape, ema=ema)
 
   shapes = jax.eval_shape(initial_state)
-  finetune.check_model_has_encoder(ft, shapes.params, config.model.name)
-  state_sharding = sharding_lib.state_shardings(shapes, mesh, sharding or config.get('sharding', 'replicated'))
+  state_sharding = sharding_lib.state_shardings(shapes, mesh, sharding or settings.sharding)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 shapes, state_sharding)
   return Setup(model=model, learning_rate_fn=learning_rate_fn, tx=tx, mesh=mesh, abstract_state=abstract_state,
-               state_sharding=state_sharding, dtype=compute_dtype(config),
-               input_stats=finetune.input_statistics(config.model), _create=initial_state,
-               _model_config=config.model)
+               state_sharding=state_sharding, dtype=model.dtype, input_stats=settings.model.input_stats,
+               frozen=optim.frozen_mask(settings.param_rules, params), _create=initial_state,
+               _encoder_weights=settings.model.encoder_weights)
 
 
 def check_distinct_buffers(state: TrainState) -> None:
@@ -206,11 +194,6 @@ def check_distinct_buffers(state: TrainState) -> None:
         f'{len(pairs)} pair(s) of train-state leaves share a device buffer, which the donated train step cannot '
         'take (each leaf must own its buffer; copy one with jax.device_put(x, s, may_alias=False)): '
         + '; '.join(f'{a} and {b}' for a, b in pairs[:10]) + (' ...' if len(pairs) > 10 else ''))
-
-
-def ema_decay_of(config) -> float:
-  """config.ema_decay (0: no average; configs saved before it existed have none)."""
-  return float(config.get('ema_decay', 0.0) or 0.0)
 
 
 def variables_of(state: TrainState, params=None) -> dict:

@@ -9,7 +9,6 @@ evaluation and checkpoint steps, never inside a plain training step.
 import contextlib
 import functools
 import logging
-import os
 import signal
 import time
 from typing import Any, Callable, Optional
@@ -19,20 +18,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import checkpoint as checkpoint_lib
-from jaxseg import compilation_cache
-from jaxseg import config_utils
 from jaxseg import evaluate
-from jaxseg import finetune
 from jaxseg import losses
-from jaxseg import recipe
 from jaxseg import reporting
 from jaxseg import sharding
+from jaxseg import startup
 from jaxseg import state as state_lib
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
-from jaxseg.errors import ConfigError
-from jaxseg.models import normalize_images
+from jaxseg.models import ENCODER, normalize_images
+from jaxseg.settings import Settings
 from jaxseg.state import TrainState, variables_of
 
 log = logging.getLogger('jaxseg')
@@ -44,10 +39,9 @@ log = logging.getLogger('jaxseg')
 
 
 def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_label: int,
-               class_weights: Optional[tuple[float, ...]], dice_weight: float, dtype, learning_rate_fn: Callable, dropout_seed: int,
-               gathered_params: Any = None, param_sharding: Any = None,
-               ema_decay: float = 0.0, freeze_encoder: bool = False,
-               freeze_encoder_batch_stats: bool = False) -> tuple[TrainState, dict]:
+               class_weights: Optional[tuple[float, ...]], dice_weight: float, dtype, learning_rate_fn: Callable,
+               dropout_seed: int, frozen: Any = None, gathered_params: Any = None, param_sharding: Any = None,
+               ema_decay: float = 0.0, freeze_encoder_batch_stats: bool = False) -> tuple[TrainState, dict]:
   """One optimiser step on the global batch (images uint8 [B, H, W, 3], labels uint8 [B, H, W]).
 
   Written as single-device code on global arrays: the loss is the mean over
@@ -58,9 +52,9 @@ def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_lab
   reduce-scattered back to the parameters' shards. With `ema_decay` > 0 (an
   EmaTrainState) the moving averages follow the updated weights (`update_ema`).
 
-  Fine-tuning (config.finetune): with `freeze_encoder` no gradient flows into
-  params['encoder'] (its gradient is zero, so XLA drops the encoder's weight
-  gradients; the optimiser's frozen transformation is what keeps it fixed);
+  Fine-tuning: no gradient flows into the parameters `frozen` marks (a bool
+  per parameter: frozen for the whole run by the optimiser's rules, which is
+  what keeps them fixed; their gradient is zero, so XLA drops its computation);
   with `freeze_encoder_batch_stats` batch_stats['encoder'] stays as it was.
   """
   images = normalize_images(batch['image'], dtype, *input_stats)
@@ -72,8 +66,8 @@ def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_lab
     params = jax.lax.with_sharding_constraint(params, gathered_params)
 
   def loss_fn(params):
-    if freeze_encoder and finetune.has_encoder(params):
-      params = {**params, finetune.ENCODER: jax.lax.stop_gradient(params[finetune.ENCODER])}
+    if frozen is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     mutable = ['batch_stats'] if state.batch_stats else False
     out = state.apply_fn(variables_of(state, params), images, train=True, mutable=mutable, rngs={'dropout': rng})
     logits, new_vars = out if mutable else (out, {})
@@ -90,8 +84,10 @@ def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_lab
   if param_sharding is not None:
     grads = jax.lax.with_sharding_constraint(grads, param_sharding)
   new_batch_stats = new_vars.get('batch_stats', state.batch_stats)
-  if freeze_encoder_batch_stats:
-    new_batch_stats = finetune.keep_encoder_batch_stats(new_batch_stats, state.batch_stats)
+  # The encoder normalises with its running statistics (frozen_bn): keep them (an encoder without BatchNorm, as
+  # VGG16's, has none).
+  if freeze_encoder_batch_stats and ENCODER in state.batch_stats:
+    new_batch_stats = {**new_batch_stats, ENCODER: state.batch_stats[ENCODER]}
   new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
 
   # A non-finite loss or gradient never reaches the parameters: the update is
@@ -139,22 +135,22 @@ def update_ema(state: state_lib.EmaTrainState, step: jax.Array, ema_decay: float
                        ema_batch_stats=jax.tree.map(average, state.ema_batch_stats, state.batch_stats))
 
 
-def make_train_step(config, spec: datasets.DatasetSpec, setup: state_lib.Setup, class_weights):
-  """The jitted train step for this config: (state, global batch) -> (state, metrics); the state is donated.
+def make_train_step(settings: Settings, spec: datasets.DatasetSpec, setup: state_lib.Setup,
+                    class_weights: Optional[tuple[float, ...]]):
+  """The jitted train step of these settings: (state, global batch) -> (state, metrics); the state is donated.
 
   The state keeps its layout (out_shardings = in_shardings), so the step
   compiles once and donation updates it in place; metrics are replicated
   scalars, fetched by the host only at log steps.
   """
-  fsdp = config.get('sharding', 'replicated') == 'fsdp'
+  fsdp = settings.sharding == 'fsdp'
   params_sharding = setup.state_sharding.params
-  ft = finetune.settings(config)
+  any_frozen = any(jax.tree.leaves(setup.frozen))
   step = functools.partial(
-      train_step, input_stats=setup.input_stats, ignore_label=spec.ignore_label,
-      class_weights=class_weights,
-      dice_weight=float(config.loss.dice_weight), dtype=setup.dtype, learning_rate_fn=setup.learning_rate_fn,
-      dropout_seed=int(config.seed), ema_decay=state_lib.ema_decay_of(config),
-      freeze_encoder=ft.freeze_encoder, freeze_encoder_batch_stats=ft.freeze_encoder_batch_stats,
+      train_step, input_stats=setup.input_stats, ignore_label=spec.ignore_label, class_weights=class_weights,
+      dice_weight=settings.loss.dice_weight, dtype=setup.dtype, learning_rate_fn=setup.learning_rate_fn,
+      dropout_seed=settings.seed, ema_decay=settings.ema_decay, frozen=setup.frozen if any_frozen else None,
+      freeze_encoder_batch_stats=settings.freeze_encoder_batch_stats,
       gathered_params=jax.tree.map(lambda _: sharding.replicated(setup.mesh), params_sharding) if fsdp else None,
       param_sharding=params_sharding if fsdp else None)
   batch = sharding.batch_sharding(setup.mesh)
@@ -240,71 +236,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     The last evaluation's metrics ({} when pre-empted before any evaluation).
   """
-  # ---- Setup: config, devices, workdir. ----
-  config_utils.validate(config)
-  compilation_cache.enable(config)
-  pipeline.hide_accelerators_from_tf()
-  workdir = os.path.abspath(workdir)
+  # ---- Start-up: settings, workdir, data, recipe, model, state (restored or fresh). ----
+  run = startup.open_run(config, workdir, mode='train')
+  settings, spec, builder, setup, mesh = run.settings, run.spec, run.builder, run.setup, run.setup.mesh
   is_primary = jax.process_index() == 0
-  prepare_workdir_on_all_processes(workdir, config)
-  n_devices, n_local = jax.device_count(), jax.local_device_count()
-  config_utils.check_batch(config, n_devices)
-  mesh = sharding.make_mesh()
-  log.info('Devices: %d in all, %d local (%s); processes: %d; state %s; workdir: %s', n_devices, n_local,
-           jax.devices()[0].platform, jax.process_count(), config.get('sharding', 'replicated'), workdir)
+  log.info('Devices: %d in all, %d local (%s); processes: %d; state %s; workdir: %s', jax.device_count(),
+           jax.local_device_count(), jax.devices()[0].platform, jax.process_count(), settings.sharding, run.workdir)
 
-  # ---- Data. ----
-  spec, builder = datasets.open_dataset(config.dataset, in_channels=finetune.in_channels_of(config.model))
-  # 'auto' fields (crop, eval size, class weighting) chosen from the dataset; logged and saved in config.json.
-  config, _ = recipe.resolve(config, spec, builder, workdir, is_primary=is_primary)
-  class_weights = recipe.class_weights(config, spec, builder)
-
-  # ---- Model, optimiser, steps. ----
-  setup = state_lib.build(config, spec.num_classes, mesh)
-  train_step_fn = make_train_step(config, spec, setup, class_weights)
-  evaluator = evaluate.Evaluator(config, spec, setup)
+  # ---- Steps. ----
+  train_step_fn = make_train_step(settings, spec, setup, run.class_weights)
+  evaluator = evaluate.Evaluator(spec, setup, settings.inference_options(processes=jax.process_count()))
 
   with contextlib.ExitStack() as closing:
     # Closed on the way out, also after an error: closing the checkpoints finishes the saves in flight
     # (an async save cut off when the process exits leaves only a tmp dir).
-    ckpts = closing.enter_context(contextlib.closing(
-        checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints)))
-    writer = closing.enter_context(contextlib.closing(reporting.MetricWriter(workdir, enabled=is_primary)))
-    # ---- Restore or start. ----
-    if ckpts.latest_step() is not None:
-      state, start_step = ckpts.restore(setup.abstract_state)
-      if is_primary:
-        log.info('Resuming from the checkpoint at step %d in %s', start_step, ckpts.directory)
-    else:
-      state, start_step = setup.init_state(), 0
-    state_lib.check_distinct_buffers(state)  # The step donates the state: one buffer passed twice aborts XLA.
+    ckpts = closing.enter_context(contextlib.closing(run.checkpoints))
+    writer = closing.enter_context(contextlib.closing(reporting.MetricWriter(run.workdir, enabled=is_primary)))
+    state, start_step = run.state, run.step
+    del run  # The loop owns the state from here (the step donates it).
 
+    # ---- Data. ----
     train_ds = pipeline.train_dataset(
-        builder, spec, config.input, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
+        builder, spec, settings.input, global_batch=settings.batch_size, seed=settings.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count())
     eval_data = pipeline.eval_dataset(
-        builder, spec, config.input, global_batch=config.eval_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), cache=config.dataset.cache)
-    train_iter = sharding.prefetch(pipeline.as_numpy(train_ds), mesh, config.input.prefetch_to_device)
+        builder, spec, settings.input, global_batch=settings.eval_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), cache=settings.dataset.get('cache', True))
+    train_iter = sharding.prefetch(pipeline.as_numpy(train_ds), mesh, settings.input.prefetch_to_device)
 
     # ---- Train loop. ----
-    progress = reporting.Progress(config.num_train_steps, start_step, config.batch_size, enabled=is_primary)
+    total = settings.num_train_steps
+    progress = reporting.Progress(total, start_step, settings.batch_size, enabled=is_primary)
     pending_metrics = []  # Device arrays of the steps since the last log: fetched together.
     skipped = 0  # Updates with a non-finite loss dropped so far (as last logged).
     eval_metrics = {}
     step = start_step
     with PreemptionWatcher() as preemption:
-      while step < config.num_train_steps:
+      while step < total:
         batch = next(train_iter)
         state, step_metrics = train_step_fn(state, batch)
         pending_metrics.append(step_metrics)
         step += 1
-        is_last = step == config.num_train_steps
+        is_last = step == total
 
-        if step % config.log_every_steps == 0 or is_last:
+        if step % settings.log_every_steps == 0 or is_last:
           fetched = jax.device_get(pending_metrics)
           pending_metrics = []
-          skipped = check_finite(state, config, skipped)
+          skipped = check_finite(state, settings.on_nonfinite_loss, skipped)
           loss = float(np.mean([m['loss'] for m in fetched if np.isfinite(m['loss'])] or [np.nan]))
           lr = float(fetched[-1]['learning_rate'])
           images_per_sec = progress.update(step, loss, lr)
@@ -312,52 +290,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         pause_start = time.perf_counter()
         evaluated = False
-        if step % config.eval_every_steps == 0 or is_last:
-          eval_metrics = evaluator.run(state, eval_data)
+        if step % settings.eval_every_steps == 0 or is_last:
+          eval_metrics, examples = evaluator.run(state, eval_data)
           evaluated = True
-          evaluate.log_eval(writer, step, eval_metrics, spec, is_primary)
+          reporting.log_eval(writer, step, eval_metrics, spec, examples=examples)
 
         # Every process calls this at every step (multi-process: a sync point all agree on).
         preempted = preemption.reached(step)
-        if step % config.checkpoint_every_steps == 0 or is_last or evaluated or preempted:
-          skipped = check_finite(state, config, skipped)
+        if step % settings.checkpoint_every_steps == 0 or is_last or evaluated or preempted:
+          skipped = check_finite(state, settings.on_nonfinite_loss, skipped)
           ckpts.save(step, state, metrics=eval_metrics if evaluated else None)
         if evaluated or ckpts.latest_step() == step:
           progress.exclude(time.perf_counter() - pause_start)
         if preempted:
           ckpts.wait()
           log.warning('Pre-empted (SIGTERM): checkpoint at step %d of %d saved in %s; exiting cleanly. Run '
-                      'the same command again to resume.', step, config.num_train_steps, ckpts.directory)
+                      'the same command again to resume.', step, total, ckpts.directory)
           break
   return eval_metrics
 
 
-def prepare_workdir_on_all_processes(workdir: str, config) -> None:
-  """Process 0 creates and checks the workdir; with several processes, all of them stop if it failed.
-
-  Without the agreement the other processes would go on and wait forever in
-  the first collective for a process 0 that has already exited.
-  """
-  error = None
-  try:
-    config_utils.prepare_workdir(workdir, config, write=jax.process_index() == 0)
-  except ConfigError as e:
-    error = e
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    failed = bool(multihost_utils.broadcast_one_to_all(np.array(error is not None)))
-    if failed and error is None:
-      error = ConfigError(f'the workdir {workdir} cannot be written (reported by process 0)')
-  if error is not None:
-    raise error
-
-
-def check_finite(state: TrainState, config, reported: int = 0) -> int:
-  """Stops with a message naming the step of the first non-finite loss (policy 'stop'), or logs skips.
+def check_finite(state: TrainState, policy: str, reported: int = 0) -> int:
+  """Stops with a message naming the step of the first non-finite loss (policy 'stop'), or logs skips ('skip').
 
   Args:
     state: the train state (its counters are replicated scalars).
-    config: the experiment config (reads on_nonfinite_loss).
+    policy: config.on_nonfinite_loss.
     reported: the count of skipped updates already logged: 'skip' warns only when it grows.
 
   Returns:
@@ -367,12 +325,10 @@ def check_finite(state: TrainState, config, reported: int = 0) -> int:
   if skipped == reported:
     return skipped
   first = int(jax.device_get(state.first_nonfinite_step))
-  if config.on_nonfinite_loss == 'stop':
+  if policy == 'stop':
     raise NonFiniteLossError(
         f'The loss or a gradient became NaN or infinite at step {first + 1} (update dropped; parameters are '
         f'from step {first}). Lower config.optimizer.learning_rate, check the data, or set '
         f"config.on_nonfinite_loss='skip' to skip such updates.")
   log.warning('%d update(s) with a non-finite loss skipped so far (first at step %d).', skipped, first + 1)
   return skipped
-
-

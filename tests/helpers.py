@@ -92,14 +92,14 @@ def best_checkpoint_logits_fn(config, workdir):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxseg import checkpoint, models, state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg import checkpoint, models, settings, state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   ckpts = checkpoint.Checkpoints(str(workdir), read_only=True)
   best = ckpts.best_step()
   ckpts.close()
   raw, _ = load_checkpoint(workdir, step=best)
   variables = {'params': raw['params'], 'batch_stats': raw['batch_stats']}
-  model = state_lib.build_model(config, datasets.resolve_spec(config.dataset).num_classes)
+  model = state_lib.build_model(settings.from_config(config), datasets.resolve_spec(config.dataset).num_classes)
   fn = jax.jit(lambda x: model.apply(variables, models.normalize_images(x, jnp.float32), train=False))
   return lambda images: np.asarray(fn(np.asarray(images)))
 

@@ -9,13 +9,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'jaxseg'
 
 # ARCHITECTURE.md, "Direction of imports": a module imports only modules of its own layer or below.
 LAYERS = [
-    # 0: leaves: no jaxseg import beyond errors and image_io.
+    # 0: leaves: no jaxseg import beyond errors, image_io and viz (reporting draws the evaluation pictures).
     {'jaxseg', 'jaxseg.errors', 'jaxseg.losses', 'jaxseg.metrics', 'jaxseg.compilation_cache', 'jaxseg.reporting',
      'jaxseg.image_io', 'jaxseg.viz', 'jaxseg.distributed', 'jaxseg.models.layers', 'jaxseg.models.preprocessing'},
-    # 1: models, data, the optimiser, the mesh, config checks.
-    {'jaxseg.models*', 'jaxseg.data*', 'jaxseg.finetune', 'jaxseg.optim', 'jaxseg.sharding', 'jaxseg.config_utils'},
-    # 2: the train state, its checkpoints, the auto recipe (config from data statistics).
-    {'jaxseg.state', 'jaxseg.checkpoint', 'jaxseg.recipe'},
+    # 1: models, data, the optimiser, the mesh, the settings (the config read once).
+    {'jaxseg.models*', 'jaxseg.data*', 'jaxseg.optim', 'jaxseg.sharding', 'jaxseg.settings'},
+    # 2: the train state, its checkpoints, the auto recipe (settings from data statistics), the start-up path.
+    {'jaxseg.state', 'jaxseg.checkpoint', 'jaxseg.recipe', 'jaxseg.startup'},
     # 3: what runs a model: training, evaluation, prediction of arrays, export.
     {'jaxseg.train', 'jaxseg.evaluate', 'jaxseg.inference', 'jaxseg.export'},
     # 4: the entry points.

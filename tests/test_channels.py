@@ -56,15 +56,15 @@ def folder_config(data_dir, path, in_channels, **overrides):
   return tiny_unet_config(str(data_dir), **fields)
 
 
-def first_batches(config, spec, builder, steps):
+def first_batches(settings, spec, builder, steps):
   """The first `steps` training batches (one process) and what the documented order says they hold."""
   from jaxseg.data import pipeline  # pylint: disable=g-import-not-at-top
-  ds = pipeline.train_dataset(builder, spec, config.input, global_batch=config.batch_size, seed=config.seed,
+  ds = pipeline.train_dataset(builder, spec, settings.input, global_batch=settings.batch_size, seed=settings.seed,
                               start_step=0, process_index=0, process_count=1)
   batches = [b for _, b in zip(range(steps), pipeline.as_numpy(ds))]
   # Record i of the split is the file named in it (tfds shuffles when writing); epoch 0 is this permutation.
   names = [ex['file_name'].decode() for ex in builder.as_data_source(spec.train_split)]
-  order = np.random.default_rng([config.seed, 0]).permutation(len(names))
+  order = np.random.default_rng([settings.seed, 0]).permutation(len(names))
   return batches, [names[j] for j in order]
 
 
@@ -78,16 +78,17 @@ def rgba_folder(tmp_path_factory):
 def trained4(rgba_folder):
   """A tiny UNet on the 4-band folder: 3 train steps (make_train_step), checkpointed as best; (config, workdir)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxseg import checkpoint, config_utils, sharding, state as state_lib, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import checkpoint, sharding, startup, state as state_lib, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   base, arrays = rgba_folder
   config = folder_config(base / 'tfds', base / 'ds', 4)
-  config_utils.validate(config)
-  spec, builder = datasets.open_dataset(config.dataset, in_channels=4)
-  batches, files = first_batches(config, spec, builder, 3)
+  settings = settings_lib.from_config(config)
+  spec, builder = datasets.open_dataset(settings.dataset, in_channels=4)
+  batches, files = first_batches(settings, spec, builder, 3)
   mesh = sharding.make_mesh()
-  setup = state_lib.build(config, spec.num_classes, mesh)
-  step_fn = train.make_train_step(config, spec, setup, None)
+  setup = state_lib.build(settings, spec.num_classes, mesh)
+  step_fn = train.make_train_step(settings, spec, setup, None)
   state = setup.init_state()
   before = jax.device_get(state.params)
   losses = []
@@ -95,7 +96,8 @@ def trained4(rgba_folder):
     state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
     losses.append(float(jax.device_get(metrics['loss'])))
   workdir = str(base / 'wd')
-  config_utils.prepare_workdir(workdir, config, write=True)
+  os.makedirs(workdir)
+  startup.write_config(workdir, config, settings)  # What training writes: Segmenter, predict and export read it.
   ckpts = checkpoint.Checkpoints(workdir)
   ckpts.save(3, state, {'mean_iou': 0.5})
   ckpts.close()
@@ -105,10 +107,10 @@ def trained4(rgba_folder):
 def reference_logits(config, workdir, images):
   """uint8 [N, H, W, C] -> logits of the checkpoint: raw orbax arrays, numpy normalisation, bare Flax module."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg import settings, state as state_lib  # pylint: disable=g-import-not-at-top
   raw, _ = load_checkpoint(workdir)
   variables = {'params': raw['params'], 'batch_stats': raw['batch_stats']}
-  model = state_lib.build_model(config, NUM_CLASSES)
+  model = state_lib.build_model(settings.from_config(config), NUM_CLASSES)
   x = (np.asarray(images, np.float32) - np.float32(config.model.input_mean)) / np.float32(config.model.input_std)
   return np.asarray(model.apply(variables, jnp.asarray(x), train=False))
 
@@ -163,7 +165,7 @@ def test_predict_segmenter_and_export_on_four_bands_match_the_bare_module(traine
 
 def test_grayscale_folder_reads_one_band(tmp_path):
   """in_channels=1: a grayscale file as it is, an RGB file as PIL's luminance (computed here in numpy)."""
-  from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
 
   def make(rng):
@@ -173,11 +175,11 @@ def test_grayscale_folder_reads_one_band(tmp_path):
     return rng.integers(0, 256, size=(SIZE, SIZE, 3)).astype(np.uint8), mask
 
   arrays = make_folder(str(tmp_path / 'ds'), make, counts=(('train', 8), ('val', 2)))
-  config = folder_config(tmp_path / 'tfds', tmp_path / 'ds', 1)
-  config_utils.validate(config)
-  spec, builder = datasets.open_dataset(config.dataset, in_channels=1)
+  settings = settings_lib.from_config(folder_config(tmp_path / 'tfds', tmp_path / 'ds', 1))
+  assert settings.model.input_stats == ((127.0,), (64.0,))
+  spec, builder = datasets.open_dataset(settings.dataset, in_channels=1)
   assert builder.info.features['image'].shape[-1] == 1
-  (batch,), files = first_batches(config, spec, builder, 1)
+  (batch,), files = first_batches(settings, spec, builder, 1)
   assert batch['image'].shape == (8, SIZE, SIZE, 1)
   kinds = set()
   for i, name in enumerate(files[:8]):
@@ -195,7 +197,7 @@ def test_grayscale_folder_reads_one_band(tmp_path):
 
 
 def test_band_counts_that_cannot_be_carried_are_errors_naming_file_and_field(rgba_folder, tmp_path):
-  from jaxseg import config_utils, image_io  # pylint: disable=g-import-not-at-top
+  from jaxseg import image_io, settings  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets, folder  # pylint: disable=g-import-not-at-top
   from jaxseg.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   base, arrays = rgba_folder
@@ -215,16 +217,17 @@ def test_band_counts_that_cannot_be_carried_are_errors_naming_file_and_field(rgb
   for channels in (2, 5):
     config = folder_config(tmp_path / 'tfds', base / 'ds', channels, **{'model.input_mean': (1.0,) * channels,
                                                                        'model.input_std': (1.0,) * channels})
-    with pytest.raises(ConfigError, match=rf'config.model.in_channels must be one of \(1, 3, 4\).*got {channels}'):
-      config_utils.validate(config)
-    with pytest.raises(ConfigError, match=f'in_channels={channels}'):
+    message = rf'config.model.in_channels must be one of \(1, 3, 4\).*got {channels}'
+    with pytest.raises(ConfigError, match=message):
+      settings.from_config(config)
+    with pytest.raises(ConfigError, match=message):
       folder.prepare_folder_dataset(str(base / 'ds'), num_classes=NUM_CLASSES, data_dir=str(tmp_path / 'tfds'),
                                     channels=channels)
   # The embedded dataset is RGB.
   config = tiny_unet_config(str(tmp_path / 'tfds'), **{'model.in_channels': 4, 'model.input_mean': MEAN4,
                                                        'model.input_std': STD4})
   with pytest.raises(ConfigError, match="in_channels=4: dataset 'jaxseg_shapes' holds RGB images"):
-    config_utils.validate(config)
+    settings.from_config(config)
   with pytest.raises(ConfigError, match="in_channels=4: dataset 'jaxseg_shapes' holds RGB images"):
     datasets.open_dataset(config.dataset, in_channels=4)
   # Arrays given to the Segmenter / Predictor must have the model's bands.
@@ -272,12 +275,12 @@ def test_a_grayscale_predictor_takes_2d_arrays_and_rescales_bands_alone(tmp_path
   """A 1-channel model: Predictor on [H, W] arrays against the bare module; TTA rescaling of 4 bands keeps RGB's."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxseg import inference, state as state_lib  # pylint: disable=g-import-not-at-top
-  config = folder_config(tmp_path, tmp_path, 1)
-  model = state_lib.build_model(config, NUM_CLASSES)
+  from jaxseg import inference, settings as settings_lib, state as state_lib  # pylint: disable=g-import-not-at-top
+  settings = settings_lib.from_config(folder_config(tmp_path, tmp_path, 1))
+  model = state_lib.build_model(settings, NUM_CLASSES)
   variables = model.init(jax.random.key(3), jnp.zeros((1, SIZE, SIZE, 1)), train=False)
-  predictor = inference.Predictor(model, variables, NUM_CLASSES, inference.options_from_config(config),
-                                  input_stats=((127.0,), (64.0,)))
+  predictor = inference.Predictor.create(model, variables, NUM_CLASSES, settings.inference_options(),
+                                         input_stats=((127.0,), (64.0,)))
   assert predictor.channels == 1
   image = np.random.default_rng(0).integers(0, 256, size=(SIZE, SIZE)).astype(np.uint8)
   want = model.apply(variables, jnp.asarray((image[None, ..., None] - np.float32(127)) / np.float32(64)), train=False)

@@ -1,50 +1,61 @@
-"""Checkpoints written by jaxseg 0.1 (pmap era: host numpy arrays) restore into today's layouts and predict the same;
-saving on one host compiles nothing."""
+"""A checkpoint restores into any layout (device count, replicated or fsdp) with the values saved; saving on one host
+compiles nothing.
 
-import os
-import shutil
+References: the arrays as orbax reads them from the files (tests/helpers.load_checkpoint: no jaxseg restore), and
+the per-device share of each array worked out by hand from the fsdp rule.
+"""
 
 import jax
 import numpy as np
 import pytest
 
 from jaxseg import checkpoint
+from jaxseg import settings as settings_lib
 from jaxseg import sharding
 from jaxseg import state as state_lib
-from jaxseg.api import Segmenter, load_workdir_config
+from jaxseg.data import datasets
+from tests.conftest import tiny_unet_config
 from tests.helpers import load_checkpoint, max_abs_diff
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'pmap_era_checkpoint')
 
+@pytest.fixture(scope='module')
+def saved_on_one_device(tmp_path_factory):
+  """A train state of the tiny UNet's layout, random values in every leaf (no initialiser compiled), saved as step 2
+  (scored) from one device, replicated; (settings, num_classes, workdir)."""
+  base = tmp_path_factory.mktemp('ckpt')
+  settings = settings_lib.from_config(tiny_unet_config(str(base / 'tfds')))
+  num_classes = datasets.resolve_spec(settings.dataset).num_classes
+  setup = state_lib.build(settings, num_classes, sharding.make_mesh(jax.devices()[:1]), sharding='replicated')
+  rng = np.random.default_rng(0)
 
-@pytest.fixture()
-def old_workdir(tmp_path):
-  workdir = tmp_path / 'wd'
-  shutil.copytree(FIXTURE, workdir)
-  return str(workdir)
+  def random_leaf(x):
+    value = (rng.integers(0, 1000, size=x.shape) if np.issubdtype(x.dtype, np.integer)
+             else rng.normal(size=x.shape)).astype(x.dtype)
+    return jax.device_put(value, x.sharding)
 
-
-def test_a_pmap_era_checkpoint_predicts_what_that_code_predicted(old_workdir):
-  """The logits the commit that wrote the checkpoint computed (stored beside it) come out of today's Segmenter."""
-  expected = np.load(os.path.join(old_workdir, 'expected_logits.npz'))
-  seg = Segmenter.from_workdir(old_workdir, checkpoint='latest')
-  assert seg.step == int(expected['step']) == 2
-  np.testing.assert_allclose(seg.predictor.scores(expected['image']), expected['logits'], rtol=1e-5, atol=1e-5)
+  workdir = str(base / 'wd')
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    ckpts.save(2, jax.tree.map(random_leaf, setup.abstract_state), {'mean_iou': 0.5})
+    ckpts.wait()
+  finally:
+    ckpts.close()
+  return settings, num_classes, workdir
 
 
 @pytest.mark.parametrize('mode, devices', [('replicated', 1), ('fsdp', 4)])
-def test_a_pmap_era_checkpoint_restores_on_any_mesh(old_workdir, mode, devices, monkeypatch):
+def test_a_checkpoint_restores_on_any_mesh(saved_on_one_device, mode, devices, monkeypatch):
   """Restored as global arrays (fsdp: split over 4 devices), the values are the ones orbax reads from the files."""
+  settings, num_classes, workdir = saved_on_one_device
   monkeypatch.setattr(sharding, 'FSDP_MIN_SIZE', 64)  # Split even the tiny model's kernels.
-  config = load_workdir_config(old_workdir)
-  config.sharding = mode
-  setup = state_lib.build(config, 4, sharding.make_mesh(jax.devices()[:devices]))
-  state, step = checkpoint.restore_trained(config, old_workdir, setup.abstract_state, checkpoint='latest')
-  raw, raw_step = load_checkpoint(old_workdir)
+  setup = state_lib.build(settings, num_classes, sharding.make_mesh(jax.devices()[:devices]), sharding=mode)
+  state, step = checkpoint.restore_trained(workdir, setup.abstract_state, checkpoint='best')
+  raw, raw_step = load_checkpoint(workdir)
   assert step == raw_step == 2
   assert max_abs_diff(jax.device_get(state.params), raw['params']) == 0.0
   assert max_abs_diff(jax.device_get(state.batch_stats), raw['batch_stats']) == 0.0
-  assert int(state.step) == 2
+  assert max_abs_diff(jax.device_get(state.opt_state), raw['opt_state']) == 0.0
+  assert int(state.step) == int(raw['step'])
   # By hand: under fsdp on 4 devices an array of at least 64 elements with a dimension 4 divides keeps a
   # quarter of its bytes per device; the rest, and everything when replicated, stays whole on each device.
   leaves = jax.tree_util.tree_leaves_with_path(state.params)

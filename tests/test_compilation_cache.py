@@ -10,7 +10,7 @@ import pytest
 
 from configs import default
 from jaxseg import compilation_cache
-from jaxseg import config_utils
+from jaxseg import settings
 from jaxseg.errors import ConfigError
 from tests.helpers import jaxseg_log_records
 
@@ -35,30 +35,24 @@ def pristine(monkeypatch):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', saved[1])
 
 
-def _config(value):
-  config = default.get_config()
-  config.compilation_cache_dir = value
-  return config
-
-
 def test_default_is_under_the_home_cache_and_empty_disables(pristine, tmp_path, monkeypatch):
   config = default.get_config()
   assert config.compilation_cache_dir == '~/.cache/jaxseg/xla'
   monkeypatch.setenv('HOME', str(tmp_path / 'home'))
   assert compilation_cache.resolve_dir(config.compilation_cache_dir) == str(tmp_path / 'home' / '.cache/jaxseg/xla')
-  assert compilation_cache.enable(_config('')) is None
+  assert compilation_cache.enable('') is None
   assert jax.config.jax_compilation_cache_dir is None
   assert not pristine
 
 
 def test_enable_expands_the_path_and_is_idempotent(pristine, tmp_path, monkeypatch):
   monkeypatch.setenv('JAXSEG_TEST_CACHE_ROOT', str(tmp_path))
-  config = _config('$JAXSEG_TEST_CACHE_ROOT/xla')
-  path = compilation_cache.enable(config)
+  path = compilation_cache.enable('$JAXSEG_TEST_CACHE_ROOT/xla')
   assert path == str(tmp_path / 'xla') and os.path.isdir(path)
   assert jax.config.jax_compilation_cache_dir == path
   assert jax.config.jax_persistent_cache_min_compile_time_secs == compilation_cache.MIN_COMPILE_TIME_SECS
-  assert compilation_cache.enable(config) == path  # Every entry point calls it: the second call changes nothing.
+  # Every entry point calls it: the second call changes nothing.
+  assert compilation_cache.enable('$JAXSEG_TEST_CACHE_ROOT/xla') == path
   assert [r.getMessage() for r in pristine] == [
       f"XLA compilation cache: {path} (compiled programs are reused by later runs; "
       "config.compilation_cache_dir='' disables it)"]
@@ -68,7 +62,7 @@ def test_enable_expands_the_path_and_is_idempotent(pristine, tmp_path, monkeypat
 def test_a_directory_the_user_set_is_kept(pristine, tmp_path):
   jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'theirs'))  # What JAX_COMPILATION_CACHE_DIR does.
   before = jax.config.jax_persistent_cache_min_compile_time_secs
-  assert compilation_cache.enable(_config(str(tmp_path / 'ours'))) == str(tmp_path / 'theirs')
+  assert compilation_cache.enable(str(tmp_path / 'ours')) == str(tmp_path / 'theirs')
   assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'theirs')
   assert jax.config.jax_persistent_cache_min_compile_time_secs == before
   assert not (tmp_path / 'ours').exists()
@@ -79,18 +73,19 @@ def test_a_directory_the_user_set_is_kept(pristine, tmp_path):
 def test_an_unusable_directory_is_a_warning_not_a_failure(pristine, tmp_path, sub, monkeypatch):
   monkeypatch.delenv('JAXSEG_TEST_UNSET_VARIABLE', raising=False)
   (tmp_path / 'a_file').write_text('not a directory')
-  config = _config(str(tmp_path / sub))
-  assert compilation_cache.enable(config) is None
-  assert compilation_cache.enable(config) is None
+  assert compilation_cache.enable(str(tmp_path / sub)) is None
+  assert compilation_cache.enable(str(tmp_path / sub)) is None
   assert jax.config.jax_compilation_cache_dir is None
   assert [r.levelno for r in pristine] == [logging.WARNING]  # Once, naming the directory.
   assert str(tmp_path / sub) in pristine[0].getMessage()
 
 
 def test_a_value_that_is_not_a_path_is_a_config_error():
-  config_utils.validate(_config(''))
-  config_utils.validate(_config('/tmp/x'))
+  for value in ('', '/tmp/x'):
+    config = default.get_config()
+    config.compilation_cache_dir = value
+    assert settings.from_config(config).compilation_cache_dir == value  # What the entry points pass to enable.
   values = default.get_config().to_dict()
   values['compilation_cache_dir'] = 5  # E.g. from a hand-edited config.json (command-line overrides are type-checked).
   with pytest.raises(ConfigError, match=r'config\.compilation_cache_dir must be a directory path .* got 5'):
-    config_utils.validate(ml_collections.ConfigDict(values))
+    settings.from_config(ml_collections.ConfigDict(values))

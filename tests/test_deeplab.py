@@ -19,8 +19,13 @@ from jaxseg.errors import ConfigError
 from jaxseg.models import encoders
 from jaxseg.models.deeplabv3plus import DeepLabV3Plus, upsample_bilinear_align_corners
 from tests.helpers import save_state_dict
-from tests.test_encoders import assert_close_relative, param_count, random_images
+from tests.test_encoders import assert_close_relative, param_count, random_images, random_variables
 from tests.helpers import import_torch_or_skip
+
+
+def module_fields(config):
+  """config.model's fields that the module takes (models.create_model's: no name, weight file or input contract)."""
+  return {k: v for k, v in config.model.items() if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
 
 
 def deeplab_with(**model_fields):
@@ -30,28 +35,40 @@ def deeplab_with(**model_fields):
   return config
 
 
+def deeplab_model(num_classes, **model_fields):
+  """The recipe's (configs/deeplabv3plus_resnet50_scene_parse150.py) model with `model_fields` changed."""
+  return models.create_model('deeplabv3plus', module_fields(deeplab_with(**model_fields)), num_classes=num_classes)
+
+
 @pytest.mark.parametrize('encoder,k,count', [
     ('resnet50', 1, 26_677_585), ('resnet50', 21, 26_682_725), ('resnet101', 21, 45_674_853),
 ])
 def test_parameter_count_is_smps(encoder, k, count):
   """smp 0.6 DeepLabV3Plus(encoder, classes=K): parameters + BatchNorm scale/bias, not the running statistics."""
-  model = models.create_model(deeplab_with(encoder=encoder).model, num_classes=k)
+  model = deeplab_model(k, encoder=encoder)
   assert isinstance(model, DeepLabV3Plus)
   assert param_count(model) == count
   assert param_count(model.clone(output_stride=8)) == count  # The stride changes no shape.
 
 
 def test_registry_fields_and_errors():
-  model = models.create_model(deeplab_with(encoder_weights='/x/r50.pth').model, num_classes=3)
+  from jaxseg import settings  # pylint: disable=g-import-not-at-top
+  # The recipe read as settings: the weight file is the state's (settings.model.encoder_weights), not the module's.
+  model_settings = settings.from_config(deeplab_with(encoder_weights='/x/r50.pth')).model
+  assert (model_settings.name, model_settings.kwargs) == ('deeplabv3plus', {'encoder': 'resnet50', 'output_stride': 16})
+  assert model_settings.encoder_weights == '/x/r50.pth' and model_settings.has_encoder
+  assert model_settings.size_multiple == 16  # The output stride.
+  assert settings.from_config(deeplab_with(output_stride=8)).model.size_multiple == 8
+  model = models.create_model(model_settings.name, model_settings.kwargs, num_classes=3)
   assert model == DeepLabV3Plus(num_classes=3, encoder_name='resnet50', output_stride=16)
   assert model.clone(frozen_bn=True).frozen_bn  # state.build_model's freeze_encoder_batch_stats path.
-  with pytest.raises(ConfigError, match='DeepLabV3\\+ takes one of'):
-    models.create_model(deeplab_with(encoder='vgg16').model, num_classes=3)
-  with pytest.raises(ConfigError, match='DeepLabV3\\+ takes 16 or 8'):
-    models.create_model(deeplab_with(output_stride=32).model, num_classes=3)
+  with pytest.raises(ConfigError, match=r"config.model.encoder='vgg16': DeepLabV3\+ takes one of"):
+    deeplab_model(3, encoder='vgg16')
+  with pytest.raises(ConfigError, match=r'config.model.output_stride=32: DeepLabV3\+ takes 16 or 8'):
+    deeplab_model(3, output_stride=32)
   # The other recipes still build (output_stride is not their field).
-  models.create_model(unet_config.get_config().model, num_classes=3)
-  models.create_model(fcn_config.get_config().model, num_classes=3)
+  models.create_model('unet', module_fields(unet_config.get_config()), num_classes=3)
+  models.create_model('fcn', module_fields(fcn_config.get_config()), num_classes=3)
 
 
 def test_upsampling_is_torch_align_corners_true():
@@ -130,10 +147,9 @@ def test_logits_match_smps(ref, encoder, output_stride, size):
 def test_load_pretrained_puts_a_resnet50_file_into_the_encoder(ref, tmp_path):
   torch_encoder = ref.randomize_(ref.make_encoder('resnet50'), seed=4)
   path = save_state_dict(torch_encoder.state_dict(), tmp_path / 'r50.safetensors')
-  config = deeplab_with(encoder_weights=path)
-  model = models.create_model(config.model, num_classes=2)
-  random_init = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))()
-  variables = models.load_pretrained(config.model, random_init)
+  model = deeplab_model(2)
+  random_init = random_variables(model, jnp.zeros((1, 32, 32, 3)))
+  variables = models.load_pretrained(model, random_init, path)
   loaded = encoders.load_encoder_variables('resnet50', path)
   for collection in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal, variables[collection]['encoder'], loaded[collection])

@@ -5,17 +5,12 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from jaxseg import distributed
 from jaxseg.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(batch=16, eval_batch=32, cpu_devices=0):
-  return ml_collections.ConfigDict({'batch_size': batch, 'eval_batch_size': eval_batch, 'cpu_devices': cpu_devices})
 
 
 @pytest.mark.parametrize('cores, batch, eval_batch, processes, expected', [
@@ -28,21 +23,20 @@ def _config(batch=16, eval_batch=32, cpu_devices=0):
     (4, 7, 7, 1, 1),
 ])
 def test_cpu_device_count_is_the_most_that_divide_the_batches(cores, batch, eval_batch, processes, expected):
-  assert distributed.cpu_device_count(_config(batch, eval_batch), cores, processes) == expected
+  assert distributed.cpu_device_count(0, (batch, eval_batch), cores, processes) == expected
 
 
 def test_cpu_device_count_explicit_and_bad_values():
-  assert distributed.cpu_device_count(_config(cpu_devices=3), cores=2) == 3
+  assert distributed.cpu_device_count(3, (16, 32), cores=2) == 3
   for bad in (-1, 1.5, 'two', True):
     with pytest.raises(ConfigError, match='config.cpu_devices'):
-      distributed.cpu_device_count(_config(cpu_devices=bad), cores=2)
+      distributed.cpu_device_count(bad, (16, 32), cores=2)
 
 
 def _devices_after_split(env_flags, cpu_devices=0):
   """JAX's CPU device count in a fresh process after split_cpu_into_devices (XLA_FLAGS as given)."""
-  code = ('import json, ml_collections; from jaxseg import distributed\n'
-          f'c = ml_collections.ConfigDict(dict(batch_size=16, eval_batch_size=32, cpu_devices={cpu_devices}))\n'
-          'distributed.split_cpu_into_devices(c)\n'
+  code = ('import json; from jaxseg import distributed\n'
+          f'distributed.split_cpu_into_devices({cpu_devices}, (16, 32))  # batch_size, eval_batch_size\n'
           'import jax, os\n'
           'print(json.dumps([jax.device_count("cpu"), os.environ.get("XLA_FLAGS", "")]))\n')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

@@ -374,6 +374,14 @@ def unet_with(encoder, **model_fields):
   return config
 
 
+def unet_model(encoder, num_classes, **model_fields):
+  """configs/unet.py's model on `encoder` (models.create_model takes the module's fields: no name, weight file or
+  input contract)."""
+  fields = {k: v for k, v in unet_with(encoder, **model_fields).model.items()
+            if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
+  return models.create_model('unet', fields, num_classes=num_classes)
+
+
 def param_count(model, size=64):
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
@@ -386,22 +394,29 @@ def param_count(model, size=64):
 ])
 def test_unet_parameter_count_is_smps(encoder, k, count):
   """smp 0.6 Unet(encoder, classes=K): parameters + BatchNorm scale/bias, not the running statistics."""
-  model = models.create_model(unet_with(encoder).model, num_classes=k)
+  model = unet_model(encoder, k)
   assert isinstance(model, EncoderUNet)
   assert param_count(model) == count
 
 
 def test_registry_keeps_the_plain_unet_and_checks_the_encoder_fields():
+  from jaxseg import settings  # pylint: disable=g-import-not-at-top
   config = unet_config.get_config()
   assert config.model.encoder is None and config.model.encoder_weights is None
-  model = models.create_model(config.model, num_classes=3)
+  model = unet_model(None, 3)
   assert model == UNet(num_classes=3, base_width=16, depth=3, norm='batch', upsample='transpose')
+  plain = settings.from_config(config).model
+  assert (plain.size_multiple, plain.has_encoder, plain.encoder_weights) == (2 ** 3, False, None)  # depth 3.
   config.model.encoder_weights = '/x/resnet34.pth'
-  with pytest.raises(ConfigError, match='needs config.model.encoder'):
-    models.create_model(config.model, num_classes=3)
+  with pytest.raises(ConfigError, match=r"config.model.encoder_weights='/x/resnet34.pth' needs a model with a "
+                                        r'pretrained encoder.*set config.model.encoder'):
+    settings.from_config(config)
   with pytest.raises(ConfigError, match=r"config.model.encoder='vgg16': the UNet takes one of"):
-    models.create_model(unet_with('vgg16').model, num_classes=3)
-  model = models.create_model(unet_with('resnet34', encoder_weights='/x/r34.pth').model, num_classes=3)
+    unet_model('vgg16', 3)
+  on_resnet34 = settings.from_config(unet_with('resnet34', encoder_weights='/x/r34.pth')).model
+  assert on_resnet34.encoder_weights == '/x/r34.pth' and 'encoder_weights' not in on_resnet34.kwargs
+  assert (on_resnet34.size_multiple, on_resnet34.has_encoder) == (32, True)
+  model = models.create_model(on_resnet34.name, on_resnet34.kwargs, num_classes=3)
   assert model == EncoderUNet(num_classes=3, encoder_name='resnet34')  # The file is the state's, not the module's.
 
 
@@ -439,24 +454,31 @@ def test_unet_resnet18_logits_match_smps(ref):
   assert apply(variables, x[:, :50, :70]).shape == (2, 50, 70, 3)
 
 
+def random_variables(model, x, seed=0):
+  """A model's variable tree (shapes traced from its init, nothing compiled) holding random values."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+
+
 def test_load_pretrained_puts_the_file_into_the_encoder_and_stops_on_a_bad_one(ref, resnet18_sd, tmp_path):
   path = save_state_dict(resnet18_sd, tmp_path / 'r18.safetensors')
   loaded = encoders.load_encoder_variables('resnet18', path)
   model = EncoderUNet(num_classes=2, encoder_name='resnet18')
   x = jnp.zeros((1, 32, 32, 3))
-  random_init = model.init(jax.random.key(0), x)
-  config = unet_with('resnet18', encoder_weights=path)
-  variables = models.load_pretrained(config.model, random_init)
+  random_init = random_variables(model, x)
+  variables = models.load_pretrained(model, random_init, path)
   for collection in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal, variables[collection]['encoder'], loaded[collection])
   jax.tree.map(np.testing.assert_array_equal, variables['params']['decoder_block0'],
                random_init['params']['decoder_block0'])  # Only the encoder changes.
   # A missing or wrong file stops as a WeightsError (the CLI's 'jaxseg: error: ...') naming it.
   with pytest.raises(WeightsError, match='gone.pth: no such file'):
-    models.load_pretrained(unet_with('resnet18', encoder_weights=str(tmp_path / 'gone.pth')).model, random_init)
-  resnet34_init = EncoderUNet(num_classes=2, encoder_name='resnet34').init(jax.random.key(0), x)
+    models.load_pretrained(model, random_init, str(tmp_path / 'gone.pth'))
+  resnet34 = EncoderUNet(num_classes=2, encoder_name='resnet34')
+  resnet34_init = random_variables(resnet34, x)
   with pytest.raises(WeightsError, match='looks like resnet18'):
-    models.load_pretrained(unet_with('resnet34', encoder_weights=path).model, resnet34_init)
+    models.load_pretrained(resnet34, resnet34_init, path)
   # merge_encoder_variables refuses another encoder's variables.
   with pytest.raises(WeightsError, match='do not have the layout'):
     encoders.merge_encoder_variables(random_init, {'params': {'conv1': {}}, 'batch_stats': {}})
@@ -466,8 +488,8 @@ def test_a_one_channel_model_gets_the_rgb_kernel_summed(resnet18_sd, tmp_path):
   """in_channels 1: the first convolution's kernel is the file's summed over R, G, B (timm's adapt_input_conv)."""
   path = save_state_dict(resnet18_sd, tmp_path / 'r18.safetensors')
   model = EncoderUNet(num_classes=2, encoder_name='resnet18')
-  grey_init = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
-  variables = models.load_pretrained(unet_with('resnet18', encoder_weights=path).model, grey_init)
+  grey_init = random_variables(model, jnp.zeros((1, 32, 32, 1)))
+  variables = models.load_pretrained(model, grey_init, path)
   rgb = np.asarray(resnet18_sd['conv1.weight']).transpose(2, 3, 1, 0)  # OIHW -> HWIO, [7, 7, 3, 64].
   np.testing.assert_allclose(variables['params']['encoder']['conv1']['kernel'], rgb.sum(axis=2, keepdims=True),
                              rtol=1e-5, atol=1e-7)

@@ -7,6 +7,7 @@ import pytest
 
 from jaxseg import evaluate
 from jaxseg import inference
+from jaxseg import settings as settings_lib
 from jaxseg import sharding
 from jaxseg import state as state_lib
 from jaxseg.data import datasets
@@ -37,18 +38,19 @@ def test_images_larger_than_eval_size_are_scored_at_the_labels_own_size(tmp_path
   config = tiny_unet_config(str(tmp_path / 'tfds'), **{
       'dataset.name': 'folder', 'dataset.path': str(tmp_path / 'ds'), 'dataset.num_classes': NUM_CLASSES,
       'input.eval_size': EVAL_SIZE, 'eval_batch_size': 4})
-  spec, builder = datasets.open_dataset(config.dataset)
-  setup = state_lib.build(config, NUM_CLASSES, sharding.make_mesh())
+  settings = settings_lib.from_config(config)
+  spec, builder = datasets.open_dataset(settings.dataset)
+  setup = state_lib.build(settings, NUM_CLASSES, sharding.make_mesh())
   state = setup.init_state()
   # Non-trivial BatchNorm statistics, so predictions vary over the image.
   state = state.replace(batch_stats=jax.tree.map(lambda x: x + 0.1, state.batch_stats))
   host_variables = jax.device_get(state_lib.variables_of(state))
 
-  eval_data = pipeline.eval_dataset(builder, spec, config.input, global_batch=4, process_index=0, process_count=1,
+  eval_data = pipeline.eval_dataset(builder, spec, settings.input, global_batch=4, process_index=0, process_count=1,
                                     cache=False)
   # The three images larger than eval_size travel in their own stream, at their own size.
   assert sorted(e['label'].shape for e in pipeline.as_numpy(eval_data.large)) == sorted(VAL_SIZES[2:])
-  result = evaluate.Evaluator(config, spec, setup).run(state, eval_data)
+  result, _ = evaluate.Evaluator(spec, setup, settings.inference_options()).run(state, eval_data)
 
   confusion = np.asarray(result['confusion_matrix'])
   labelled = sum(int((np.asarray(Image.open(tmp_path / 'ds' / 'val' / 'masks' / f'{i}.png')) != 255).sum())
@@ -57,8 +59,9 @@ def test_images_larger_than_eval_size_are_scored_at_the_labels_own_size(tmp_path
   assert confusion.sum() == labelled
   # The same predictions as --mode=predict's Predictor scoring every image on its own: whole for the
   # ones that fit (padded to the same 24x24 frame), a sliding window of the crop for the larger ones.
-  options = inference.options_from_config(config, size_multiple=EVAL_SIZE[0])
-  predictor = inference.Predictor(state_lib.build_model(config, NUM_CLASSES), host_variables, NUM_CLASSES, options)
+  options = settings.inference_options(size_multiple=EVAL_SIZE[0])
+  predictor = inference.Predictor.create(state_lib.build_model(settings, NUM_CLASSES), host_variables, NUM_CLASSES,
+                                         options)
   reference = np.asarray(evaluate.evaluate_with_predictor(predictor, builder, spec,
                                                           show_progress=False)['confusion_matrix'])
   assert reference.sum() == labelled
@@ -66,7 +69,7 @@ def test_images_larger_than_eval_size_are_scored_at_the_labels_own_size(tmp_path
   # Independently: the bare Flax module on numpy-normalised pixels. Images that fit are zero-padded at the
   # bottom/right to eval_size; larger ones are covered by windows of the 32x32 crop every 21 pixels (2/3 of
   # it), the last flush with the end, averaged where they overlap. Confusion and cross-entropy in numpy.
-  model = state_lib.build_model(config, NUM_CLASSES)
+  model = state_lib.build_model(settings, NUM_CLASSES)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
   logits_of = lambda tiles: np.asarray(apply(host_variables, ((np.stack(tiles) - mean) / std).astype(np.float32)),

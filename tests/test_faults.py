@@ -20,7 +20,7 @@ import tensorflow as tf
 from configs import default
 from jaxseg import checkpoint as checkpoint_lib
 from jaxseg import cli
-from jaxseg import config_utils
+from jaxseg import startup
 from jaxseg import train
 from jaxseg.data import pipeline
 from jaxseg.errors import ConfigError
@@ -286,7 +286,7 @@ def test_unwritable_workdir_is_a_clear_error_before_training(shapes_data_dir, tm
 def test_a_workdir_under_proc_cannot_be_written():
   """Another OS error (no directories under /proc), the same message (cli.run's handling: the test above)."""
   with pytest.raises(ConfigError, match='^the workdir /proc/jaxseg_workdir cannot be written: '):
-    config_utils.prepare_workdir('/proc/jaxseg_workdir', default.get_config(), write=True)
+    startup.open_run(default.get_config(), '/proc/jaxseg_workdir', mode='train')
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -32,11 +31,9 @@ def layer_counts(params):
   return {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layer)) for name, layer in params.items()}
 
 
-def model_config(**fields):
-  config = ml_collections.ConfigDict({'name': 'fcn_vgg16', 'variant': 'fcn8s', 'encoder': 'vgg16',
-                                      'encoder_weights': None, 'dropout_rate': 0.5})
-  config.update(fields)
-  return config
+def model_fields(**fields):
+  """config.model's fields of an 'fcn_vgg16' model that the module takes (no name, weight file or input contract)."""
+  return {'variant': 'fcn8s', 'encoder': 'vgg16', 'dropout_rate': 0.5, **fields}
 
 
 def upsample_filt(size):
@@ -87,7 +84,7 @@ def test_score_layers_start_at_zero_and_upsampling_bilinear():
 
 @pytest.mark.parametrize('variant', ['fcn32s', 'fcn16s', 'fcn8s'])
 def test_output_shape_at_an_odd_size(variant):
-  model = models.create_model(model_config(variant=variant), num_classes=5)
+  model = models.create_model('fcn_vgg16', model_fields(variant=variant), num_classes=5)
   assert isinstance(model, FCNVGG16) and model.variant == variant
   x = jnp.zeros((2, 53, 71, 3))
   out = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), x), x, train=False))
@@ -101,13 +98,18 @@ def test_output_shape_at_an_odd_size(variant):
 def test_registry_and_recipe():
   from configs import fcn8s_vgg16_oxford_pet as recipe  # pylint: disable=g-import-not-at-top
   config = recipe.get_config()
-  model = models.create_model(config.model, num_classes=21)
+  fields = {k: v for k, v in config.model.items() if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
+  model = models.create_model(config.model.name, fields, num_classes=21)
   assert (model.variant, model.encoder_name, model.dropout_rate) == ('fcn8s', 'vgg16', 0.5)
-  assert models.create_model(model_config(encoder='vgg16_bn'), num_classes=2).encoder_name == 'vgg16_bn'
-  with pytest.raises(ConfigError, match='fcn_vgg16 takes one of'):
-    models.create_model(model_config(encoder='resnet18'), num_classes=2)
-  with pytest.raises(ConfigError, match='does not take'):
-    models.create_model(model_config(width_multiplier=0.5), num_classes=2)
+  assert model.size_multiple == 32  # pool5's stride.
+  assert models.create_model('fcn_vgg16', model_fields(encoder='vgg16_bn'), num_classes=2).encoder_name == 'vgg16_bn'
+  assert models.create_model('fcn_vgg16', model_fields(encoder=None), num_classes=2).encoder_name == 'vgg16'
+  with pytest.raises(ConfigError, match=r"config.model.encoder='resnet18': fcn_vgg16 takes one of"):
+    models.create_model('fcn_vgg16', model_fields(encoder='resnet18'), num_classes=2)
+  with pytest.raises(ConfigError, match=r"config.model.variant='fcn4s': FCN takes one of"):
+    models.create_model('fcn_vgg16', model_fields(variant='fcn4s'), num_classes=2)
+  with pytest.raises(ConfigError, match=r"fields \['width_multiplier'\] that model 'fcn_vgg16' does not take"):
+    models.create_model('fcn_vgg16', model_fields(width_multiplier=0.5), num_classes=2)
 
 
 def zeros_like_shapes(model):
@@ -127,7 +129,7 @@ def test_load_pretrained_puts_encoder_fc6_fc7_in_place_and_fc6_is_the_linear(ref
   path = str(tmp_path / 'vgg16.safetensors')
   safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
   model = FCNVGG16(num_classes=4)
-  loaded = models.load_pretrained(model_config(encoder_weights=path), zeros_like_shapes(model))
+  loaded = models.load_pretrained(model, zeros_like_shapes(model), path)
   os.remove(path)  # ~550 MB.
   params = loaded['params']
 
@@ -181,7 +183,7 @@ def test_file_without_classifier_keeps_fc6_fc7_random_with_a_warning(ref, tmp_pa
   model = FCNVGG16(num_classes=2, variant='fcn32s')
   variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes(model))
   with caplog.at_level(logging.WARNING):
-    loaded = models.load_pretrained(model_config(variant='fcn32s', encoder_weights=path), variables)
+    loaded = models.load_pretrained(model, variables, path)
   assert 'have no classifier' in caplog.text and path in caplog.text
   assert loaded['params']['fc6'] is variables['params']['fc6'] and loaded['params']['fc7'] is variables['params']['fc7']
   np.testing.assert_array_equal(loaded['params']['encoder']['conv1_1']['kernel'],
@@ -193,4 +195,4 @@ def test_file_without_classifier_keeps_fc6_fc7_random_with_a_warning(ref, tmp_pa
   bad_path = str(tmp_path / 'vgg16_bad.safetensors')
   safetensors.torch.save_file(bad, bad_path)
   with pytest.raises(WeightsError, match=r"vgg16_bad\.safetensors.*'classifier\.0\.weight'.*missing"):
-    models.load_pretrained(model_config(variant='fcn32s', encoder_weights=bad_path), variables)
+    models.load_pretrained(model, variables, bad_path)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from jaxseg import losses
 from jaxseg import recipe
+from jaxseg import settings as settings_lib
 from jaxseg import train
 from jaxseg.errors import ConfigError
 from tests.conftest import tiny_unet_config
@@ -42,11 +43,12 @@ def write_folder_dataset(root, masks_by_split, seed=0):
 
 
 def folder_config(path, data_dir, num_classes, **loss):
-  config = ml_collections.ConfigDict({
-      'dataset': {'name': 'folder', 'path': path, 'num_classes': num_classes, 'data_dir': data_dir,
-                  'ignore_label': IGNORE},
-      'loss': {'class_weights': None, 'class_weighting': 'none', 'dice_weight': 0.0}})
-  config.loss.update(loss)
+  """configs/default.py's config on a folder dataset, with these config.loss fields."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.dataset.update({'name': 'folder', 'path': path, 'num_classes': num_classes, 'data_dir': data_dir,
+                         'ignore_label': IGNORE})
+  config.loss.update({'class_weights': None, 'class_weighting': 'none', 'dice_weight': 0.0, **loss})
   return config
 
 
@@ -100,12 +102,12 @@ def test_resolve_class_weights_from_the_config():
                      image_key='image', label_key='segmentation_mask', label_offset=0, ignore_values=(),
                      train_split='train', eval_split='validation')
   config = folder_config('unused', 'unused', 3, class_weights=(1, 2.5, 0.5))
-  assert recipe.class_weights(config, spec, builder=None) == (1.0, 2.5, 0.5)
+  assert recipe.class_weights(settings_lib.from_config(config), spec, builder=None) == (1.0, 2.5, 0.5)
   config.loss.class_weights = (1.0, 2.0)
-  with pytest.raises(ConfigError, match=r'config\.loss\.class_weights'):
-    recipe.class_weights(config, spec, builder=None)
+  with pytest.raises(ConfigError, match=r'config\.loss\.class_weights has 2 values; num_classes is 3'):
+    settings_lib.from_config(config)  # The config is checked once, before any work.
   config.loss.class_weights = None
-  assert recipe.class_weights(config, spec, builder=None) is None
+  assert recipe.class_weights(settings_lib.from_config(config), spec, builder=None) is None
 
 
 def test_median_frequency_weights_from_a_folder_dataset(tmp_path):
@@ -132,7 +134,7 @@ def test_median_frequency_weights_from_a_folder_dataset(tmp_path):
   np.testing.assert_array_equal(stats.class_pixels, counts)
   np.testing.assert_array_equal(stats.present_pixels, present)
 
-  weights = recipe.class_weights(config, spec, builder)
+  weights = recipe.class_weights(settings_lib.from_config(config), spec, builder)
   freq = counts[:3] / present[:3]
   median = np.median(freq)  # Of the present classes only.
   np.testing.assert_allclose(weights, [median / freq[0], median / freq[1], median / freq[2], 0.0], rtol=1e-6)
@@ -140,7 +142,7 @@ def test_median_frequency_weights_from_a_folder_dataset(tmp_path):
 
   # Weights given in the config win over the computed ones.
   config.loss.class_weights = (1.0, 1.0, 1.0, 1.0)
-  assert recipe.class_weights(config, spec, builder) == (1.0, 1.0, 1.0, 1.0)
+  assert recipe.class_weights(settings_lib.from_config(config), spec, builder) == (1.0, 1.0, 1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -165,8 +167,9 @@ def _tiny_step_setup(num_classes, dice_weight):
                      ignore_label=IGNORE, image_key='image', label_key='segmentation_mask', label_offset=0,
                      ignore_values=(), train_split='train', eval_split='validation')
   config.input.crop_size = (8, 8)
-  setup = state_lib.build(config, num_classes, sharding.make_mesh())
-  return config, spec, setup
+  settings = settings_lib.from_config(config)
+  setup = state_lib.build(settings, num_classes, sharding.make_mesh())
+  return settings, spec, setup
 
 
 def _skewed_batch(num_classes, n_dev):
@@ -195,7 +198,7 @@ def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
   n_dev = jax.local_device_count()
   assert n_dev == 4, 'tests run with 4 simulated devices (tests/conftest.py)'
   dice_weight = 0.7
-  config, spec, setup = _tiny_step_setup(num_classes, dice_weight)
+  settings, spec, setup = _tiny_step_setup(num_classes, dice_weight)
   model = setup.model
   state = setup.init_state()
   images, labels = _skewed_batch(num_classes, n_dev)
@@ -227,7 +230,7 @@ def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
   assert abs(per_device_dice - dice) > 1e-2, 'the batch does not tell global from per-device Dice'
   np.testing.assert_allclose(float(ref_loss), ce + dice_weight * dice, rtol=1e-5)
 
-  step = train.make_train_step(config, spec, setup, None)
+  step = train.make_train_step(settings, spec, setup, None)
   old_params = jax.device_get(state.params)
   # Row block d of the global batch lands on device d: each device holds different class content.
   batch = sharding.global_batch({'image': images.reshape(-1, 8, 8, 3), 'label': labels.reshape(-1, 8, 8)},

@@ -119,7 +119,7 @@ def validation_examples(data_dir):
 
 def test_predict_mode_masks_score_the_mean_iou_that_eval_reports(trained, shapes_data_dir, tmp_path):
   """Masks written by predict mode (whole image, no TTA), scored in numpy == --mode=eval's mean IoU."""
-  from jaxseg import api, evaluate, predict  # pylint: disable=g-import-not-at-top
+  from jaxseg import api, cli, predict  # pylint: disable=g-import-not-at-top
   config, workdir = trained
   config = with_inference(config.copy_and_resolve_references(), mode='whole')
   examples = validation_examples(shapes_data_dir)
@@ -139,7 +139,7 @@ def test_predict_mode_masks_score_the_mean_iou_that_eval_reports(trained, shapes
   assert len(np.unique(np.concatenate([p.ravel() for p in preds]))) > 1, 'the model predicts one class only'
   numpy_iou = numpy_mean_iou([l for _, l in examples], preds, 4)
 
-  result = evaluate.evaluate(config, workdir)
+  result = cli.evaluate_checkpoint(config, workdir)
   print(f'numpy mean IoU of predicted masks {numpy_iou:.6f}; eval {result["mean_iou"]:.6f}; '
         f'eval at label resolution {result["inference"]["mean_iou"]:.6f}')
   assert result['mean_iou'] == pytest.approx(numpy_iou, abs=1e-3)
@@ -235,13 +235,13 @@ def test_images_of_several_sizes_batch_together_in_input_order(restored):
 def test_eval_with_tta_reports_both_figures_and_pictures(trained, restored, shapes_data_dir, tmp_path):
   """--mode=eval with flip TTA: mean IoU with and without it, metrics.jsonl records, TensorBoard images."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from jaxseg import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxseg import cli  # pylint: disable=g-import-not-at-top
   config, workdir = trained
   # A copy of the workdir, so that this test's records stay apart from the other tests'.
   copy = tmp_path / 'wd'
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('metrics.jsonl', 'tensorboard'))
   config = with_inference(config.copy_and_resolve_references(), flip=True)
-  result = evaluate.evaluate(config, str(copy))
+  result = cli.evaluate_checkpoint(config, str(copy))
   # Reference: flip TTA by hand with the bare model (96 x 96 images go whole, no padding): the mean of the
   # softmax of the image's logits and of the flipped image's logits flipped back; mean IoU in numpy.
   model_logits, _ = restored
@@ -310,7 +310,7 @@ def test_run_py_predict_skips_a_corrupt_file_and_writes_the_rest(trained, restor
 
 
 def test_wrong_model_config_and_missing_input_give_clear_errors(trained, tmp_path):
-  from jaxseg import inference, predict  # pylint: disable=g-import-not-at-top
+  from jaxseg import inference, predict, settings  # pylint: disable=g-import-not-at-top
   from jaxseg.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
   config, workdir = trained
   other = config.copy_and_resolve_references()
@@ -320,9 +320,9 @@ def test_wrong_model_config_and_missing_input_give_clear_errors(trained, tmp_pat
   with pytest.raises(DataError, match='does not exist'):
     predict.predict(config, workdir, str(tmp_path / 'nothing_here.png'))
   with pytest.raises(ConfigError, match='config.inference.mode'):
-    inference.options_from_config(with_inference(config.copy_and_resolve_references(), mode='tiles'))
+    settings.from_config(with_inference(config.copy_and_resolve_references(), mode='tiles'))
   with pytest.raises(ConfigError, match='stride'):
-    inference.options_from_config(config, window=(32, 32), stride=(40, 40))
+    settings.from_config(config).inference_options(window=(32, 32), stride=(40, 40))
 
 
 # ---------------------------------------------------------------------------

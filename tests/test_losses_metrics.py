@@ -111,7 +111,7 @@ def test_binary_task_reports_foreground_iou_and_dice():
 def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_means():
   """Devices with very different numbers of valid pixels: the loss weighs every pixel equally."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from jaxseg import models, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import models, settings, sharding, train  # pylint: disable=g-import-not-at-top
   from jaxseg import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data.datasets import DatasetSpec  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -126,9 +126,10 @@ def test_train_step_loss_is_the_mean_over_the_global_batch_not_a_mean_of_device_
                      eval_split='validation')
   config.input.crop_size = (8, 8)
   mesh = sharding.make_mesh()
-  setup = state_lib.build(config, 3, mesh)
+  run_settings = settings.from_config(config)
+  setup = state_lib.build(run_settings, 3, mesh)
   state = setup.init_state()
-  step = train.make_train_step(config, spec, setup, None)
+  step = train.make_train_step(run_settings, spec, setup, None)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(n_dev, 2, 8, 8, 3), dtype=np.uint8)
   labels = rng.integers(0, 3, size=(n_dev, 2, 8, 8)).astype(np.uint8)

@@ -11,7 +11,6 @@ from jaxseg.models import layers
 from jaxseg.models.fcn import FCN
 from jaxseg.models.unet import UNet
 from jaxseg.errors import ConfigError
-import ml_collections
 
 
 def param_count(model, size=64):
@@ -133,7 +132,8 @@ def test_fcn_uses_the_matrix_product_fc6_only_on_maps_smaller_than_its_kernel():
   model = FCN(variant='fcn32s', **kw)
   for size, expect_matmul in ((64, True), (96, False)):  # pool5 maps 2x2 and 3x3 for a 3x3 fc6
     x = jnp.ones((1, size, size, 3))
-    jaxpr = str(jax.make_jaxpr(lambda v, a: model.apply(v, a))(model.init(jax.random.key(0), x), x))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))  # Shapes suffice to trace the program.
+    jaxpr = str(jax.make_jaxpr(lambda v, a: model.apply(v, a))(variables, x))
     convs_with_3x3_fc6 = jaxpr.count('conv_general_dilated')
     # The backbone has 13 convolutions plus fc7 and score_fr (1x1); fc6 adds one unless it is a matmul.
     assert convs_with_3x3_fc6 == (15 if expect_matmul else 16), (size, convs_with_3x3_fc6)
@@ -148,6 +148,49 @@ def test_bilinear_kernel_upsamples_a_constant_to_a_constant_inside():
 
 def test_registry_rejects_unknown_model_and_unknown_fields():
   with pytest.raises(ConfigError, match='resnet'):
-    models.create_model(ml_collections.ConfigDict({'name': 'resnet'}), num_classes=2)
+    models.create_model('resnet', {}, num_classes=2)
   with pytest.raises(ConfigError, match='variant'):
-    models.create_model(ml_collections.ConfigDict({'name': 'unet', 'variant': 'fcn8s'}), num_classes=2)
+    models.create_model('unet', {'variant': 'fcn8s'}, num_classes=2)
+
+
+def padded_and_output_shapes(model, x):
+  """(the input shape the model's first convolution sees, the logits' shape): shapes only, nothing computed.
+
+  Every model pads its input at the bottom/right and then convolves it first, so the first nn.Conv's input is the
+  padded image.
+  """
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Conv) and context.method_name == '__call__' and not seen:
+      seen.append(tuple(args[0].shape))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    out, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False))
+  return seen[0], tuple(out.shape)
+
+
+# (model name, fields, size_multiple by hand, input H x W, padded H x W by hand: each side rounded up to the multiple).
+SIZE_MULTIPLE_CASES = [
+    ('unet', {'base_width': 4, 'depth': 2}, 2 ** 2, (38, 22), (40, 24)),
+    ('unet', {'base_width': 4, 'depth': 3}, 2 ** 3, (37, 21), (40, 24)),
+    ('unet', {'base_width': 4, 'depth': 3}, 2 ** 3, (40, 24), (40, 24)),  # A multiple of 8, not of 16 or 32.
+    ('unet', {'encoder': 'resnet18'}, 32, (50, 70), (64, 96)),
+    ('fcn', {'width_multiplier': 0.125, 'fc_width': 16, 'fc6_kernel': 3}, 32, (70, 45), (96, 64)),
+    ('fcn_vgg16', {'variant': 'fcn32s'}, 32, (53, 71), (64, 96)),
+    ('deeplabv3plus', {'encoder': 'resnet18', 'output_stride': 16}, 16, (40, 56), (48, 64)),
+    ('deeplabv3plus', {'encoder': 'resnet18', 'output_stride': 8}, 8, (40, 56), (40, 56)),  # Not of 16 or 32.
+]
+
+
+@pytest.mark.parametrize('name,fields,multiple,size,padded', SIZE_MULTIPLE_CASES,
+                         ids=[f'{c[0]}-{c[2]}-{c[3][0]}x{c[3][1]}' for c in SIZE_MULTIPLE_CASES])
+def test_size_multiple_is_what_the_model_pads_to(name, fields, multiple, size, padded):
+  """UNet 2**depth, UNet on an encoder 32, FCN and FCN-VGG16 32 (pool5), DeepLabV3+ its output_stride: the input
+  is zero-padded to that multiple (no further) and the logits cropped back to the input's size."""
+  model = models.create_model(name, fields, num_classes=3)
+  assert model.size_multiple == multiple
+  first_conv_input, logits = padded_and_output_shapes(model, jnp.zeros((2,) + size + (3,)))
+  assert first_conv_input == (2,) + padded + (3,)
+  assert logits == (2,) + size + (3,)

@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 from configs import default
-from jaxseg import checkpoint as checkpoint_lib
-from jaxseg import config_utils
 from jaxseg import evaluate
 from jaxseg import optim
+from jaxseg import settings as settings_lib
 from jaxseg import sharding
 from jaxseg import state as state_lib
 from jaxseg import train
@@ -56,12 +55,14 @@ SCHEDULES = [
 def test_adamw_first_two_updates_match_numpy(fields, num_steps, lrs):
   """Bias-corrected Adam moments, then param -= lr_t * (m_hat / (sqrt(v_hat) + eps) + wd * param) on kernels only."""
   b1, b2, eps, wd = 0.8, 0.95, 1e-3, 0.05  # Not optax's defaults: the config's fields must reach the optimiser.
-  opt_config = default.get_config().optimizer
-  opt_config.update(name='adamw', learning_rate=BASE_LR, b1=b1, b2=b2, eps=eps, weight_decay=wd, **fields)
-  tx = optim.create_optimizer(opt_config, optim.create_learning_rate_schedule(opt_config, num_steps))
-
+  config = default.get_config()
+  config.optimizer.update(name='adamw', learning_rate=BASE_LR, b1=b1, b2=b2, eps=eps, weight_decay=wd, **fields)
+  settings = settings_lib.from_config(config)
   rng = np.random.default_rng(0)
   params = _tree(rng)
+  # The default parameter-group rules (no weight decay on biases and norm scales), as training builds them.
+  tx = optim.create_optimizer(settings.optimizer, optim.create_learning_rate_schedule(settings.optimizer, num_steps),
+                              settings.param_rules, params)
   grads = [_tree(rng), _tree(rng)]
   to32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
   got = to32(params)
@@ -98,8 +99,9 @@ def test_adamw_first_two_updates_match_numpy(fields, num_steps, lrs):
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('optimizer.name', 'adam', "config.optimizer.name='adam'"),
-    ('optimizer.schedule', 'step', "config.optimizer.schedule='step'"),
+    ('optimizer.name', 'adam', "config.optimizer.name must be one of ('sgd', 'adamw'), got 'adam'"),
+    ('optimizer.schedule', 'step',
+     "config.optimizer.schedule must be one of ('constant', 'cosine', 'poly'), got 'step'"),
     ('optimizer.b1', 1.0, 'config.optimizer.b1 must be a number in [0, 1)'),
     ('optimizer.b2', -0.1, 'config.optimizer.b2 must be a number in [0, 1)'),
     ('optimizer.eps', 0.0, 'config.optimizer.eps must be a number in (0, inf)'),
@@ -116,15 +118,7 @@ def test_bad_optimizer_and_ema_values_name_the_field(field, value, message):
     target = target[p]
   target[last] = value
   with pytest.raises(ConfigError, match=re.escape(message)):
-    config_utils.validate(config)
-
-
-def test_ema_off_keeps_the_train_state_of_before():
-  """ema_decay 0 (the default): a plain TrainState, no EMA fields, so earlier checkpoints restore."""
-  config = tiny_unet_config('unused')
-  setup = state_lib.build(config, NUM_CLASSES, sharding.make_mesh(jax.devices()[:1]))
-  assert type(setup.abstract_state) is state_lib.TrainState  # pylint: disable=unidiomatic-typecheck
-  assert not hasattr(setup.abstract_state, 'ema_params')
+    settings_lib.from_config(config)
 
 
 # ---------------------------------------------------------------------------
@@ -152,13 +146,14 @@ def test_ema_after_real_train_steps_matches_numpy(tmp_path, monkeypatch):
       'optimizer.warmup_steps': 0, 'sharding': 'fsdp'})
   monkeypatch.setattr(sharding, 'FSDP_MIN_SIZE', 256)  # Split even the tiny model's kernels.
   mesh = sharding.make_mesh(jax.devices()[:4])
-  setup = state_lib.build(config, NUM_CLASSES, mesh)
+  settings = settings_lib.from_config(config)
+  setup = state_lib.build(settings, NUM_CLASSES, mesh)
   assert isinstance(setup.abstract_state, state_lib.EmaTrainState)
   specs = lambda tree: jax.tree.map(lambda s: s.spec, tree)
   assert specs(setup.state_sharding.ema_params) == specs(setup.state_sharding.params)
   assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(setup.state_sharding.ema_params))
 
-  step_fn = train.make_train_step(config, SPEC, setup, class_weights=None)
+  step_fn = train.make_train_step(settings, SPEC, setup, class_weights=None)
   state = setup.init_state()
   host = jax.device_get(state)
   assert max_abs_diff(host.ema_params, host.params) == 0.0  # The average starts at the initial weights.
@@ -206,7 +201,7 @@ def averaged_run(shapes_data_dir, tmp_path_factory):
 def _bare_logits(config, variables, images):
   """The bare Flax module applied to `variables` (no jaxseg step, Predictor or restore)."""
   from jaxseg import models  # pylint: disable=g-import-not-at-top
-  model = state_lib.build_model(config, NUM_CLASSES)
+  model = state_lib.build_model(settings_lib.from_config(config), NUM_CLASSES)
   return np.asarray(model.apply(variables, models.normalize_images(jnp.asarray(images), jnp.float32), train=False))
 
 
@@ -223,13 +218,13 @@ def test_the_evaluator_scores_the_averaged_weights(tmp_path):
       Image.fromarray(rng.integers(0, NUM_CLASSES, (h, w), dtype=np.uint8)).save(root / split / 'masks' / f'{i}.png')
   overrides = {'dataset.name': 'folder', 'dataset.path': str(root), 'dataset.num_classes': NUM_CLASSES,
                'input.eval_size': (24, 24), 'eval_batch_size': 4}
-  config = tiny_unet_config(str(tmp_path / 'tfds'), ema_decay=0.99, **overrides)
-  plain_config = tiny_unet_config(str(tmp_path / 'tfds'), **overrides)
-  spec, builder = datasets.open_dataset(config.dataset)
-  eval_data = pipeline.eval_dataset(builder, spec, config.input, global_batch=4, process_index=0, process_count=1,
+  settings = settings_lib.from_config(tiny_unet_config(str(tmp_path / 'tfds'), ema_decay=0.99, **overrides))
+  plain_settings = settings_lib.from_config(tiny_unet_config(str(tmp_path / 'tfds'), **overrides))
+  spec, builder = datasets.open_dataset(settings.dataset)
+  eval_data = pipeline.eval_dataset(builder, spec, settings.input, global_batch=4, process_index=0, process_count=1,
                                     cache=False)
   mesh = sharding.make_mesh()
-  setup = state_lib.build(config, NUM_CLASSES, mesh)
+  setup = state_lib.build(settings, NUM_CLASSES, mesh)
   host = jax.device_get(setup.init_state())
   # Averages and live weights that predict differently: the live ones perturbed, statistics apart.
   noise = np.random.default_rng(1)
@@ -237,13 +232,13 @@ def test_the_evaluator_scores_the_averaged_weights(tmp_path):
   live_stats = jax.tree.map(lambda x: x + 0.3, host.batch_stats)
   ema_stats = jax.tree.map(lambda x: x + 0.1, host.batch_stats)
   ema_state = host.replace(params=live_params, batch_stats=live_stats, ema_batch_stats=ema_stats)
-  got = evaluate.Evaluator(config, spec, setup).run(ema_state, eval_data)
+  got, _ = evaluate.Evaluator(spec, setup, settings.inference_options()).run(ema_state, eval_data)
 
-  plain_setup = state_lib.build(plain_config, NUM_CLASSES, mesh)
+  plain_setup = state_lib.build(plain_settings, NUM_CLASSES, mesh)
   plain = jax.device_get(plain_setup.init_state())
-  plain_evaluator = evaluate.Evaluator(plain_config, spec, plain_setup)
-  with_averages = plain_evaluator.run(plain.replace(params=host.ema_params, batch_stats=ema_stats), eval_data)
-  with_live = plain_evaluator.run(plain.replace(params=live_params, batch_stats=live_stats), eval_data)
+  plain_evaluator = evaluate.Evaluator(spec, plain_setup, plain_settings.inference_options())
+  with_averages, _ = plain_evaluator.run(plain.replace(params=host.ema_params, batch_stats=ema_stats), eval_data)
+  with_live, _ = plain_evaluator.run(plain.replace(params=live_params, batch_stats=live_stats), eval_data)
 
   confusion = np.asarray(got['confusion_matrix'])
   assert confusion.sum() == 24 * 24 + 16 * 20 + 40 * 18  # Every pixel, the large image's included.
@@ -273,6 +268,5 @@ def test_predict_and_export_use_the_averaged_weights(shapes_data_dir, averaged_r
   np.testing.assert_allclose(export.load(out)(images)['logits'], averaged, atol=1e-4)
 
   no_ema = tiny_unet_config(shapes_data_dir, **dict(OVERRIDES, ema_decay=0.0))
-  setup = state_lib.build(no_ema, NUM_CLASSES, sharding.make_mesh(jax.devices()[:1]))
   with pytest.raises(ConfigError, match=re.escape('ema_decay > 0: False here, True in training')):
-    checkpoint_lib.restore_trained(no_ema, str(workdir), setup.abstract_state, checkpoint='latest')
+    inference.load_predictor(no_ema, str(workdir), checkpoint='latest')

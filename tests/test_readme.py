@@ -199,12 +199,11 @@ def test_the_readme_documents_commands_and_each_is_run_or_said_why_not():
 @pytest.mark.parametrize('command', RECIPES_ONLY, ids=[c.source for c in RECIPES_ONLY])
 def test_a_recipe_command_the_readme_does_not_show_builds_its_model(command):
   """Its config passes jaxseg's checks and its model builds (train, eval and predict of the same model run above)."""
-  from jaxseg import config_utils, state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxseg import settings as settings_lib, state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   args = fill(command, {'tfds': '/nonexistent', 'folder': '/nonexistent'})
-  config = resolved_config(command, args)
-  config_utils.validate(config)
-  state_lib.build_model(config, datasets.resolve_spec(config.dataset).num_classes)
+  settings = settings_lib.from_config(resolved_config(command, args))
+  state_lib.build_model(settings, datasets.resolve_spec(settings.dataset).num_classes)
 
 
 # ---------------------------------------------------------------------------

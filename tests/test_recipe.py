@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxseg import config_utils
 from jaxseg import recipe
+from jaxseg import settings as settings_lib
 from jaxseg.data import datasets
 from jaxseg.errors import ConfigError
 from tests.conftest import tiny_unet_config
@@ -48,17 +48,27 @@ def _config(tmp_path, **overrides):
   return config
 
 
+def _resolve(settings, spec, builder):
+  """recipe.resolve's settings, and its printed choices: {field: (value as printed, reason)}."""
+  with jaxseg_log_records() as records:
+    resolved = recipe.resolve(settings, spec, builder)
+  printed = [re.fullmatch(r'Auto recipe: ([a-z_.]+)=(.*?): (.*)\.', r.getMessage(), re.S) for r in records]
+  return resolved, {m.group(1): (m.group(2), m.group(3)) for m in printed if m}
+
+
 @pytest.mark.parametrize('value, expected', [
     ('auto', 'auto'), (('auto',), 'auto'), ('(96,128)', (96, 128)), ('96, 128', (96, 128)), ((64, 32), (64, 32)),
 ])
 def test_size_values_as_configs_and_command_lines_give_them(value, expected):
-  assert config_utils.size_value(value, 'input.crop_size') == expected
+  config = tiny_unet_config('', **{'input.crop_size': value})
+  assert settings_lib.from_config(config).input.crop_size == expected
 
 
 @pytest.mark.parametrize('value', ['big', (64,), (64, 0), (64.0, 64), '(1, 2, 3)', (True, 4)])
 def test_a_bad_size_names_the_field(value):
+  config = tiny_unet_config('', **{'input.crop_size': value})
   with pytest.raises(ConfigError, match=re.escape("config.input.crop_size must be 'auto' or (height, width)")):
-    config_utils.size_value(value, 'input.crop_size')
+    settings_lib.from_config(config)
 
 
 @pytest.mark.parametrize('model, multiple', [({'name': 'unet', 'depth': 3}, 8), ({'name': 'unet', 'depth': 4}, 16),
@@ -66,27 +76,32 @@ def test_a_bad_size_names_the_field(value):
                                              ({'name': 'fcn'}, 32)])
 def test_size_multiple_is_the_models_padding_factor(model, multiple):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  assert recipe.size_multiple(ml_collections.ConfigDict(model)) == multiple
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model = ml_collections.ConfigDict(model)
+  assert settings_lib.from_config(config).model.size_multiple == multiple
 
 
 def test_auto_fields_follow_the_data(tmp_path):
   masks = _write(tmp_path / 'ds', {'train': TRAIN_SIZES, 'val': VAL_SIZES}, rare_class_pixels=20)
   config = _config(tmp_path, **{'input.crop_size': 'auto', 'input.eval_size': 'auto',
                                 'loss.class_weighting': 'auto'})
-  spec, builder = datasets.open_dataset(config.dataset)
-  resolved, choices = recipe.resolve(config, spec, builder)
-  chosen = {c.field: c.value for c in choices}
+  settings = settings_lib.from_config(config)
+  spec, builder = datasets.open_dataset(settings.dataset)
+  resolved, printed = _resolve(settings, spec, builder)
   # Crop: median 90 x 130 rounded to multiples of 2**3: 88 (11.25 -> 11) x 128 (16.25 -> 16).
-  assert chosen['input.crop_size'] == (88, 128) == tuple(resolved.input.crop_size)
+  assert printed['input.crop_size'][0] == '(88, 128)' and resolved.input.crop_size == (88, 128)
   # Eval size: the largest sides 100 and 140 rounded up: 104 (12.5 -> 13) x 144 (17.5 -> 18); both images fit.
-  assert chosen['input.eval_size'] == (104, 144) == tuple(resolved.input.eval_size)
+  assert printed['input.eval_size'][0] == '(104, 144)' and resolved.input.eval_size == (104, 144)
   # Class pixels, counted here: class 2 (20 per image) against class 0 (the rest): far over 10x apart.
   counts = sum(np.bincount(m[m != IGNORE], minlength=4) for m in masks['train'])
   assert counts[0] / counts[2] > 10 and counts[3] == 0
-  assert chosen['loss.class_weighting'] == 'median_frequency' == resolved.loss.class_weighting
-  reason = {c.field: c.reason for c in choices}['loss.class_weighting']
+  assert printed['loss.class_weighting'][0] == "'median_frequency'"
+  assert resolved.loss.class_weighting == 'median_frequency'
+  reason = printed['loss.class_weighting'][1]
   assert f'{100 * counts[2] / counts.sum():.2g}% (class 2)' in reason and '1 class(es) absent' in reason
-  assert config.input.crop_size == 'auto'  # The caller's config is left as it was.
+  assert settings.input.crop_size == 'auto'  # The caller's settings are left as they were.
+  assert resolved.auto_fields() == []
 
 
 def test_balanced_classes_are_not_weighted_and_explicit_values_win(tmp_path):
@@ -98,15 +113,16 @@ def test_balanced_classes_are_not_weighted_and_explicit_values_win(tmp_path):
     mask[-3:, :] = 2
     Image.fromarray(mask).save(path)
   config = _config(tmp_path, **{'input.crop_size': (24, 40), 'loss.class_weighting': 'auto'})
-  spec, builder = datasets.open_dataset(config.dataset)
-  resolved, choices = recipe.resolve(config, spec, builder)
-  assert [c.field for c in choices] == ['loss.class_weighting']
+  settings = settings_lib.from_config(config)
+  spec, builder = datasets.open_dataset(settings.dataset)
+  resolved, printed = _resolve(settings, spec, builder)
+  assert list(printed) == ['loss.class_weighting']
   assert resolved.loss.class_weighting == 'none'
-  assert tuple(resolved.input.crop_size) == (24, 40) and tuple(resolved.input.eval_size) == (96, 96)
+  assert resolved.input.crop_size == (24, 40) and resolved.input.eval_size == (96, 96)
 
 
 def test_training_prints_and_saves_its_choices_and_eval_reuses_them(tmp_path):
-  from jaxseg import evaluate, train  # pylint: disable=g-import-not-at-top
+  from jaxseg import cli, startup, train  # pylint: disable=g-import-not-at-top
   _write(tmp_path / 'ds', {'train': TRAIN_SIZES, 'val': VAL_SIZES}, rare_class_pixels=20)
   overrides = {'input.crop_size': 'auto', 'input.eval_size': 'auto', 'loss.class_weighting': 'auto',
                'num_train_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2, 'log_every_steps': 1,
@@ -126,8 +142,9 @@ def test_training_prints_and_saves_its_choices_and_eval_reuses_them(tmp_path):
   assert saved['loss']['class_weighting'] == 'median_frequency'
 
   # --mode=eval with the same 'auto' config scores at the size training chose: every pixel once.
-  result = evaluate.evaluate(_config(tmp_path, **overrides), str(workdir), checkpoint='latest')
+  result = cli.evaluate_checkpoint(_config(tmp_path, **overrides), str(workdir), checkpoint='latest')
   assert np.asarray(result['confusion_matrix']).sum() == sum(h * w for h, w in VAL_SIZES) - 3 * len(VAL_SIZES)
   # A workdir that never trained has no choice to reuse.
   with pytest.raises(ConfigError, match=re.escape("config.input.crop_size='auto' is chosen by training")):
-    recipe.settle(_config(tmp_path, **overrides), str(tmp_path / 'elsewhere'))
+    recipe.settle(settings_lib.from_config(_config(tmp_path, **overrides)),
+                  startup.trained_settings(str(tmp_path / 'elsewhere')), str(tmp_path / 'elsewhere' / 'config.json'))

@@ -7,6 +7,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxseg import settings as settings_lib
 from jaxseg import sharding
 from jaxseg import state as state_lib
 from jaxseg import train
@@ -45,8 +46,9 @@ def _batches(n, batch=8, size=32, seed=0):
 def _train(config, devices, batches):
   """Runs the production train step over a mesh of `devices`; returns (losses, host state)."""
   mesh = sharding.make_mesh(devices)
-  setup = state_lib.build(config, NUM_CLASSES, mesh)
-  step = train.make_train_step(config, SPEC, setup, class_weights=None)
+  settings = settings_lib.from_config(config)
+  setup = state_lib.build(settings, NUM_CLASSES, mesh)
+  step = train.make_train_step(settings, SPEC, setup, class_weights=None)
   state = setup.init_state()
   got = []
   for batch in batches:
@@ -91,7 +93,8 @@ def test_first_step_matches_a_plain_jax_grad(reference_run, mean, std):
   config.optimizer.warmup_steps = 0  # The first step's learning rate is the peak, not 0.
   config.model.input_mean, config.model.input_std = mean, std
   mesh = sharding.make_mesh(jax.devices()[:4])
-  setup = state_lib.build(config, NUM_CLASSES, mesh)
+  settings = settings_lib.from_config(config)
+  setup = state_lib.build(settings, NUM_CLASSES, mesh)
   host = jax.device_get(setup.init_state())
   batch = batches[0]
   mean = np.array(mean or (123.675, 116.28, 103.53))
@@ -108,7 +111,7 @@ def test_first_step_matches_a_plain_jax_grad(reference_run, mean, std):
 
   grads = jax.jit(jax.grad(loss_fn))(host.params)  # Jitted: op-by-op on CPU takes half a minute.
   lr0 = float(setup.learning_rate_fn(0))
-  step = train.make_train_step(config, SPEC, setup, class_weights=None)
+  step = train.make_train_step(settings, SPEC, setup, class_weights=None)
   new_state, metrics = step(setup.init_state(), sharding.global_batch(batch, mesh))
   assert float(metrics['loss']) == pytest.approx(float(jax.jit(loss_fn)(host.params)), rel=1e-5)
   # SGD + momentum from zero + L2 on kernels: first update = -lr * (g + wd * p for kernels).
@@ -120,8 +123,9 @@ def test_first_step_matches_a_plain_jax_grad(reference_run, mean, std):
 def test_the_state_is_donated_and_updated_in_place(reference_run):
   config, batches, _ = reference_run
   mesh = sharding.make_mesh(jax.devices()[:2])
-  setup = state_lib.build(config, NUM_CLASSES, mesh)
-  step = train.make_train_step(config, SPEC, setup, class_weights=None)
+  settings = settings_lib.from_config(config)
+  setup = state_lib.build(settings, NUM_CLASSES, mesh)
+  step = train.make_train_step(settings, SPEC, setup, class_weights=None)
   state = setup.init_state()
   batch = sharding.global_batch(batches[0], mesh)
   compiled = step.lower(state, batch).compile()
@@ -144,7 +148,7 @@ def test_fsdp_splits_the_state_across_devices(tmp_path):
   per_device = {}
   for mode in ('replicated', 'fsdp'):
     config.sharding = mode
-    state = state_lib.build(config, NUM_CLASSES, mesh).init_state()
+    state = state_lib.build(settings_lib.from_config(config), NUM_CLASSES, mesh).init_state()
     per_device[mode] = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
     total = sum(x.nbytes for x in jax.tree.leaves(state))
   assert per_device['replicated'] == total
@@ -182,7 +186,8 @@ def test_a_state_from_a_weight_file_with_averages_owns_every_buffer(devices, lay
   safetensors.numpy.save_file(file_values, path)
   config = tiny_unet_config('', **{'model.encoder': 'resnet18', 'model.encoder_weights': path, 'ema_decay': 0.99,
                                    'sharding': layout})
-  state = state_lib.build(config, NUM_CLASSES, sharding.make_mesh(jax.devices()[:devices])).init_state()
+  state = state_lib.build(settings_lib.from_config(config), NUM_CLASSES,
+                          sharding.make_mesh(jax.devices()[:devices])).init_state()
 
   buffers = _buffers(state)
   assert len(set(buffers)) == len(buffers)

@@ -43,17 +43,17 @@ def test_a_bad_config_value_is_a_clear_error_from_run_py(tmp_path, shapes_data_d
 
 @pytest.mark.parametrize('field,value,message', [
     ('model.name', 'resnet', "config.model.name='resnet' is not a known model"),
-    ('dataset.num_classes', 1, 'config.dataset.num_classes must be >= 2'),
+    ('dataset.num_classes', 1, 'config.dataset.num_classes must be an integer in [2, 255]'),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
   from configs import unet  # pylint: disable=g-import-not-at-top
-  from jaxseg import config_utils  # pylint: disable=g-import-not-at-top
+  from jaxseg import settings  # pylint: disable=g-import-not-at-top
   from jaxseg.errors import ConfigError  # pylint: disable=g-import-not-at-top
   config = unet.get_config()
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(ConfigError, match=re.escape(message)):
-    config_utils.validate(config)
+    settings.from_config(config)
 
 
 def test_train_and_evaluate_in_process_learns_something(shapes_data_dir, tmp_path):

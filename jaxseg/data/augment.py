@@ -25,6 +25,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from jaxseg.errors import ConfigError
+from jaxseg.settings import size_pair
 
 # Fixed number of sub-seeds split off the example seed. It never depends on
 # which augmentations are enabled, so turning e.g. photometric distortion on
@@ -36,20 +37,6 @@ _NUM_SUBSEEDS = 8
 (_COIN_FLIP, _COIN_BRIGHTNESS, _COIN_CONTRAST_MODE, _COIN_CONTRAST,
  _COIN_SATURATION, _COIN_HUE) = range(6)
 _NUM_COINS = 6
-
-
-def _check_size(name: str, size: Sequence[int]) -> tuple[int, int]:
-  """Validates a static (height, width) pair of positive ints."""
-  try:
-    h, w = (int(s) for s in size)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(
-        f"{name} must be a (height, width) pair of ints, got {size!r}") from e
-  if h <= 0 or w <= 0 or (h, w) != tuple(size):
-    raise ConfigError(
-        f"{name} must be a (height, width) pair of positive ints, got "
-        f"{size!r}")
-  return h, w
 
 
 def _check_range(name: str, value: Sequence[float], lowest: float) -> tuple[
@@ -130,7 +117,7 @@ def pad_to_size(image, label, size: tuple[int, int], *,
       either dimension; raised at trace time when the shape is static, else
       when the op runs.
   """
-  size_h, size_w = _check_size("size", size)
+  size_h, size_w = size_pair(size, "pad_to_size: size")
   image = _as_image(image)
   label = _as_label(label)
   message = (f"pad_to_size: image [height, width] must be <= target size "
@@ -288,7 +275,7 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
   Raises:
     ConfigError: if a static argument is invalid.
   """
-  crop_h, crop_w = _check_size("crop_size", crop_size)
+  crop_h, crop_w = size_pair(crop_size, "crop_size")
   scale_lo, scale_hi = _check_range("scale_range", scale_range, 1e-6)
   if photometric:
     contrast = _check_range("contrast", contrast, 0.0)

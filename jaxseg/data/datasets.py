@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
+import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core.utils import py_utils
@@ -177,6 +178,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_labels(num_classes, ignore_label) -> None:
+  """ConfigError unless num_classes >= 2 and ignore_label lies in [num_classes, 255] (labels travel as uint8, and an
+  ignore label below num_classes would silently drop a class)."""
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  if not is_int(num_classes) or not 2 <= num_classes <= 255:
+    raise ConfigError(f'config.dataset.num_classes must be an integer in [2, 255] (a binary task has 2: background '
+                      f'and foreground), got {num_classes!r}')
+  if not is_int(ignore_label) or not num_classes <= ignore_label <= 255:
+    raise ConfigError(f'config.dataset.ignore_label must be an integer in [num_classes, 255] = [{num_classes}, 255] '
+                      f'(labels travel as uint8; below num_classes it would collide with a class index), got '
+                      f'{ignore_label!r}')
+
+
 def resolve_spec(dataset_config) -> DatasetSpec:
   """Merges the preset named by `dataset_config.name` with the fields set in the config, and checks them."""
   name = dataset_config['name']
@@ -192,13 +206,8 @@ def resolve_spec(dataset_config) -> DatasetSpec:
   num_classes = preset['num_classes']
   if num_classes is None:
     raise ConfigError(f'config.dataset.num_classes must be set for dataset {name!r}')
-  if not isinstance(num_classes, int) or num_classes < 2:
-    raise ConfigError(f'config.dataset.num_classes must be an integer >= 2 (a binary task has 2: background '
-                      f'and foreground), got {num_classes!r}')
   ignore_label = dataset_config.get('ignore_label', 255)
-  if not 0 <= ignore_label <= 255 or ignore_label < num_classes:
-    raise ConfigError(f'config.dataset.ignore_label must be in [num_classes, 255] = [{num_classes}, 255] '
-                      f'(labels travel as uint8), got {ignore_label}')
+  check_labels(num_classes, ignore_label)
   class_names = preset['class_names']
   if class_names is None:
     class_names = tuple(f'class_{i}' for i in range(num_classes))

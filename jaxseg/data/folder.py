@@ -42,7 +42,7 @@ import tqdm
 
 from jaxseg.data import datasets
 from jaxseg.data.datasets import ARRAY_RECORD
-from jaxseg.image_io import CHANNEL_COUNTS, IMAGE_EXTENSIONS, read_image, read_mask
+from jaxseg.image_io import IMAGE_EXTENSIONS, check_channels, read_image, read_mask
 from jaxseg.errors import ConfigError
 from jaxseg.errors import DataError
 
@@ -68,37 +68,12 @@ class Pair(NamedTuple):
 
 
 def _check_params(num_classes: int, ignore_label: int, channels: int = 3) -> None:
-  """Raises ConfigError for out-of-range num_classes / ignore_label / channels."""
-  if channels not in CHANNEL_COUNTS or isinstance(channels, bool):
-    raise ConfigError(
-        f'config.model.in_channels={channels!r}: folder images can be read '
-        f'with {CHANNEL_COUNTS} channels (1: grayscale, 3: RGB, 4: 4-band '
-        'png/tif).'
-    )
-  if (
-      isinstance(num_classes, bool)
-      or not isinstance(num_classes, (int, np.integer))
-      or not 2 <= num_classes <= 255
-  ):
-    raise ConfigError(
-        f'dataset.num_classes={num_classes!r} must be an integer in 2..255 '
-        '(masks are uint8 and 255 is reserved for ignore).'
-    )
-  if (
-      isinstance(ignore_label, bool)
-      or not isinstance(ignore_label, (int, np.integer))
-      or not 0 <= ignore_label <= 255
-  ):
-    raise ConfigError(
-        f'dataset.ignore_label={ignore_label!r} must be an integer in 0..255.'
-    )
-  if ignore_label < num_classes:
-    # Otherwise a class index would silently be ignored.
-    raise ConfigError(
-        f'dataset.ignore_label={ignore_label} must be >= '
-        f'dataset.num_classes={num_classes}; it would collide with a class '
-        'index.'
-    )
+  """ConfigError for a channel count, num_classes or ignore_label a folder dataset cannot hold."""
+  try:
+    check_channels(channels, 'config.model.in_channels')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  datasets.check_labels(num_classes, ignore_label)
 
 
 def _check_layout(path: str) -> str:

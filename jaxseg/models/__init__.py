@@ -8,82 +8,72 @@ import jax.numpy as jnp
 from jaxseg.errors import ConfigError
 from jaxseg.models.deeplabv3plus import build_deeplabv3plus
 from jaxseg.models.fcn import FCN
-from jaxseg.models.fcn_vgg16 import build_fcn_vgg16
+from jaxseg.models.encoders.registry import ENCODER_SUBMODULE as ENCODER  # noqa: F401
+from jaxseg.models.fcn_vgg16 import FCNVGG16, build_fcn_vgg16, with_pretrained_classifier
 from jaxseg.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize_images  # noqa: F401
 from jaxseg.models.unet import UNet
 from jaxseg.models.unet_encoder import UNET_ENCODERS, EncoderUNet
 
 
-def build_unet(*, num_classes: int, dtype: Any, encoder: Optional[str] = None, encoder_weights: Optional[str] = None,
-               **unet_fields) -> nn.Module:
+def build_unet(*, num_classes: int, dtype: Any, encoder: Optional[str] = None, **unet_fields) -> nn.Module:
   """config.model.encoder None: the plain UNet (base_width, depth, norm, upsample); else EncoderUNet on it.
 
   With an encoder the plain UNet's fields are not used (every UNet config has them).
   """
   if encoder is None:
-    if encoder_weights:
-      raise ConfigError(f'config.model.encoder_weights={encoder_weights!r} needs config.model.encoder (one of '
-                        f'{list(UNET_ENCODERS)}); the plain UNet has no pretrained encoder')
     return UNet(num_classes=num_classes, dtype=dtype, **unet_fields)
   if encoder not in UNET_ENCODERS:
     raise ConfigError(f'config.model.encoder={encoder!r}: the UNet takes one of {list(UNET_ENCODERS)} (or None '
                       'for the plain UNet)')
-  # encoder_weights is not a module field: state.Setup.init_state puts the file into a fresh state
-  # (load_pretrained), and a restored run needs no file.
   return EncoderUNet(num_classes=num_classes, encoder_name=encoder, dtype=dtype)
 
 
-# name -> (module class or builder taking num_classes, dtype and the fields, the config fields it takes
-# besides num_classes/dtype).
+# name -> (module class or builder taking num_classes, dtype and the fields, the config.model fields it takes
+# besides name, encoder_weights and the input contract).
 MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
-    'unet': (build_unet, ('base_width', 'depth', 'norm', 'upsample', 'encoder', 'encoder_weights')),
+    'unet': (build_unet, ('base_width', 'depth', 'norm', 'upsample', 'encoder')),
     'fcn': (FCN, ('variant', 'width_multiplier', 'fc_width', 'fc6_kernel', 'dropout_rate', 'norm')),
-    'deeplabv3plus': (build_deeplabv3plus, ('encoder', 'encoder_weights', 'output_stride')),
-    'fcn_vgg16': (build_fcn_vgg16, ('variant', 'encoder', 'encoder_weights', 'dropout_rate')),
+    'deeplabv3plus': (build_deeplabv3plus, ('encoder', 'output_stride')),
+    'fcn_vgg16': (build_fcn_vgg16, ('variant', 'encoder', 'dropout_rate')),
 }
 
 
-def load_pretrained(model_config: Any, variables: dict) -> dict:
-  """`variables` (a freshly initialised model's) with what config.model's weights file provides, or as they are.
+def load_pretrained(model: nn.Module, variables: dict, path: str) -> dict:
+  """`variables` (a freshly initialised `model`'s) with its encoder's taken from the weight file at `path`.
 
-  config.model.encoder_weights: a torchvision/timm state dict for config.model.encoder, put into the
-  encoder submodule (its first convolution adapted when the model takes other than 3 input channels).
-  Raises WeightsError naming the file, the key and the shapes when the file does not fit.
-  'fcn_vgg16' also gets the file's ImageNet fc6/fc7 (VGG's classifier.0/3, reshaped into 7x7 and 1x1
-  convolutions) in params['fc6'], params['fc7']; a file without a classifier leaves them random, with a
-  logged warning (fcn_vgg16.with_pretrained_classifier).
+  The file is a torchvision/timm state dict for the model's encoder (its first convolution adapted when the
+  model takes other than 3 input channels); WeightsError names the file, the key and the shapes when it does
+  not fit. FCNVGG16 also gets the file's ImageNet fc6/fc7 (VGG's classifier.0/3, reshaped into 7x7 and 1x1
+  convolutions); a file without a classifier leaves them random, with a logged warning.
   """
-  path = model_config.get('encoder_weights')
-  if not path:
-    return variables
   from jaxseg.models.encoders import weights  # pylint: disable=g-import-not-at-top
-  if model_config.name == 'fcn_vgg16':
-    from jaxseg.models import fcn_vgg16  # pylint: disable=g-import-not-at-top
-    encoder = model_config.get('encoder') or 'vgg16'
-    read = weights.read_encoder_weights(encoder, path)  # Read once (~530 MB), for the encoder and fc6/fc7.
-    variables = weights.with_pretrained_encoder(variables, encoder, path, encoder_weights=read)
-    return fcn_vgg16.with_pretrained_classifier(variables, read.classifier, path)
-  return weights.with_pretrained_encoder(variables, model_config.encoder, path)
+  read = weights.read_encoder_weights(model.encoder_name, path)  # Read once (VGG16: ~530 MB), encoder and fc6/fc7.
+  variables = weights.with_pretrained_encoder(variables, model.encoder_name, path, encoder_weights=read)
+  if isinstance(model, FCNVGG16):
+    variables = with_pretrained_classifier(variables, read.classifier, path)
+  return variables
 
 
-INPUT_FIELDS = ('in_channels', 'input_mean', 'input_std')  # config.model fields any model takes.
+INPUT_FIELDS = ('in_channels', 'input_mean', 'input_std')  # config.model fields any model takes (the input contract).
 
 
-def register_model(name: str, cls: Callable[..., nn.Module], fields: tuple[str, ...]) -> None:
-  """Adds a model so that `config.model.name = name` builds it (a module class or a builder function)."""
-  MODELS[name] = (cls, fields)
+def has_encoder(model: nn.Module) -> bool:
+  """Whether `model` keeps a pretrained-style encoder as its submodule ENCODER."""
+  return hasattr(model, 'encoder_name')
 
 
-def create_model(model_config: Any, *, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
-  """Builds the module named by `model_config.name` with its configured fields."""
-  name = model_config.name
+def create_model(name: str, fields: dict, *, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
+  """The module `name` with its config.model `fields` (not name, encoder_weights or the input contract).
+
+  Raises ConfigError for a field the model does not take or a value it cannot build. Cheap (no parameters are
+  made), so the settings check builds it once. Every module states its `size_multiple`: the factor it pads its
+  input sides to.
+  """
   if name not in MODELS:
     raise ConfigError(f'config.model.name={name!r} is not a known model; choose one of {sorted(MODELS)}')
-  cls, fields = MODELS[name]
-  kwargs = {f: model_config[f] for f in fields if f in model_config}
-  # The input contract (channels, normalisation) is every model's; the step applies it, not the module.
-  unknown = set(model_config.keys()) - set(fields) - {'name'} - set(INPUT_FIELDS)
+  cls, known = MODELS[name]
+  unknown = set(fields) - set(known)
   if unknown:
     raise ConfigError(f'config.model has fields {sorted(unknown)} that model {name!r} does not take; '
-                      f'it takes {list(fields)}')
-  return cls(num_classes=num_classes, dtype=dtype, **kwargs)
+                      f'it takes {list(known)}')
+  return cls(num_classes=num_classes, dtype=dtype, **fields)

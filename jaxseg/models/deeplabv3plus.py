@@ -1,7 +1,7 @@
 """DeepLabV3+ (Chen et al., 2018) on a ResNet: segmentation_models_pytorch 0.6's `DeepLabV3Plus`, layer for layer.
 
-`config.model.name='deeplabv3plus'` (recipe configs/deeplabv3plus.py) builds it; `config.model.encoder_weights`
-starts its encoder (the submodule `encoder`) from a torchvision/timm weights file, as for the UNet.
+`config.model.name='deeplabv3plus'` (recipe configs/deeplabv3plus_resnet50_scene_parse150.py) builds it;
+`config.model.encoder_weights` starts its encoder (the submodule `encoder`) from a torchvision/timm weights file, as for the UNet.
 
 Layers (smp's names, '.' written '_': `decoder.aspp.0.convs.1.0.0.weight` is
 params['decoder']['aspp_0_convs_1_0_0']['kernel']):
@@ -132,18 +132,19 @@ class DeepLabV3Plus(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
 
+  @property
+  def size_multiple(self) -> int:
+    """Inputs are padded to a multiple of the encoder's coarsest stride."""
+    return self.output_stride
+
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    if self.encoder_name not in DEEPLAB_ENCODERS:
-      raise ConfigError(f'DeepLabV3+ takes encoder one of {list(DEEPLAB_ENCODERS)}, got {self.encoder_name!r}')
-    if self.output_stride not in OUTPUT_STRIDES:
-      raise ConfigError(f'DeepLabV3+ output_stride must be 16 or 8, got {self.output_stride!r}')
     rates = self.atrous_rates
     if rates is None:
       rates = tuple(r * 16 // self.output_stride for r in PAPER_ATROUS_RATES)
     if len(rates) != 3:
-      raise ConfigError(f'DeepLabV3+ atrous_rates must have 3 entries, got {rates!r}')
-    x, (h, w) = layers.pad_to_multiple(x, self.output_stride)
+      raise ValueError(f'DeepLabV3+ atrous_rates must have 3 entries, got {rates!r}')
+    x, (h, w) = layers.pad_to_multiple(x, self.size_multiple)
     features = encoder_registry.create_encoder(
         self.encoder_name, dtype=self.dtype, output_stride=self.output_stride, frozen_bn=self.frozen_bn,
         dilation_rule='smp', name=encoder_registry.ENCODER_SUBMODULE)(x, train=train)
@@ -156,9 +157,8 @@ class DeepLabV3Plus(nn.Module):
 
 
 def build_deeplabv3plus(*, num_classes: int, dtype: Any, encoder: Optional[str] = 'resnet50',
-                        encoder_weights: Optional[str] = None, output_stride: int = 16) -> nn.Module:
-  """config.model (name 'deeplabv3plus'; recipe configs/deeplabv3plus.py) -> DeepLabV3Plus."""
-  del encoder_weights  # Not a module field: state.Setup.init_state puts the file into a fresh state.
+                        output_stride: int = 16) -> nn.Module:
+  """config.model (name 'deeplabv3plus'; recipe configs/deeplabv3plus_resnet50_scene_parse150.py) -> DeepLabV3Plus."""
   if encoder not in DEEPLAB_ENCODERS:
     raise ConfigError(f'config.model.encoder={encoder!r}: DeepLabV3+ takes one of {list(DEEPLAB_ENCODERS)}')
   if output_stride not in OUTPUT_STRIDES:

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxseg.errors import ConfigError
 from jaxseg.models import layers
 from jaxseg.models.encoders.vgg import VGG16_BLOCKS
 
@@ -41,11 +42,15 @@ class FCN(nn.Module):
   norm: str = 'none'
   dtype: Any = jnp.float32
 
+  size_multiple = 32  # pool5's stride.
+
+  def __post_init__(self):
+    check_variant(self.variant)
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    if self.variant not in VARIANTS:
-      raise ValueError(f'model.variant must be one of {VARIANTS}, got {self.variant!r}')
-    x, (h, w) = layers.pad_to_multiple(x, 32)
+    x, (h, w) = layers.pad_to_multiple(x, self.size_multiple)
     # He initialisation: a plain 15-layer ReLU stack trained from scratch keeps its
     # activation scale (the paper started from ImageNet weights instead).
     make_norm = layers.make_norm(self.norm, train=train, dtype=self.dtype)
@@ -71,12 +76,16 @@ class FCN(nn.Module):
     return score[:, :h, :w, :]
 
 
+def check_variant(variant: str) -> None:
+  if variant not in VARIANTS:
+    raise ConfigError(f'config.model.variant={variant!r}: FCN takes one of {list(VARIANTS)}')
+
+
 def same_conv(x, features: int, kernel: int, *, name: str, **conv_kwargs):
   """A stride-1 'SAME' kernel x kernel convolution (fc6, fc7); call inside a compact method (a submodule `name`).
 
   On a map smaller than its kernel (fc6 on small images) it is layers.PatchMatmulConv, the same function and
-  parameters: as a matrix product its forward and input gradient took 0.13 s instead of 7.8 s per FCN-8s step
-  on CPU (benchmarks/NOTES.md).
+  parameters as a matrix product, which XLA:CPU runs far faster than a convolution that is mostly padding.
   """
   if kernel > min(x.shape[1:3]):
     return layers.PatchMatmulConv(features, (kernel, kernel), name=name, **conv_kwargs)(x)
@@ -93,8 +102,6 @@ def fcn_scores(x, pool3, pool4, *, num_classes: int, variant: str, dtype: Any,
   training starts from the coarser net's output (as in the paper); the final x32/x16/x8 up-sampling is a
   fixed bilinear resize. score_fr_init: score_fr's kernel init (zeros for a pretrained net, as the paper).
   """
-  if variant not in VARIANTS:
-    raise ValueError(f'model.variant must be one of {VARIANTS}, got {variant!r}')
   score = nn.Conv(num_classes, (1, 1), kernel_init=score_fr_init, dtype=dtype, name='score_fr')(x)
 
   def up2(s, name):

@@ -18,7 +18,7 @@ import numpy as np
 from jaxseg.errors import ConfigError, WeightsError
 from jaxseg.models import layers
 from jaxseg.models.encoders import registry as encoder_registry
-from jaxseg.models.fcn import VARIANTS, fcn_scores, same_conv
+from jaxseg.models.fcn import check_variant, fcn_scores, same_conv
 
 VGG_ENCODERS = ('vgg16', 'vgg16_bn')
 FC_WIDTH = 4096
@@ -50,13 +50,11 @@ class FCNVGG16(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
 
+  size_multiple = 32  # pool5's stride.
+
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    if self.variant not in VARIANTS:
-      raise ValueError(f'model.variant must be one of {VARIANTS}, got {self.variant!r}')
-    if self.encoder_name not in VGG_ENCODERS:
-      raise ValueError(f'FCNVGG16 encoder must be one of {VGG_ENCODERS}, got {self.encoder_name!r}')
-    x, (h, w) = layers.pad_to_multiple(x, 32)
+    x, (h, w) = layers.pad_to_multiple(x, self.size_multiple)
     pools = encoder_registry.create_encoder(self.encoder_name, dtype=self.dtype, frozen_bn=self.frozen_bn,
                                             name=encoder_registry.ENCODER_SUBMODULE)(x, train=train)
     pool3, pool4, pool5 = pools[2], pools[3], pools[4]
@@ -72,14 +70,12 @@ class FCNVGG16(nn.Module):
 
 
 def build_fcn_vgg16(*, num_classes: int, dtype: Any, variant: str = 'fcn8s', encoder: Optional[str] = 'vgg16',
-                    encoder_weights: Optional[str] = None, dropout_rate: float = 0.5) -> nn.Module:
-  """The 'fcn_vgg16' model of config.model (encoder None: vgg16). encoder_weights is read by load_pretrained."""
-  del encoder_weights  # Not a module field: models.load_pretrained puts the file into a fresh state.
+                    dropout_rate: float = 0.5) -> nn.Module:
+  """The 'fcn_vgg16' model of config.model (encoder None: vgg16)."""
   encoder = encoder or 'vgg16'
   if encoder not in VGG_ENCODERS:
     raise ConfigError(f'config.model.encoder={encoder!r}: fcn_vgg16 takes one of {list(VGG_ENCODERS)}')
-  if variant not in VARIANTS:
-    raise ConfigError(f'config.model.variant={variant!r}: fcn_vgg16 takes one of {list(VARIANTS)}')
+  check_variant(variant)
   return FCNVGG16(num_classes=num_classes, variant=variant, encoder_name=encoder, dropout_rate=dropout_rate,
                   dtype=dtype)
 

@@ -16,7 +16,7 @@ def normalize_images(images: jnp.ndarray, dtype, mean=IMAGENET_MEAN, std=IMAGENE
   """uint8 [.., H, W, C] -> (images - mean) / std in `dtype`, computed in float32.
 
   mean, std: per channel in 0-255 units (config.model.input_mean / input_std through
-  finetune.input_statistics; ImageNet's by default, the statistics most pretrained encoders expect).
+  jaxseg/settings.py; ImageNet's by default, the statistics most pretrained encoders expect).
   """
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)

@@ -48,9 +48,14 @@ class UNet(nn.Module):
   upsample: str = 'transpose'
   dtype: Any = jnp.float32
 
+  @property
+  def size_multiple(self) -> int:
+    """Inputs are padded to a multiple of this: one per down-step halving."""
+    return 2 ** self.depth
+
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    x, (h, w) = layers.pad_to_multiple(x, 2 ** self.depth)
+    x, (h, w) = layers.pad_to_multiple(x, self.size_multiple)
     block = lambda feats, name: DoubleConv(feats, self.norm, train, self.dtype, name=name)
     skips = []
     x = block(self.base_width, 'enc0')(x)

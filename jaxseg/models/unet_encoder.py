@@ -75,11 +75,13 @@ class EncoderUNet(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
 
+  size_multiple = 32  # The encoder's coarsest stride.
+
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     if len(self.decoder_channels) != 5:
       raise ValueError(f'decoder_channels must have 5 entries (one per encoder stride), got {self.decoder_channels}')
-    x, (h, w) = layers.pad_to_multiple(x, 32)
+    x, (h, w) = layers.pad_to_multiple(x, self.size_multiple)
     features = encoder_registry.create_encoder(self.encoder_name, dtype=self.dtype, frozen_bn=self.frozen_bn,
                                                name=encoder_registry.ENCODER_SUBMODULE)(x, train=train)
     # smp drops its stride-1 identity feature; the head is the stride-32 map, the skips the others, coarsest first.

@@ -10,7 +10,7 @@ loaded with `weights.load_encoder_variables(name, path)` there.
 """
 
 from jaxseg.models.encoders.registry import (  # noqa: F401
-    ENCODER_SUBMODULE, ENCODERS, EncoderSpec, create_encoder, encoder_channels, encoder_names, encoder_spec,
+    ENCODER_SUBMODULE, ENCODERS, EncoderSpec, create_encoder, encoder_channels, encoder_spec,
     encoder_strides)
 from jaxseg.models.encoders.resnet import ResNet  # noqa: F401
 from jaxseg.models.encoders.vgg import VGG  # noqa: F401

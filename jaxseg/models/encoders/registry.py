@@ -86,8 +86,3 @@ def encoder_strides(name: str, output_stride: int = 32) -> tuple[int, ...]:
   if output_stride != 32 and not encoder_spec(name).dilatable:
     raise ConfigError(f'encoder {name!r} has output_stride 32 only, got {output_stride!r}')
   return tuple(min(s, output_stride) for s in (2, 4, 8, 16, 32))
-
-
-def encoder_names() -> tuple[str, ...]:
-  return tuple(ENCODERS)
-

@@ -169,11 +169,6 @@ class ResNet(nn.Module):
     """Channels of the 5 feature maps."""
     return (64,) + tuple(w * BLOCKS[self.block].expansion for w in STAGE_WIDTHS)
 
-  @property
-  def strides(self) -> tuple[int, ...]:
-    """Strides of the 5 feature maps: (2, 4, 8, 16, 32), (2, 4, 8, 16, 16) or (2, 4, 8, 8, 8)."""
-    return tuple(min(s, self.output_stride) for s in (2, 4, 8, 16, 32))
-
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> list[jnp.ndarray]:
     if self.block not in BLOCKS:

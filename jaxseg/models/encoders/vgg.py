@@ -40,10 +40,6 @@ class VGG(nn.Module):
     """Channels of the 5 feature maps (pool1..pool5)."""
     return tuple(width for _, width in VGG16_BLOCKS)
 
-  @property
-  def strides(self) -> tuple[int, ...]:
-    return (2, 4, 8, 16, 32)
-
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> list[jnp.ndarray]:
     make_norm = layers.make_norm('batch', train=train and not self.frozen_bn, dtype=self.dtype)

@@ -22,6 +22,7 @@ safetensors package's numpy API.
 
 import dataclasses
 import functools
+import numbers
 import os
 from typing import Any, Mapping, Optional
 
@@ -352,6 +353,35 @@ def load_encoder_variables(name: str, path: str) -> dict[str, Any]:
   return read_encoder_weights(name, path).variables
 
 
+def adapt_first_conv(kernel: np.ndarray, in_channels: int) -> np.ndarray:
+  """A pretrained RGB first-convolution kernel [kh, kw, 3, out] (HWIO) adapted to `in_channels` inputs.
+
+  timm's `adapt_input_conv`, for Flax's layout:
+  * 1 channel: the sum over R, G, B, so a grayscale image gives the response
+    the original kernel gives to that image replicated into R = G = B;
+  * 3 channels: the kernel unchanged (a copy);
+  * any other count: R, G, B repeated cyclically up to `in_channels` (R, G, B,
+    R, ...) and scaled by 3 / in_channels, which keeps the response's scale
+    for inputs of the same statistics (4-band satellite images, RGB + depth).
+
+  Computed in float64, returned in the kernel's dtype.
+  """
+  kernel = np.asarray(kernel)
+  if kernel.ndim != 4 or kernel.shape[2] != 3:
+    raise ValueError(f'adapt_first_conv takes an RGB kernel [kh, kw, 3, out] (HWIO), got shape {kernel.shape}')
+  if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) or in_channels < 1:
+    raise ValueError(f'in_channels must be a positive integer, got {in_channels!r}')
+  k = kernel.astype(np.float64)
+  if in_channels == 1:
+    adapted = k.sum(axis=2, keepdims=True)
+  elif in_channels == 3:
+    adapted = k.copy()
+  else:
+    repeats = -(-in_channels // 3)
+    adapted = np.tile(k, (1, 1, repeats, 1))[:, :, :in_channels, :] * (3.0 / in_channels)
+  return adapted.astype(kernel.dtype)
+
+
 # ---- Into a model's variables. ----
 
 
@@ -405,7 +435,7 @@ def with_pretrained_encoder(variables: Mapping[str, Any], name: str, path: str, 
 
   models.load_pretrained calls it when a train state starts from scratch (state.Setup.init_state), outside
   any jit: the file is read once, on the host. A first convolution with other than 3 input channels gets
-  the file's RGB kernel adapted (finetune.adapt_first_conv). `encoder_weights`: the file already read with
+  the file's RGB kernel adapted (adapt_first_conv). `encoder_weights`: the file already read with
   read_encoder_weights(name, path) (a caller that also needs its classifier reads it once).
   """
   encoder_tree = {c: variables[c][submodule] for c in ('params', 'batch_stats')
@@ -418,9 +448,8 @@ def _matching(name: str, path: str, like, encoder_weights: Optional[EncoderWeigh
   """The file's encoder variables, checked to have `like`'s tree and shapes, in `like`'s dtypes.
 
   A 4-D kernel that differs from the model's only in its input channels, 3 in the file (the first
-  convolution of a model for grayscale or multi-band images), is adapted with finetune.adapt_first_conv.
+  convolution of a model for grayscale or multi-band images), is adapted with adapt_first_conv.
   """
-  from jaxseg import finetune  # pylint: disable=g-import-not-at-top
   variables = (encoder_weights.variables if encoder_weights is not None
                else load_encoder_variables(name, path))
   variables = {c: variables[c] for c in like}
@@ -428,7 +457,7 @@ def _matching(name: str, path: str, like, encoder_weights: Optional[EncoderWeigh
   def adapt(model_leaf, file_leaf):
     m, f = tuple(np.shape(model_leaf)), tuple(np.shape(file_leaf))
     if len(m) == 4 and len(f) == 4 and f[2] == 3 and m[2] != 3 and m[:2] + m[3:] == f[:2] + f[3:]:
-      return finetune.adapt_first_conv(np.asarray(file_leaf), m[2])
+      return adapt_first_conv(np.asarray(file_leaf), m[2])
     return file_leaf
 
   if 'params' in like:
