@@ -10,8 +10,8 @@ its mean IoU does not compare with published ADE20K numbers. Fetch the weights a
       --config.model.encoder_weights=resnet50-11ad3fa6.pth
 
 Expected time on one GPU: not measured (no GPU was lent to the sessions that wrote this). Its compute is
-~223 GFLOP per 512x512 training image (55.8 GFLOP at 256x256, counted from the jaxpr by
-`benchmarks/bench_train.py --models deeplabv3plus-r50`, x 4 pixels): 80,000 steps of 16 crops are 285 PFLOP,
+~223 GFLOP per 512x512 training image (55.8 GFLOP at 256x256, counted from the jaxpr's convolutions and
+matrix products, x 4 pixels): 80,000 steps of 16 crops are 285 PFLOP,
 ~1.7 hours at 30% of an A100's TF32 peak (156 TFLOP/s); the input pipeline and the 10 evaluations come on top.
 """
 

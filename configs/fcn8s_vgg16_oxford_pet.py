@@ -9,8 +9,8 @@ Fetch the weights once (torchvision's ImageNet VGG16: its features and its class
       --config.model.encoder_weights=vgg16-397923af.pth
 
 Expected time on one GPU: not measured (no GPU was lent to the sessions that wrote this). Its compute is
-~166 GFLOP per 256x256 training image (13.87 GFLOP forward at 128x128 from `benchmarks/bench_train.py
---models fcn8s`, x 4 pixels, x 3 for training): 20,000 steps of 16 crops are 53 PFLOP, ~19 minutes at 30% of
+~166 GFLOP per 256x256 training image (13.87 GFLOP forward at 128x128, counted from the jaxpr's
+convolutions and matrix products, x 4 pixels, x 3 for training): 20,000 steps of 16 crops are 53 PFLOP, ~19 minutes at 30% of
 an A100's TF32 peak (156 TFLOP/s); the input pipeline and the 10 evaluations come on top.
 """
 

@@ -9,8 +9,8 @@ prepare the data once (see README: Datasets), then:
       --config.model.encoder_weights=resnet34-b627a593.pth
 
 Expected time on one GPU: not measured (no GPU was lent to the sessions that wrote this). Its compute is
-48.0 GFLOP per 256x256 training image (forward x 3, counted from the jaxpr by `benchmarks/bench_train.py
---models unet-resnet34`): 10,000 steps of 16 crops are 7.7 PFLOP, ~3 minutes at 30% of an A100's TF32 peak
+48.0 GFLOP per 256x256 training image (forward x 3, counted from the jaxpr's convolutions and matrix
+products): 10,000 steps of 16 crops are 7.7 PFLOP, ~3 minutes at 30% of an A100's TF32 peak
 (156 TFLOP/s). The input pipeline (160k photos decoded and augmented on the host) and the 10 evaluations of
 3669 photos come on top and will likely take longer than the steps.
 """
