@@ -7,7 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from tests.helpers import DEPRECATION_MODULES, import_torch_or_skip, xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.helpers import DEPENDENCY_DEPRECATIONS, DEPRECATION_MODULES, import_torch_or_skip, xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Before jax is imported anywhere: several CPU devices make the sharded paths real.
 os.environ.setdefault('XLA_FLAGS', xla_flags(4))
@@ -23,6 +23,8 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def pytest_configure(config):
   config.addinivalue_line('filterwarnings', f'error::DeprecationWarning:{DEPRECATION_MODULES}')
+  for message, module in DEPENDENCY_DEPRECATIONS:  # Later lines take precedence.
+    config.addinivalue_line('filterwarnings', f'ignore:{message}:DeprecationWarning:{module}')
 
 
 @pytest.fixture(scope='session')
