@@ -33,6 +33,11 @@ CONFIG = {'num_train_steps': STEPS, 'log_every_steps': 1, 'eval_every_steps': ST
           'checkpoint_every_steps': 8, 'optimizer.learning_rate': 0.01}
 
 
+# jax 0.12.1 on CPU (gloo): the resumed 2-process run deadlocks in its first train step (both processes connected,
+# no progress for 400 s); the code of before this repository's settings change does the same, jax 0.10.2 and 0.12.0.1
+# pass. Run on jax 0.10 by CI's Python 3.11 leg.
+@pytest.mark.skipif(tuple(int(v) for v in jax.__version__.split('.')[:3]) >= (0, 12, 1),
+                    reason='jax 0.12.1: a resumed 2-process CPU (gloo) run deadlocks in its first step')
 def test_two_processes_train_checkpoint_resume_and_evaluate_like_one(shapes_data_dir, tmp_path):
   """Pre-empted and resumed on 2 processes x 2 devices == uninterrupted on 1 process x 4 devices."""
   one = tmp_path / 'one_process'
