@@ -236,7 +236,7 @@ class Settings:
     Defaults: mode 'auto'; window input.crop_size; stride 2/3 of the window; no TTA; batch_size
     eval_batch_size / processes; size_multiple 32.
     """
-    if self.auto_fields() and any(f.startswith('input.') for f in self.auto_fields()):
+    if any(f.startswith('input.') for f in self.auto_fields()):
       raise ValueError('inference options need the resolved sizes (recipe.resolve or recipe.settle first)')
     return _inference_options({**self.inference, **{k: v for k, v in overrides.items() if v is not None}},
                               self.input.crop_size, self.input.eval_size, self.eval_batch_size, processes,

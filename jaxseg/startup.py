@@ -138,16 +138,15 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str, chec
 
 def trained_settings(workdir: str) -> Optional[settings_lib.Settings]:
   """The settings of the config training saved in WORKDIR/config.json; None when there is none or it is unreadable."""
-  path = os.path.join(workdir, CONFIG_FILE)
   try:
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+    saved = load_config(workdir)
+  except (CheckpointError, OSError, ValueError):
     return None
   try:
-    return settings_lib.from_config(ml_collections.ConfigDict(saved))
+    return settings_lib.from_config(saved)
   except ConfigError as e:
-    raise ConfigError(f'{path} (the config training saved) does not read as a config: {e}') from None
+    raise ConfigError(f'{os.path.join(workdir, CONFIG_FILE)} (the config training saved) does not read as a config: '
+                      f'{e}') from None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -421,7 +421,7 @@ def _remove_empty_dirs(*dirs: str) -> None:
 def _clean_failed_prepare(builder: JaxsegFolder) -> None:
   """Removes whatever a failed preparation left for this fingerprint.
 
-  tfds writes into `<config>/incomplete.XXXXXX_<version>/`, renames it on
+  tfds writes into `<config>/incomplete.<random suffix>_<version>/`, renames it on
   success and deletes it on failure; this also covers a failure of that
   clean-up, and removes the then-empty config and builder folders.
   """
