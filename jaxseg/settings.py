@@ -23,6 +23,7 @@ from jaxseg.data import datasets
 from jaxseg.errors import ConfigError
 
 AUTO = 'auto'
+WEIGHT_FIELDS = ('encoder_weights', 'weights')  # config.model's weight files (see ModelSettings).
 NONFINITE_POLICIES = ('stop', 'skip')  # config.on_nonfinite_loss.
 CLASS_WEIGHTINGS = ('none', 'median_frequency', AUTO)  # config.loss.class_weighting.
 SHARDINGS = ('replicated', 'fsdp')  # config.sharding.
@@ -113,16 +114,20 @@ class ModelSettings:
 
   Attributes:
     name: the registered architecture (models.MODELS).
-    fields: the module's own fields of config.model (name, encoder_weights and the input contract left out).
+    fields: the module's own fields of config.model (name, the weight files and the input contract left out).
     encoder_weights: a weight file the encoder starts from when training starts from scratch, or None.
+    weights: a whole-model weight file (encoder, decoder and head, in the decoder's published layout) the model
+      starts from when training starts from scratch, or None.
     in_channels: bands per input pixel (3 RGB, 1 grayscale, 4 e.g. RGB + near-infrared).
-    input_mean, input_std: per channel, 0-255 units: how images are normalised (None in the config: ImageNet's).
+    input_mean, input_std: per channel, 0-255 units: how images are normalised (None in the config: the
+      encoder's, ImageNet's without one).
     size_multiple: the factor the model pads its input sides to (the module states it).
     has_encoder: the model keeps a pretrained-style encoder as its submodule 'encoder'.
   """
   name: str
   fields: tuple[tuple[str, Any], ...]
   encoder_weights: Optional[str]
+  weights: Optional[str]
   in_channels: int
   input_mean: tuple[float, ...]
   input_std: tuple[float, ...]
@@ -254,8 +259,14 @@ def _model(config, spec: datasets.DatasetSpec) -> ModelSettings:
   in_channels = section.get('in_channels', 3)
   in_channels = 3 if in_channels is None else in_channels
   datasets.check_channels(spec.name, in_channels)  # 1, 3 or 4; RGB datasets need 3.
+  own = {k: v for k, v in section.items() if k not in (*WEIGHT_FIELDS, 'name', *models.INPUT_FIELDS)}
+  module = models.create_model(name, own, num_classes=spec.num_classes)  # The model's own checks of its fields.
+  # None: the statistics the encoder's published weights were trained with (ImageNet's for every encoder so far),
+  # and ImageNet's for the models without an encoder.
+  encoder = getattr(module, 'encoder_spec', None)
+  defaults = (encoder.input_mean, encoder.input_std) if encoder else (models.IMAGENET_MEAN, models.IMAGENET_STD)
   stats = []
-  for field, default in (('input_mean', models.IMAGENET_MEAN), ('input_std', models.IMAGENET_STD)):
+  for field, default in zip(('input_mean', 'input_std'), defaults):
     value = section.get(field)
     given = value is not None
     value = tuple(default) if value is None else value
@@ -266,21 +277,26 @@ def _model(config, spec: datasets.DatasetSpec) -> ModelSettings:
       raise ConfigError(f'config.model.{field} must be a tuple of finite numbers (0-255 units, one per channel'
                         f'{"; std > 0" if field == "input_std" else ""}), got {value!r}')
     if len(value) != in_channels:
-      hint = '' if given else f" (None means ImageNet's, for 3 channels; give {in_channels} values)"
+      hint = '' if given else f" (None means the encoder's or ImageNet's, for 3 channels; give {in_channels} values)"
       raise ConfigError(f'config.model.{field} has {len(value)} values; config.model.in_channels is '
                         f'{in_channels}{hint}')
     stats.append(tuple(float(v) for v in value))
-  own = {k: v for k, v in section.items() if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
-  module = models.create_model(name, own, num_classes=spec.num_classes)  # The model's own checks of its fields.
-  weights = section.get('encoder_weights') or None
-  if weights is not None and not isinstance(weights, str):
-    raise ConfigError(f'config.model.encoder_weights must be a file path, got {weights!r}')
-  if weights and not models.has_encoder(module):
-    raise ConfigError(f'config.model.encoder_weights={weights!r} needs a model with a pretrained encoder; model '
-                      f'{name!r} has none here (e.g. set config.model.encoder)')
-  return ModelSettings(name=name, fields=tuple(sorted(own.items())), encoder_weights=weights,
-                       in_channels=int(in_channels), input_mean=stats[0], input_std=stats[1],
-                       size_multiple=int(module.size_multiple), has_encoder=models.has_encoder(module))
+  files = {}
+  for field in WEIGHT_FIELDS:
+    value = section.get(field) or None
+    if value is not None and not isinstance(value, str):
+      raise ConfigError(f'config.model.{field} must be a file path, got {value!r}')
+    if value and not models.has_encoder(module):
+      raise ConfigError(f'config.model.{field}={value!r} needs a model with a pretrained encoder; model '
+                        f'{name!r} has none here (e.g. set config.model.encoder)')
+    files[field] = value
+  if files['encoder_weights'] and files['weights']:
+    raise ConfigError('config.model.encoder_weights and config.model.weights are both set: weights (a whole-model '
+                      'file) already holds the encoder; set one of them')
+  return ModelSettings(name=name, fields=tuple(sorted(own.items())), encoder_weights=files['encoder_weights'],
+                       weights=files['weights'], in_channels=int(in_channels), input_mean=stats[0],
+                       input_std=stats[1], size_multiple=int(module.size_multiple),
+                       has_encoder=models.has_encoder(module))
 
 
 def _input(section) -> InputSettings:

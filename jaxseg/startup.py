@@ -163,8 +163,8 @@ def _check_same_model(settings: settings_lib.Settings, trained: Optional[setting
   if trained is None:
     return
   # Where the initial weights came from does not change the trained model (and the file is not needed).
-  current = dataclasses.replace(settings.model, encoder_weights=None).as_dict()
-  saved = dataclasses.replace(trained.model, encoder_weights=None).as_dict()
+  current = dataclasses.replace(settings.model, encoder_weights=None, weights=None).as_dict()
+  saved = dataclasses.replace(trained.model, encoder_weights=None, weights=None).as_dict()
   diffs = [f'model.{k}: {current.get(k)!r} here, {saved.get(k)!r} in training'
            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
   layout = lambda s: {'optimizer.name': s.optimizer.name, 'ema_decay > 0': s.ema_decay > 0,

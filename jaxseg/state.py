@@ -105,19 +105,20 @@ class Setup:
   input_stats: tuple
   frozen: Any
   _create: Callable[[], TrainState] = dataclasses.field(repr=False)
-  _encoder_weights: Optional[str] = dataclasses.field(repr=False)
+  _weight_file: Optional[tuple[Callable[..., dict], str]] = dataclasses.field(repr=False)
 
   def init_state(self) -> TrainState:
     """The initial state, computed in its sharded layout (no device ever holds a replicated copy under fsdp).
 
-    With a weight file (config.model.encoder_weights), the encoder's variables (and their averages under EMA) are
-    the file's, read on the host and placed in the state's layout; a WeightsError names a file that does not fit.
+    With a weight file (config.model.encoder_weights, or the whole-model config.model.weights), the variables it
+    holds (and their averages under EMA) are the file's, read on the host and placed in the state's layout; a
+    WeightsError names a file that does not fit.
     """
     state = jax.jit(self._create, out_shardings=self.state_sharding)()
-    if not self._encoder_weights:
+    if not self._weight_file:
       return state
-    loaded = models.load_pretrained(self.model, {'params': state.params, 'batch_stats': state.batch_stats},
-                                    self._encoder_weights)
+    load, path = self._weight_file
+    loaded = load(self.model, {'params': state.params, 'batch_stats': state.batch_stats}, path)
     changes = {'params': loaded['params'], 'batch_stats': loaded['batch_stats']}
     if isinstance(state, EmaTrainState):
       changes.update(ema_params=loaded['params'], ema_batch_stats=loaded['batch_stats'])
@@ -160,7 +161,16 @@ def build(settings, num_classes: int, mesh: Mesh, *, sharding: Optional[str] = N
   return Setup(model=model, learning_rate_fn=learning_rate_fn, tx=tx, mesh=mesh, abstract_state=abstract_state,
                state_sharding=state_sharding, dtype=model.dtype, input_stats=settings.model.input_stats,
                frozen=optim.frozen_mask(settings.param_rules, params), _create=initial_state,
-               _encoder_weights=settings.model.encoder_weights)
+               _weight_file=_weight_file(settings.model))
+
+
+def _weight_file(model_settings) -> Optional[tuple[Callable[..., dict], str]]:
+  """(loader, path) of the model's starting weights: config.model.weights (whole model) or encoder_weights."""
+  if model_settings.weights:
+    return models.load_weights, model_settings.weights
+  if model_settings.encoder_weights:
+    return models.load_pretrained, model_settings.encoder_weights
+  return None
 
 
 def check_distinct_buffers(state: TrainState) -> None:

@@ -26,7 +26,7 @@ from jaxseg import startup
 from jaxseg import state as state_lib
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
-from jaxseg.models import ENCODER, normalize_images
+from jaxseg.models import AUXILIARY, ENCODER, normalize_images
 from jaxseg.settings import Settings
 from jaxseg.state import TrainState, variables_of
 
@@ -41,7 +41,8 @@ log = logging.getLogger('jaxseg')
 def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_label: int,
                class_weights: Optional[tuple[float, ...]], dice_weight: float, dtype, learning_rate_fn: Callable,
                dropout_seed: int, frozen: Any = None, gathered_params: Any = None, param_sharding: Any = None,
-               ema_decay: float = 0.0, freeze_encoder_batch_stats: bool = False) -> tuple[TrainState, dict]:
+               ema_decay: float = 0.0, freeze_encoder_batch_stats: bool = False,
+               auxiliary_weight: float = 0.0) -> tuple[TrainState, dict]:
   """One optimiser step on the global batch (images uint8 [B, H, W, 3], labels uint8 [B, H, W]).
 
   Written as single-device code on global arrays: the loss is the mean over
@@ -56,6 +57,9 @@ def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_lab
   per parameter: frozen for the whole run by the optimiser's rules, which is
   what keeps them fixed; their gradient is zero, so XLA drops its computation);
   with `freeze_encoder_batch_stats` batch_stats['encoder'] stays as it was.
+
+  `auxiliary_weight` > 0: the model's auxiliary head's logits (sown into the 'auxiliary' collection) add their
+  cross-entropy, times the weight, to the loss (transformers' UperNet: loss + 0.4 * auxiliary loss).
   """
   images = normalize_images(batch['image'], dtype, *input_stats)
   labels = batch['label'].astype(jnp.int32)
@@ -68,12 +72,21 @@ def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_lab
   def loss_fn(params):
     if frozen is not None:
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-    mutable = ['batch_stats'] if state.batch_stats else False
-    out = state.apply_fn(variables_of(state, params), images, train=True, mutable=mutable, rngs={'dropout': rng})
+    mutable = (['batch_stats'] if state.batch_stats else []) + ([AUXILIARY] if auxiliary_weight else [])
+    out = state.apply_fn(variables_of(state, params), images, train=True, mutable=mutable or False,
+                         rngs={'dropout': rng})
     logits, new_vars = out if mutable else (out, {})
-    ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label,
-                                                   class_weights=class_weights)
-    loss = ce_sum / jnp.maximum(weight_sum, 1.0)
+
+    def cross_entropy(logits):
+      ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label,
+                                                     class_weights=class_weights)
+      return ce_sum / jnp.maximum(weight_sum, 1.0)
+
+    loss = cross_entropy(logits)
+    if auxiliary_weight:
+      (aux_logits,) = new_vars[AUXILIARY]['logits']
+      new_vars = {k: v for k, v in new_vars.items() if k != AUXILIARY}
+      loss = loss + auxiliary_weight * cross_entropy(aux_logits)
     if dice_weight:
       inter, card = losses.dice_terms(logits, labels, ignore_label=ignore_label)
       classes = jnp.arange(1, logits.shape[-1]) if logits.shape[-1] == 2 else None
@@ -151,6 +164,7 @@ def make_train_step(settings: Settings, spec: datasets.DatasetSpec, setup: state
       dice_weight=settings.loss.dice_weight, dtype=setup.dtype, learning_rate_fn=setup.learning_rate_fn,
       dropout_seed=settings.seed, ema_decay=settings.ema_decay, frozen=setup.frozen if any_frozen else None,
       freeze_encoder_batch_stats=settings.freeze_encoder_batch_stats,
+      auxiliary_weight=getattr(setup.model, 'auxiliary_loss_weight', 0.0),
       gathered_params=jax.tree.map(lambda _: sharding.replicated(setup.mesh), params_sharding) if fsdp else None,
       param_sharding=params_sharding if fsdp else None)
   batch = sharding.batch_sharding(setup.mesh)

@@ -61,7 +61,7 @@ def test_the_import_graph_is_read():
   """The reader sees what is there (a check of the checker): train imports evaluate, predict imports inference."""
   assert 'jaxseg.evaluate' in GRAPH['jaxseg.train'] and 'jaxseg.state' in GRAPH['jaxseg.train']
   assert 'jaxseg.inference' in GRAPH['jaxseg.predict']
-  assert 'jaxseg.models.encoders.registry' in GRAPH['jaxseg.models.unet_encoder']
+  assert 'jaxseg.models.encoders.registry' in GRAPH['jaxseg.models.segmentation_model']
 
 
 @pytest.mark.parametrize('module', sorted(GRAPH))
@@ -80,3 +80,25 @@ def test_training_never_imports_predict_mode_export_or_the_entry_points():
       todo += GRAPH.get(module, ())
   assert 'jaxseg.inference' in seen  # The full-size scoring of large evaluation images uses the Predictor.
   assert not seen & {'jaxseg.predict', 'jaxseg.export', 'jaxseg.api', 'jaxseg.cli'}, sorted(seen)
+
+
+# The encoder families: each its own module, registered by one line `**<module>.ENCODERS,` in encoders/registry.py.
+REGISTRY = PACKAGE / 'models' / 'encoders' / 'registry.py'
+FAMILIES = [line.split('#')[0].strip()[2:-len('.ENCODERS,')] for line in REGISTRY.read_text(encoding='utf-8').splitlines()
+            if line.strip().startswith('**') and line.split('#')[0].strip().endswith('.ENCODERS,')]
+
+
+def test_only_a_family_module_names_its_family():
+  """No `family ==` switch: outside the family modules and the architectures' defaults (models/__init__.py), no
+  string names an encoder family or encoder (messages and docstrings aside: only identifier-like strings)."""
+  assert {'resnet', 'vgg'} <= set(FAMILIES)  # The registry is read.
+  allowed = {f'jaxseg.models.encoders.{family}' for family in FAMILIES} | {'jaxseg.models'}
+  found = []
+  for path in sorted(PACKAGE.rglob('*.py')):
+    if module_name(path) in allowed:
+      continue
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+      if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier()
+          and node.value.lower().startswith(tuple(FAMILIES))):
+        found.append(f'{module_name(path)}:{node.lineno}: {node.value!r}')
+  assert not found, found

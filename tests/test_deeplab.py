@@ -1,4 +1,4 @@
-"""DeepLabV3+ (jaxseg.models.deeplabv3plus) against segmentation_models_pytorch 0.6's DeepLabV3Plus.
+"""DeepLabV3+ (jaxseg.models.decoders.deeplabv3plus on a ResNet) against segmentation_models_pytorch 0.6's DeepLabV3Plus.
 
 The reference is tests/torch_reference.py's DeepLabV3Plus: plain torch.nn written from smp 0.6's
 decoders/deeplabv3 (decoder.py, model.py), base/heads.py and encoders/_utils.py (make_dilated), with smp's
@@ -17,7 +17,8 @@ from configs import unet as unet_config
 from jaxseg import models
 from jaxseg.errors import ConfigError
 from jaxseg.models import encoders
-from jaxseg.models.deeplabv3plus import DeepLabV3Plus, upsample_bilinear_align_corners
+from jaxseg.models.layers import upsample_bilinear_align_corners
+from jaxseg.models.segmentation_model import SegmentationModel
 from tests.helpers import save_state_dict
 from tests.test_encoders import assert_close_relative, param_count, random_images, random_variables
 from tests.helpers import import_torch_or_skip
@@ -26,6 +27,13 @@ from tests.helpers import import_torch_or_skip
 def module_fields(config):
   """config.model's fields that the module takes (models.create_model's: no name, weight file or input contract)."""
   return {k: v for k, v in config.model.items() if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
+
+
+def DeepLabV3Plus(num_classes, encoder_name, output_stride=16, atrous_rates=None, **fields):  # pylint: disable=invalid-name
+  """smp's DeepLabV3Plus: the composition with the DeepLabV3+ decoder."""
+  decoder_fields = (('atrous_rates', tuple(atrous_rates)),) if atrous_rates else ()
+  return SegmentationModel(num_classes=num_classes, encoder_name=encoder_name, decoder_name='deeplabv3plus',
+                           decoder_fields=decoder_fields, output_stride=output_stride, **fields)
 
 
 def deeplab_with(**model_fields):
@@ -46,7 +54,7 @@ def deeplab_model(num_classes, **model_fields):
 def test_parameter_count_is_smps(encoder, k, count):
   """smp 0.6 DeepLabV3Plus(encoder, classes=K): parameters + BatchNorm scale/bias, not the running statistics."""
   model = deeplab_model(k, encoder=encoder)
-  assert isinstance(model, DeepLabV3Plus)
+  assert isinstance(model, SegmentationModel) and model.decoder_name == 'deeplabv3plus'
   assert param_count(model) == count
   assert param_count(model.clone(output_stride=8)) == count  # The stride changes no shape.
 
@@ -62,7 +70,8 @@ def test_registry_fields_and_errors():
   model = models.create_model(model_settings.name, model_settings.kwargs, num_classes=3)
   assert model == DeepLabV3Plus(num_classes=3, encoder_name='resnet50', output_stride=16)
   assert model.clone(frozen_bn=True).frozen_bn  # state.build_model's freeze_encoder_batch_stats path.
-  with pytest.raises(ConfigError, match=r"config.model.encoder='vgg16': DeepLabV3\+ takes one of"):
+  with pytest.raises(ConfigError, match=r"deeplabv3plus needs output_stride 16, but encoder 'vgg16' has "
+                                        r'output_stride 32 only'):
     deeplab_model(3, encoder='vgg16')
   with pytest.raises(ConfigError, match=r'config.model.output_stride=32: DeepLabV3\+ takes 16 or 8'):
     deeplab_model(3, output_stride=32)

@@ -20,7 +20,8 @@ from jaxseg import models
 from jaxseg.errors import ConfigError, WeightsError
 from jaxseg.models import encoders
 from jaxseg.models.unet import UNet
-from jaxseg.models.unet_encoder import EncoderUNet
+from jaxseg.models.encoders.base import Entry
+from jaxseg.models.segmentation_model import SegmentationModel
 from tests.helpers import save_state_dict
 
 # CI (.ci/run) installs PyTorch and sets this: the PyTorch checks must then run, never skip.
@@ -134,15 +135,15 @@ def test_reference_state_dicts_have_torchvisions_keys_and_shapes(ref):
 
 
 def test_table_maps_torchvision_names_onto_flax_paths():
-  table = encoders.torch_key_table('resnet50')
-  assert table['layer1.0.conv1.weight'] == ('params', ('layer1_0', 'conv1', 'kernel'))
-  assert table['layer3.5.bn3.running_mean'] == ('batch_stats', ('layer3_5', 'bn3', 'mean'))
-  assert table['layer4.0.downsample.1.running_var'] == ('batch_stats', ('layer4_0', 'downsample_1', 'var'))
-  assert table['bn1.weight'] == ('params', ('bn1', 'scale'))
-  bn_table = encoders.torch_key_table('vgg16_bn')
-  assert bn_table['features.40.weight'] == ('params', ('conv5_3', 'kernel'))
-  assert bn_table['features.41.bias'] == ('params', ('bn5_3', 'bias'))
-  assert encoders.torch_key_table('vgg16')['features.28.bias'] == ('params', ('conv5_3', 'bias'))
+  table = encoders.key_table('resnet50')
+  assert table['layer1.0.conv1.weight'] == Entry('params', ('layer1_0', 'conv1', 'kernel'), 'conv')
+  assert table['layer3.5.bn3.running_mean'] == Entry('batch_stats', ('layer3_5', 'bn3', 'mean'))
+  assert table['layer4.0.downsample.1.running_var'] == Entry('batch_stats', ('layer4_0', 'downsample_1', 'var'))
+  assert table['bn1.weight'] == Entry('params', ('bn1', 'scale'))
+  bn_table = encoders.key_table('vgg16_bn')
+  assert bn_table['features.40.weight'] == Entry('params', ('conv5_3', 'kernel'), 'conv')
+  assert bn_table['features.41.bias'] == Entry('params', ('bn5_3', 'bias'))
+  assert encoders.key_table('vgg16')['features.28.bias'] == Entry('params', ('conv5_3', 'bias'))
 
 
 # ---- Features against the torch references, from files in both formats. ----
@@ -163,7 +164,7 @@ def test_resnet_features_match_torch(ref, tmp_path, name, output_stride, fmt):
   path = save_state_dict(model.state_dict(), tmp_path / f'{name}.{fmt}')
   variables = encoders.load_encoder_variables(name, path)
   x, x_nchw = random_images(2)
-  encoder = encoders.create_encoder(name, output_stride=output_stride)
+  encoder = encoders.create_encoder(name, output_stride=output_stride, dilation_rule='torchvision')
   got = jax.jit(lambda v, x: encoder.apply(v, x, train=False))(variables, x)
   want = torch_features(ref, model, x_nchw)
   assert encoders.encoder_strides(name, output_stride) == tuple(64 // f.shape[1] for f in want)
@@ -178,9 +179,9 @@ def test_resnet101_loads_every_tensor_where_its_table_says(ref, tmp_path):
   sd = model.state_dict()
   path = save_state_dict(sd, tmp_path / 'resnet101.safetensors')
   variables = encoders.load_encoder_variables('resnet101', path)
-  for key, (collection, flax_path) in encoders.torch_key_table('resnet101').items():
-    leaf = variables[collection]
-    for k in flax_path:
+  for key, entry in encoders.key_table('resnet101').items():
+    leaf = variables[entry.collection]
+    for k in entry.path:
       leaf = leaf[k]
     want = sd[key].numpy()
     np.testing.assert_array_equal(leaf, want.transpose(2, 3, 1, 0) if want.ndim == 4 else want, err_msg=key)
@@ -205,14 +206,14 @@ def test_vgg_features_and_classifier_match_torch(ref, tmp_path, name, layout, fm
   model, path = vgg_case(ref, tmp_path, name, layout, fmt, seed=4)
   weights = encoders.read_encoder_weights(name, path)
   os.remove(path)  # ~530 MB.
-  assert weights.source == layout
+  assert weights.layout == 'torchvision'  # timm's VGG keys are torchvision's but for the classifier.
   x, x_nchw = random_images(5, h=64, w=96)
   encoder = encoders.create_encoder(name)
   got = jax.jit(lambda v, x: encoder.apply(v, x, train=False))(weights.variables, x)
   for stride, g, w in zip((2, 4, 8, 16, 32), got, torch_features(ref, model, x_nchw)):
     assert_close_relative(g, w, f'{name} stride {stride}')
 
-  fc = weights.classifier
+  fc = weights.extras['classifier']
   assert fc['fc6']['kernel'].shape == (7, 7, 512, 4096) and fc['fc7']['kernel'].shape == (1, 1, 4096, 4096)
   pool5 = np.random.default_rng(6).normal(size=(1, 7, 7, 512)).astype(np.float32)
 
@@ -335,12 +336,12 @@ def test_frozen_batch_norm_neither_updates_nor_uses_batch_statistics():
   assert not np.allclose(live['batch_stats']['bn1']['mean'], variables['batch_stats']['bn1']['mean'])
   # In the UNet (state.build_model's frozen_bn for config.finetune.freeze_encoder_batch_stats): the encoder's
   # statistics stay, the decoder's train.
-  unet = EncoderUNet(num_classes=2, encoder_name='resnet18', frozen_bn=True)
+  unet = unet_on(num_classes=2, encoder_name='resnet18', frozen_bn=True)
   unet_vars = unet.init(jax.random.key(0), x)
   _, updated = jax.jit(lambda v, x: unet.apply(v, x, train=True, mutable=['batch_stats']))(unet_vars, x)
   jax.tree.map(np.testing.assert_array_equal, updated['batch_stats']['encoder'], unet_vars['batch_stats']['encoder'])
-  assert not np.allclose(updated['batch_stats']['decoder_block0']['bn1']['mean'],
-                         unet_vars['batch_stats']['decoder_block0']['bn1']['mean'])
+  assert not np.allclose(updated['batch_stats']['decoder']['block0']['bn1']['mean'],
+                         unet_vars['batch_stats']['decoder']['block0']['bn1']['mean'])
 
 
 def test_compute_dtype_with_float32_parameters():
@@ -395,7 +396,7 @@ def param_count(model, size=64):
 def test_unet_parameter_count_is_smps(encoder, k, count):
   """smp 0.6 Unet(encoder, classes=K): parameters + BatchNorm scale/bias, not the running statistics."""
   model = unet_model(encoder, k)
-  assert isinstance(model, EncoderUNet)
+  assert isinstance(model, SegmentationModel) and model.decoder_name == 'unet'
   assert param_count(model) == count
 
 
@@ -411,23 +412,30 @@ def test_registry_keeps_the_plain_unet_and_checks_the_encoder_fields():
   with pytest.raises(ConfigError, match=r"config.model.encoder_weights='/x/resnet34.pth' needs a model with a "
                                         r'pretrained encoder.*set config.model.encoder'):
     settings.from_config(config)
-  with pytest.raises(ConfigError, match=r"config.model.encoder='vgg16': the UNet takes one of"):
-    unet_model('vgg16', 3)
+  with pytest.raises(ConfigError, match=r"config.model.encoder='resnet152' is not a known encoder"):
+    unet_model('resnet152', 3)
   on_resnet34 = settings.from_config(unet_with('resnet34', encoder_weights='/x/r34.pth')).model
   assert on_resnet34.encoder_weights == '/x/r34.pth' and 'encoder_weights' not in on_resnet34.kwargs
   assert (on_resnet34.size_multiple, on_resnet34.has_encoder) == (32, True)
   model = models.create_model(on_resnet34.name, on_resnet34.kwargs, num_classes=3)
-  assert model == EncoderUNet(num_classes=3, encoder_name='resnet34')  # The file is the state's, not the module's.
+  assert model == unet_on(num_classes=3, encoder_name='resnet34')  # The file is the state's, not the module's.
+
+
+
+def unet_on(num_classes, encoder_name, **fields):
+  """smp's Unet on `encoder_name`: the composition with the UNet decoder."""
+  return SegmentationModel(num_classes=num_classes, encoder_name=encoder_name, decoder_name='unet', **fields)
 
 
 def torch_unet_to_flax(ref, torch_model, encoder):
-  """smp's Unet state dict -> EncoderUNet variables: the encoder through jaxseg's loader, the rest by hand."""
+  """smp's Unet state dict -> the UNet-on-an-encoder's variables: the encoder through jaxseg's loader, the rest by hand."""
   sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   enc = encoders.state_dict_to_encoder_weights(
       encoder, {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}).variables
   params, stats = {'encoder': enc['params']}, {'encoder': enc['batch_stats']}
   for i in range(5):
-    block_p, block_s = params.setdefault(f'decoder_block{i}', {}), stats.setdefault(f'decoder_block{i}', {})
+    block_p = params.setdefault('decoder', {}).setdefault(f'block{i}', {})
+    block_s = stats.setdefault('decoder', {}).setdefault(f'block{i}', {})
     for j in (1, 2):
       t = f'decoder.blocks.{i}.conv{j}'
       block_p[f'conv{j}'] = {'kernel': sd[f'{t}.0.weight'].transpose(2, 3, 1, 0)}
@@ -442,7 +450,7 @@ def test_unet_resnet18_logits_match_smps(ref):
   import torch  # pylint: disable=g-import-not-at-top
   torch_model = ref.randomize_(ref.Unet('resnet18', classes=3), seed=9)
   variables = torch_unet_to_flax(ref, torch_model, 'resnet18')
-  model = EncoderUNet(num_classes=3, encoder_name='resnet18')
+  model = unet_on(num_classes=3, encoder_name='resnet18')
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, variables)
   x, x_nchw = random_images(10, h=64, w=96)
@@ -464,18 +472,18 @@ def random_variables(model, x, seed=0):
 def test_load_pretrained_puts_the_file_into_the_encoder_and_stops_on_a_bad_one(ref, resnet18_sd, tmp_path):
   path = save_state_dict(resnet18_sd, tmp_path / 'r18.safetensors')
   loaded = encoders.load_encoder_variables('resnet18', path)
-  model = EncoderUNet(num_classes=2, encoder_name='resnet18')
+  model = unet_on(num_classes=2, encoder_name='resnet18')
   x = jnp.zeros((1, 32, 32, 3))
   random_init = random_variables(model, x)
   variables = models.load_pretrained(model, random_init, path)
   for collection in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal, variables[collection]['encoder'], loaded[collection])
-  jax.tree.map(np.testing.assert_array_equal, variables['params']['decoder_block0'],
-               random_init['params']['decoder_block0'])  # Only the encoder changes.
+  jax.tree.map(np.testing.assert_array_equal, variables['params']['decoder']['block0'],
+               random_init['params']['decoder']['block0'])  # Only the encoder changes.
   # A missing or wrong file stops as a WeightsError (the CLI's 'jaxseg: error: ...') naming it.
   with pytest.raises(WeightsError, match='gone.pth: no such file'):
     models.load_pretrained(model, random_init, str(tmp_path / 'gone.pth'))
-  resnet34 = EncoderUNet(num_classes=2, encoder_name='resnet34')
+  resnet34 = unet_on(num_classes=2, encoder_name='resnet34')
   resnet34_init = random_variables(resnet34, x)
   with pytest.raises(WeightsError, match='looks like resnet18'):
     models.load_pretrained(resnet34, resnet34_init, path)
@@ -487,7 +495,7 @@ def test_load_pretrained_puts_the_file_into_the_encoder_and_stops_on_a_bad_one(r
 def test_a_one_channel_model_gets_the_rgb_kernel_summed(resnet18_sd, tmp_path):
   """in_channels 1: the first convolution's kernel is the file's summed over R, G, B (timm's adapt_input_conv)."""
   path = save_state_dict(resnet18_sd, tmp_path / 'r18.safetensors')
-  model = EncoderUNet(num_classes=2, encoder_name='resnet18')
+  model = unet_on(num_classes=2, encoder_name='resnet18')
   grey_init = random_variables(model, jnp.zeros((1, 32, 32, 1)))
   variables = models.load_pretrained(model, grey_init, path)
   rgb = np.asarray(resnet18_sd['conv1.weight']).transpose(2, 3, 1, 0)  # OIHW -> HWIO, [7, 7, 3, 64].

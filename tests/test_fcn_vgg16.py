@@ -16,7 +16,7 @@ import pytest
 
 from jaxseg import models
 from jaxseg.errors import ConfigError, WeightsError
-from jaxseg.models.fcn_vgg16 import FCNVGG16
+from jaxseg.models.segmentation_model import SegmentationModel
 from tests.test_models import fcn8s_vgg16_layer_counts_by_hand
 
 VGG_CONVS = ('conv1_1', 'conv1_2', 'conv2_1', 'conv2_2', 'conv3_1', 'conv3_2', 'conv3_3',
@@ -44,11 +44,17 @@ def upsample_filt(size):
   return (1 - abs(og[0] - center) / factor) * (1 - abs(og[1] - center) / factor)
 
 
+def FCNVGG16(num_classes, variant='fcn8s', encoder_name='vgg16'):  # pylint: disable=invalid-name
+  """FCN on VGG16: the composition with the FCN decoder."""
+  return SegmentationModel(num_classes=num_classes, encoder_name=encoder_name, decoder_name='fcn',
+                           decoder_fields=(('variant', variant),))
+
+
 def test_parameter_count_equals_the_from_scratch_fcn8s():
   """The same layers as the paper's (and jaxseg's FCN) FCN-8s, the 13 VGG convs under params['encoder']."""
   expected = fcn8s_vgg16_layer_counts_by_hand(21)
   params = shapes(FCNVGG16(num_classes=21, variant='fcn8s'))['params']
-  got = layer_counts({name: layer for name, layer in params.items() if name != 'encoder'})
+  got = layer_counts(params['decoder'])
   got.update(layer_counts(params['encoder']))
   assert got == expected
   assert sum(jax.tree.leaves(jax.tree.map(lambda x: int(np.prod(x.shape)), params))) == 134_376_863
@@ -58,7 +64,7 @@ def test_parameter_count_equals_the_from_scratch_fcn8s():
   assert set(variables['batch_stats']) == {'encoder'}
   for variant, layers in (('fcn32s', {'score_fr'}), ('fcn16s', {'score_fr', 'upscore2', 'score_pool4'})):
     params = shapes(FCNVGG16(num_classes=21, variant=variant))['params']
-    assert set(params) == {'encoder', 'fc6', 'fc7'} | layers
+    assert set(params) == {'encoder', 'decoder'} and set(params['decoder']) == {'fc6', 'fc7'} | layers
 
 
 def test_score_layers_start_at_zero_and_upsampling_bilinear():
@@ -67,7 +73,7 @@ def test_score_layers_start_at_zero_and_upsampling_bilinear():
   model = FCNVGG16(num_classes=k, variant='fcn8s')
   x = jax.random.normal(jax.random.key(1), (1, 37, 45, 3))
   variables = jax.jit(model.init)(jax.random.key(0), x)
-  params = variables['params']
+  params = variables['params']['decoder']
   for name in ('score_fr', 'score_pool4', 'score_pool3'):
     assert not np.any(np.asarray(params[name]['kernel'])) and not np.any(np.asarray(params[name]['bias'])), name
   want = upsample_filt(4)[:, :, None, None] * np.eye(k)[None, None]  # Channel c -> c only.
@@ -85,7 +91,7 @@ def test_score_layers_start_at_zero_and_upsampling_bilinear():
 @pytest.mark.parametrize('variant', ['fcn32s', 'fcn16s', 'fcn8s'])
 def test_output_shape_at_an_odd_size(variant):
   model = models.create_model('fcn_vgg16', model_fields(variant=variant), num_classes=5)
-  assert isinstance(model, FCNVGG16) and model.variant == variant
+  assert isinstance(model, SegmentationModel) and dict(model.decoder_fields)['variant'] == variant
   x = jnp.zeros((2, 53, 71, 3))
   out = jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), x), x, train=False))
   assert out.shape == (2, 53, 71, 5)
@@ -100,7 +106,8 @@ def test_registry_and_recipe():
   config = recipe.get_config()
   fields = {k: v for k, v in config.model.items() if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
   model = models.create_model(config.model.name, fields, num_classes=21)
-  assert (model.variant, model.encoder_name, model.dropout_rate) == ('fcn8s', 'vgg16', 0.5)
+  assert (model.decoder_name, model.encoder_name) == ('fcn', 'vgg16')
+  assert dict(model.decoder_fields) == {'variant': 'fcn8s', 'dropout_rate': 0.5}
   assert model.size_multiple == 32  # pool5's stride.
   assert models.create_model('fcn_vgg16', model_fields(encoder='vgg16_bn'), num_classes=2).encoder_name == 'vgg16_bn'
   assert models.create_model('fcn_vgg16', model_fields(encoder=None), num_classes=2).encoder_name == 'vgg16'
@@ -131,7 +138,7 @@ def test_load_pretrained_puts_encoder_fc6_fc7_in_place_and_fc6_is_the_linear(ref
   model = FCNVGG16(num_classes=4)
   loaded = models.load_pretrained(model, zeros_like_shapes(model), path)
   os.remove(path)  # ~550 MB.
-  params = loaded['params']
+  params = {**loaded['params']['decoder'], 'encoder': loaded['params']['encoder']}
 
   enc = params['encoder']
   assert set(enc) == set(VGG_CONVS)
@@ -185,7 +192,7 @@ def test_file_without_classifier_keeps_fc6_fc7_random_with_a_warning(ref, tmp_pa
   with caplog.at_level(logging.WARNING):
     loaded = models.load_pretrained(model, variables, path)
   assert 'have no classifier' in caplog.text and path in caplog.text
-  assert loaded['params']['fc6'] is variables['params']['fc6'] and loaded['params']['fc7'] is variables['params']['fc7']
+  assert all(loaded['params']['decoder'][fc] is variables['params']['decoder'][fc] for fc in ('fc6', 'fc7'))
   np.testing.assert_array_equal(loaded['params']['encoder']['conv1_1']['kernel'],
                                 sd['features.0.weight'].numpy().transpose(2, 3, 1, 0))
 

@@ -176,7 +176,8 @@ def test_a_state_from_a_weight_file_with_averages_owns_every_buffer(devices, lay
                                                                           jnp.zeros((1, 32, 32, 3))))
   rng = np.random.default_rng(0)
   file_values = {}
-  for key, (collection, path) in encoders.torch_key_table('resnet18').items():
+  for key, entry in encoders.key_table('resnet18').items():
+    collection, path = entry.collection, entry.path
     leaf = shapes[collection]
     for p in path:
       leaf = leaf[p]
@@ -196,5 +197,5 @@ def test_a_state_from_a_weight_file_with_averages_owns_every_buffer(devices, lay
   np.testing.assert_array_equal(state.params['encoder']['conv1']['kernel'],
                                 file_values['conv1.weight'].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(state.ema_batch_stats['encoder']['bn1']['var'], file_values['bn1.running_var'])
-  with pytest.raises(RuntimeError, match=r"share a device buffer.*\.ema_params\['decoder_block0'\]"):
+  with pytest.raises(RuntimeError, match=r"share a device buffer.*\.ema_params\['decoder'\]\['block0'\]"):
     state_lib.check_distinct_buffers(state.replace(ema_params=state.params))

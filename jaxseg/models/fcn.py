@@ -6,11 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxseg.errors import ConfigError
 from jaxseg.models import layers
+from jaxseg.models.decoders.fcn import check_variant, fcn_scores, same_conv
 from jaxseg.models.encoders.vgg import VGG16_BLOCKS
-
-VARIANTS = ('fcn32s', 'fcn16s', 'fcn8s')
 
 
 class FCN(nn.Module):
@@ -74,49 +72,3 @@ class FCN(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     score = fcn_scores(x, pool3, pool4, num_classes=self.num_classes, variant=self.variant, dtype=self.dtype)
     return score[:, :h, :w, :]
-
-
-def check_variant(variant: str) -> None:
-  if variant not in VARIANTS:
-    raise ConfigError(f'config.model.variant={variant!r}: FCN takes one of {list(VARIANTS)}')
-
-
-def same_conv(x, features: int, kernel: int, *, name: str, **conv_kwargs):
-  """A stride-1 'SAME' kernel x kernel convolution (fc6, fc7); call inside a compact method (a submodule `name`).
-
-  On a map smaller than its kernel (fc6 on small images) it is layers.PatchMatmulConv, the same function and
-  parameters as a matrix product, which XLA:CPU runs far faster than a convolution that is mostly padding.
-  """
-  if kernel > min(x.shape[1:3]):
-    return layers.PatchMatmulConv(features, (kernel, kernel), name=name, **conv_kwargs)(x)
-  return nn.Conv(features, (kernel, kernel), padding='SAME', name=name, **conv_kwargs)(x)
-
-
-def fcn_scores(x, pool3, pool4, *, num_classes: int, variant: str, dtype: Any,
-               score_fr_init=nn.initializers.lecun_normal()):
-  """FCN's head from fc7's output (stride 32) and the pool3/pool4 maps: scores at the input's (padded) size.
-
-  Call inside a compact method: it adds the submodules score_fr, and for fcn16s/fcn8s upscore2 and
-  score_pool4, and for fcn8s upscore_pool4 and score_pool3 (the paper's names). The 2x up-samplings are
-  learnable 4x4 stride-2 transposed convs initialised to bilinear; the skip scores are zero-initialised so
-  training starts from the coarser net's output (as in the paper); the final x32/x16/x8 up-sampling is a
-  fixed bilinear resize. score_fr_init: score_fr's kernel init (zeros for a pretrained net, as the paper).
-  """
-  score = nn.Conv(num_classes, (1, 1), kernel_init=score_fr_init, dtype=dtype, name='score_fr')(x)
-
-  def up2(s, name):
-    return nn.ConvTranspose(num_classes, (4, 4), strides=(2, 2), padding='SAME', use_bias=False,
-                            kernel_init=layers.bilinear_kernel_init, dtype=dtype, name=name)(s)
-
-  def skip_score(feat, name):
-    return nn.Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros_init(), dtype=dtype, name=name)(feat)
-
-  stride = 32
-  if variant in ('fcn16s', 'fcn8s'):
-    score = up2(score, 'upscore2') + skip_score(pool4, 'score_pool4')
-    stride = 16
-  if variant == 'fcn8s':
-    score = up2(score, 'upscore_pool4') + skip_score(pool3, 'score_pool3')
-    stride = 8
-  n, sh, sw, c = score.shape
-  return jax.image.resize(score, (n, sh * stride, sw * stride, c), 'bilinear')

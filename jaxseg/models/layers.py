@@ -7,7 +7,9 @@ are chosen for speed under XLA (see benchmarks/NOTES.md for measurements).
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -134,3 +136,67 @@ def pad_to_multiple(x: jnp.ndarray, multiple: int) -> tuple[jnp.ndarray, tuple[i
   if ph or pw:
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
   return x, (h, w)
+
+
+# ---- Resampling as the PyTorch references do it. ----
+
+
+def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
+  """[N, H, W, C] -> [N, 2H, 2W, C], each pixel copied into its 2x2 block (torch's interpolate 'nearest', x2)."""
+  n, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
+  return x.reshape(n, 2 * h, 2 * w, c)
+
+
+def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] linear-interpolation weights of torch's bilinear resize with align_corners=True."""
+  m = np.zeros((n_out, n_in), np.float32)
+  if n_in == 1 or n_out == 1:
+    m[:, 0] = 1.0
+    return m
+  src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+  lo = np.minimum(np.floor(src).astype(int), n_in - 2)
+  frac = (src - lo).astype(np.float32)
+  m[np.arange(n_out), lo] = 1.0 - frac
+  m[np.arange(n_out), lo + 1] += frac
+  return m
+
+
+def upsample_bilinear_align_corners(x: jnp.ndarray, factor: int) -> jnp.ndarray:
+  """[N, H, W, C] -> [N, factor*H, factor*W, C]: torch's bilinear up-sampling with align_corners=True.
+
+  smp's nn.UpsamplingBilinear2d and F.interpolate(..., align_corners=True); jax.image.resize's 'linear' is
+  align_corners=False (half-pixel centres).
+  """
+  _, h, w, _ = x.shape
+  mh = jnp.asarray(_align_corners_matrix(h, factor * h), x.dtype)
+  mw = jnp.asarray(_align_corners_matrix(w, factor * w), x.dtype)
+  return jnp.einsum('ph,nhwc,qw->npqc', mh, x, mw)
+
+
+def resize_bilinear(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
+  """[N, H, W, C] -> [N, *size, C]: torch's F.interpolate(size=..., mode='bilinear', align_corners=False).
+
+  Half-pixel centres, two taps per output pixel also when shrinking (no anti-aliasing, as torch).
+  """
+  n, _, _, c = x.shape
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return jax.image.resize(x, (n, *size, c), method='linear', antialias=False).astype(x.dtype)
+
+
+def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] averaging weights of torch's AdaptiveAvgPool: bin i is [floor(i*n/o), ceil((i+1)*n/o))."""
+  m = np.zeros((n_out, n_in), np.float32)
+  for i in range(n_out):
+    start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:
+  """[N, H, W, C] -> [N, size, size, C]: torch's nn.AdaptiveAvgPool2d(size) (bins may overlap or repeat)."""
+  _, h, w, _ = x.shape
+  mh = jnp.asarray(_adaptive_pool_matrix(h, size), x.dtype)
+  mw = jnp.asarray(_adaptive_pool_matrix(w, size), x.dtype)
+  return jnp.einsum('ph,nhwc,qw->npqc', mh, x, mw)

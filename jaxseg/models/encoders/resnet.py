@@ -2,8 +2,9 @@
 
 The module and variable names follow torchvision's state-dict keys one to one
 (`layer1.0.conv1.weight` is params['layer1_0']['conv1']['kernel'],
-`layer2.0.downsample.1.running_mean` is batch_stats['layer2_0']['downsample_1']['mean']), so that
-`jaxseg.models.encoders.weights` loads torchvision and timm checkpoints with one explicit table.
+`layer2.0.downsample.1.running_mean` is batch_stats['layer2_0']['downsample_1']['mean']), so that one explicit
+table (`key_table`) reads torchvision and timm checkpoints (timm's ResNet keys are torchvision's); their
+classifier (`fc.*`) is skipped.
 
 Padding is explicit and symmetric as torch's (`padding=k//2 * dilation`), not 'SAME', which pads a strided
 convolution on even inputs asymmetrically and would shift every feature map by a pixel.
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxseg.errors import ConfigError
 from jaxseg.models import layers
+from jaxseg.models.encoders import base
 
 # torchvision's initialisation (kaiming_normal_, mode='fan_out', nonlinearity='relu'); BatchNorm scale 1, bias 0.
 KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -184,3 +186,52 @@ class ResNet(nn.Module):
         x = block_cls(**kwargs, train_bn=train_bn, dtype=self.dtype, name=f'layer{i + 1}_{b}')(x)
       features.append(x)
     return features
+
+
+# ---- The weight table and the registered encoders. ----
+
+
+def key_table(block: str, stage_sizes: Sequence[int]) -> base.KeyTable:
+  """torchvision's (= timm's) ResNet keys -> the Flax variables (the same at every output stride)."""
+  table: base.KeyTable = {}
+  base.add_conv(table, 'conv1', ('conv1',))
+  base.add_batch_norm(table, 'bn1', ('bn1',))
+  n_convs = 3 if block == 'bottleneck' else 2
+  for i, stage in enumerate(stage_plan(block, stage_sizes, 32)):
+    for b, block_args in enumerate(stage):
+      key, module = f'layer{i + 1}.{b}', f'layer{i + 1}_{b}'
+      for c in range(1, n_convs + 1):
+        base.add_conv(table, f'{key}.conv{c}', (module, f'conv{c}'))
+        base.add_batch_norm(table, f'{key}.bn{c}', (module, f'bn{c}'))
+      if block_args['downsample']:
+        base.add_conv(table, f'{key}.downsample.0', (module, 'downsample_0'))
+        base.add_batch_norm(table, f'{key}.downsample.1', (module, 'downsample_1'))
+  return table
+
+
+def _spec(block: str, stage_sizes: tuple[int, ...]) -> base.EncoderSpec:
+  expansion = BLOCKS[block].expansion
+  channels = (64,) + tuple(w * expansion for w in STAGE_WIDTHS)
+
+  def build(*, output_stride: int = 32, frozen_bn: bool = False, dtype: Any = jnp.float32, **kwargs) -> ResNet:
+    # Dilated for segmentation as segmentation_models_pytorch's make_dilated (DeepLabV3+'s reference); the
+    # module's default is torchvision's replace_stride_with_dilation.
+    kwargs.setdefault('dilation_rule', 'smp')
+    return ResNet(block=block, stage_sizes=stage_sizes, output_stride=output_stride, frozen_bn=frozen_bn,
+                  dtype=dtype, **kwargs)
+
+  def layouts() -> tuple[base.WeightLayout, ...]:
+    return (base.WeightLayout('torchvision', key_table(block, stage_sizes),
+                              skipped=frozenset({'fc.weight', 'fc.bias'})),)
+
+  return base.EncoderSpec(
+      build=build, layouts=layouts, output_strides=OUTPUT_STRIDES,
+      features=tuple(base.FeatureMap(s, c) for s, c in zip((2, 4, 8, 16, 32), channels)))
+
+
+ENCODERS = {
+    'resnet18': _spec('basic', (2, 2, 2, 2)),
+    'resnet34': _spec('basic', (3, 4, 6, 3)),
+    'resnet50': _spec('bottleneck', (3, 4, 6, 3)),
+    'resnet101': _spec('bottleneck', (3, 4, 23, 3)),
+}

@@ -1,22 +1,20 @@
-"""Pretrained encoder weights: torchvision / timm state dicts (.safetensors, or .pth/.pt) -> Flax variables.
+"""Pretrained encoder weights: state dicts (.safetensors, or .pth/.pt/.bin) -> Flax variables, for any encoder.
 
-One explicit table per encoder (`torch_key_table`) maps every torch key to a Flax variable path:
+Each encoder family owns its tables (see base.py): for every layout it reads (torchvision, timm, transformers), a
+map from each key of such a file to the Flax variable it fills and how its tensor converts:
 
-  conv1.weight                        -> params/conv1/kernel             (OIHW -> HWIO)
-  bn1.weight, bn1.bias                -> params/bn1/scale, params/bn1/bias
-  bn1.running_mean, bn1.running_var   -> batch_stats/bn1/mean, batch_stats/bn1/var
-  layer1.0.conv1.weight               -> params/layer1_0/conv1/kernel
-  layer2.0.downsample.0.weight        -> params/layer2_0/downsample_0/kernel
-  features.0.weight, features.0.bias  -> params/conv1_1/kernel, params/conv1_1/bias   (VGG)
-  features.1.running_mean             -> batch_stats/bn1_1/mean                        (VGG16-BN)
+  conv1.weight                        -> params/conv1/kernel             (conv: OIHW -> HWIO)
+  bn1.running_mean                    -> batch_stats/bn1/mean            (vector: as it is)
+  stages.0.blocks.0.mlp.fc1.weight    -> params/stages_0/blocks_0/mlp_fc1/kernel   (dense: [out, in] -> [in, out])
 
-timm's ResNet keys are torchvision's. `*.num_batches_tracked`, ResNet's `fc.*` and VGG's last classifier
-layer (`classifier.6.*`, timm: `head.fc.*`) are skipped on purpose. VGG's fc6/fc7 (`classifier.0`,
-`classifier.3`; timm: `pre_logits.fc1`, `pre_logits.fc2`, already convolutions) are returned separately as
-Flax convolution kernels. Every other key must be in the table and every table key in the file, each with
-its exact shape; anything else is a WeightsError naming the file, the key and both shapes.
+This module has one converter for all of them. The file's layout is the one whose table shares the most keys
+with it (after its classification prefix, e.g. transformers' `convnext.`, is stripped). Keys the layout skips
+on purpose (a classifier, `*.num_batches_tracked`) are ignored; every other key must be in the table and every
+non-optional table key in the file, each with its exact shape; anything else is a WeightsError naming the file,
+the key and both shapes. A layout's extras (VGG's fc6/fc7) come back beside the encoder's variables, for a
+decoder that asks for them.
 
-PyTorch is needed only for .pth/.pt files and imported only then; .safetensors files are read with the
+PyTorch is needed only for .pth/.pt/.bin files and imported only then; .safetensors files are read with the
 safetensors package's numpy API.
 """
 
@@ -31,31 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.errors import WeightsError
-from jaxseg.models.encoders import registry
-from jaxseg.models.encoders import resnet as resnet_lib
-from jaxseg.models.encoders import vgg as vgg_lib
+from jaxseg.models.encoders import base, registry
 
-# Keys of a classification checkpoint that an encoder does not use.
-SKIPPED_KEYS = {
-    'resnet': ('fc.weight', 'fc.bias'),
-    'vgg': ('classifier.6.weight', 'classifier.6.bias', 'head.fc.weight', 'head.fc.bias'),
-}
 SKIPPED_SUFFIX = '.num_batches_tracked'
-# VGG's fc6/fc7 as the two layouts store them: torch key -> (fc layer, Flax leaf, shape in the file).
-VGG_CLASSIFIER_KEYS = {
-    'torchvision': {
-        'classifier.0.weight': ('fc6', 'kernel', (4096, 512 * 7 * 7)),
-        'classifier.0.bias': ('fc6', 'bias', (4096,)),
-        'classifier.3.weight': ('fc7', 'kernel', (4096, 4096)),
-        'classifier.3.bias': ('fc7', 'bias', (4096,)),
-    },
-    'timm': {
-        'pre_logits.fc1.weight': ('fc6', 'kernel', (4096, 512, 7, 7)),
-        'pre_logits.fc1.bias': ('fc6', 'bias', (4096,)),
-        'pre_logits.fc2.weight': ('fc7', 'kernel', (4096, 4096, 1, 1)),
-        'pre_logits.fc2.bias': ('fc7', 'bias', (4096,)),
-    },
-}
 SAFETENSORS_SUFFIXES = ('.safetensors',)
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')  # .bin: Hugging Face's pytorch_model.bin.
 MAX_LISTED = 6  # Problems of each kind spelled out in an error; the rest are counted.
@@ -68,102 +44,55 @@ class EncoderWeights:
   """What a weights file gives an encoder.
 
   Attributes:
-    variables: {'params': ..., 'batch_stats': ...} for the encoder module (batch_stats {} for VGG16);
-      float32 numpy arrays laid out as the Flax module's.
-    classifier: VGG only, when the file has them: {'fc6': {'kernel': [7, 7, 512, 4096], 'bias': [4096]},
-      'fc7': {'kernel': [1, 1, 4096, 4096], 'bias': [4096]}}, the ImageNet classifier's first two layers as
-      Flax convolution kernels (HWIO, for 'VALID' 7x7 and 1x1 convolutions on pool5); else None.
-    source: 'torchvision' or 'timm' (VGG: which classifier layout the file had), for messages.
+    variables: {'params': ..., 'batch_stats': ...} for the encoder module (batch_stats {} when it has no
+      BatchNorm); float32 numpy arrays laid out as the Flax module's.
+    extras: the layout's extras the file has, by name (VGG: {'classifier': {'fc6': {'kernel': [7, 7, 512, 4096],
+      'bias'}, 'fc7': {'kernel': [1, 1, 4096, 4096], 'bias'}}}, its ImageNet classifier's first two layers as
+      Flax convolution kernels); {} when it has none.
+    layout: the layout the file was read as ('torchvision', 'timm', 'hf').
   """
   variables: dict[str, Any]
-  classifier: Optional[dict[str, Any]]
-  source: str
+  extras: dict[str, Any]
+  layout: str
 
 
-# ---- The tables. ----
+# ---- The tables and the shapes they must fill. ----
 
 
-def _add_batch_norm(table: dict, torch_prefix: str, path: Path) -> None:
-  table[f'{torch_prefix}.weight'] = ('params', path + ('scale',))
-  table[f'{torch_prefix}.bias'] = ('params', path + ('bias',))
-  table[f'{torch_prefix}.running_mean'] = ('batch_stats', path + ('mean',))
-  table[f'{torch_prefix}.running_var'] = ('batch_stats', path + ('var',))
-
-
-def _resnet_table(block: str, stage_sizes) -> dict[str, tuple[str, Path]]:
-  table = {'conv1.weight': ('params', ('conv1', 'kernel'))}
-  _add_batch_norm(table, 'bn1', ('bn1',))
-  n_convs = 3 if block == 'bottleneck' else 2
-  for i, stage in enumerate(resnet_lib.stage_plan(block, stage_sizes, 32)):
-    for b, block_args in enumerate(stage):
-      torch_prefix, module = f'layer{i + 1}.{b}', f'layer{i + 1}_{b}'
-      for c in range(1, n_convs + 1):
-        table[f'{torch_prefix}.conv{c}.weight'] = ('params', (module, f'conv{c}', 'kernel'))
-        _add_batch_norm(table, f'{torch_prefix}.bn{c}', (module, f'bn{c}'))
-      if block_args['downsample']:
-        table[f'{torch_prefix}.downsample.0.weight'] = ('params', (module, 'downsample_0', 'kernel'))
-        _add_batch_norm(table, f'{torch_prefix}.downsample.1', (module, 'downsample_1'))
-  return table
-
-
-def _vgg_table(batch_norm: bool) -> dict[str, tuple[str, Path]]:
-  """torchvision's `features` indices: conv[, bn], relu per conv; one max-pool per block."""
-  table, index = {}, 0
-  for b, (n_convs, _) in enumerate(vgg_lib.VGG16_BLOCKS, start=1):
-    for j in range(1, n_convs + 1):
-      table[f'features.{index}.weight'] = ('params', (f'conv{b}_{j}', 'kernel'))
-      table[f'features.{index}.bias'] = ('params', (f'conv{b}_{j}', 'bias'))
-      index += 1
-      if batch_norm:
-        _add_batch_norm(table, f'features.{index}', (f'bn{b}_{j}',))
-        index += 1
-      index += 1  # ReLU.
-    index += 1  # MaxPool2d.
-  return table
-
-
-@functools.lru_cache(maxsize=None)
-def torch_key_table(name: str) -> dict[str, tuple[str, Path]]:
-  """Encoder `name`'s table: torch key -> (collection, path of the Flax variable inside the encoder).
-
-  A path ending in 'kernel' is a convolution weight (torch OIHW, Flax HWIO); the others are vectors.
-  """
+def key_table(name: str, layout: Optional[str] = None) -> base.KeyTable:
+  """Encoder `name`'s table for `layout` (None: its first layout): file key -> base.Entry."""
   spec = registry.encoder_spec(name)
-  if spec.family == 'resnet':
-    return _resnet_table(spec.arch['block'], tuple(spec.arch['stage_sizes']))
-  return _vgg_table(spec.arch['batch_norm'])
+  return (spec.layout(layout) if layout else spec.layouts()[0]).table
 
 
 @functools.lru_cache(maxsize=None)
-def _flax_shapes(name: str) -> dict[tuple[str, Path], tuple[int, ...]]:
+def _layouts(name: str) -> tuple[base.WeightLayout, ...]:
+  return registry.encoder_spec(name).layouts()
+
+
+@functools.lru_cache(maxsize=None)
+def flax_shapes(name: str) -> dict[tuple[str, Path], tuple[int, ...]]:
   """(collection, path) -> shape of every variable of encoder `name` (traced, nothing computed)."""
   module = registry.create_encoder(name)
-  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
   shapes = {}
   for collection, tree in variables.items():
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       shapes[(collection, tuple(k.key for k in key_path))] = tuple(leaf.shape)
-  table_entries = set(torch_key_table(name).values())
-  if table_entries != set(shapes):  # A bug in the table, not in a file.
-    raise AssertionError(f'torch_key_table({name!r}) does not cover the module: '
-                         f'{sorted(set(shapes) - table_entries)[:5]} unmapped, '
-                         f'{sorted(table_entries - set(shapes))[:5]} not in the module')
+  for layout in _layouts(name):  # A bug in a table, not in a file.
+    entries = {(e.collection, e.path) for e in layout.table.values()}
+    unmapped = set(shapes) - entries
+    if entries - set(shapes) or (unmapped and layout.complete is None):
+      raise AssertionError(f'the {layout.name} table of {name!r} does not cover the module: '
+                           f'{sorted(unmapped)[:5]} unmapped, {sorted(entries - set(shapes))[:5]} not in the module')
   return shapes
 
 
-def torch_shape(flax_path: Path, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The shape the torch tensor of this Flax variable has (conv kernels HWIO -> OIHW)."""
-  if flax_path[-1] == 'kernel':
-    h, w, i, o = flax_shape
-    return (o, i, h, w)
-  return tuple(flax_shape)
-
-
-def expected_torch_shapes(name: str) -> dict[str, tuple[int, ...]]:
-  """torch key -> the shape encoder `name` needs in a state dict (the encoder's keys only)."""
-  shapes = _flax_shapes(name)
-  return {key: torch_shape(path, shapes[(collection, path)])
-          for key, (collection, path) in torch_key_table(name).items()}
+def expected_torch_shapes(name: str, layout: Optional[str] = None) -> dict[str, tuple[int, ...]]:
+  """File key -> the shape encoder `name` needs in a state dict of `layout` (None: its first layout)."""
+  shapes = flax_shapes(name)
+  return {key: base.torch_shape(e.kind, shapes[(e.collection, e.path)])
+          for key, e in key_table(name, layout).items()}
 
 
 # ---- Reading files. ----
@@ -237,20 +166,34 @@ def _shape(shape) -> str:
   return str(list(shape))
 
 
+def _strip(layout: base.WeightLayout, keys) -> dict[str, str]:
+  """The layout's key -> the key as the file has it (its classification prefix removed where present)."""
+  if not layout.prefix:
+    return {k: k for k in keys}
+  return {(k[len(layout.prefix):] if k.startswith(layout.prefix) else k): k for k in keys}
+
+
+def _known(layout: base.WeightLayout, key: str) -> bool:
+  return (key in layout.table or key in layout.skipped or key.endswith(SKIPPED_SUFFIX)
+          or (layout.extras is not None and key in layout.extras.keys))
+
+
+def _best_layout(name: str, keys) -> base.WeightLayout:
+  """The layout of encoder `name` whose table shares the most keys with the file (the first on a tie)."""
+  layouts = _layouts(name)
+  return max(layouts, key=lambda layout: (len(set(_strip(layout, keys)) & set(layout.table)),
+                                          -layouts.index(layout)))
+
+
 def _guess_encoder(keys: set[str]) -> Optional[str]:
-  """The registered encoder whose table the file's keys match exactly (ignoring skipped/classifier keys)."""
-  for name, spec in registry.ENCODERS.items():
-    table = torch_key_table(name)
-    extra = {k for k in keys - set(table) if not _skipped_or_classifier(spec.family, k)}
-    if set(table) <= keys and not extra:
-      return name
+  """The registered encoder one of whose layouts the file's keys match exactly (skipped and extra keys aside)."""
+  for name in registry.ENCODERS:
+    for layout in _layouts(name):
+      stripped = _strip(layout, keys)
+      required = {k for k, e in layout.table.items() if not e.optional}
+      if required <= set(stripped) and all(_known(layout, k) for k in stripped):
+        return name
   return None
-
-
-def _skipped_or_classifier(family: str, key: str) -> bool:
-  if key.endswith(SKIPPED_SUFFIX) or key in SKIPPED_KEYS[family]:
-    return True
-  return family == 'vgg' and any(key in keys for keys in VGG_CLASSIFIER_KEYS.values())
 
 
 def _set(tree: dict, path: Path, value) -> None:
@@ -259,98 +202,82 @@ def _set(tree: dict, path: Path, value) -> None:
   tree[path[-1]] = value
 
 
-def state_dict_to_encoder_weights(name: str, state_dict: Mapping[str, Any], *,
+def state_dict_to_encoder_weights(name: str, state_dict: Mapping[str, Any], *, layout: Optional[str] = None,
                                   source: str = 'the state dict') -> EncoderWeights:
-  """Checks a torchvision/timm state dict (numpy arrays) against encoder `name` and converts it.
+  """Checks a state dict (numpy arrays) against encoder `name` in one of its layouts and converts it.
 
   Args:
-    name: a registered encoder ('resnet18', ..., 'vgg16_bn').
-    state_dict: torch key -> array (numpy, or anything np.asarray takes).
+    name: a registered encoder.
+    state_dict: file key -> array (numpy, or anything np.asarray takes).
+    layout: the layout to read it as; None: the layout whose table shares the most keys with it.
     source: what to call it in errors (the file's path).
   Raises:
     WeightsError: keys missing, keys not of this encoder (other than the skipped ones), or a shape that
-      differs; the message names `source`, the keys and both shapes (as torch shapes).
+      differs; the message names `source`, the keys and both shapes (as the file's shapes).
   """
-  spec = registry.encoder_spec(name)
-  table, expected = torch_key_table(name), expected_torch_shapes(name)
-  keys = set(state_dict)
-  missing = [k for k in table if k not in keys]
-  unexpected = sorted(k for k in keys - set(table) if not _skipped_or_classifier(spec.family, k))
-  wrong = [(k, tuple(np.shape(state_dict[k])), expected[k]) for k in table
-           if k in keys and tuple(np.shape(state_dict[k])) != expected[k]]
-  classifier, layout, classifier_problems = None, 'torchvision', []
-  if spec.family == 'vgg':
-    classifier, layout, classifier_problems = _vgg_classifier(state_dict)
-  if missing or unexpected or wrong or classifier_problems:
+  chosen = registry.encoder_spec(name).layout(layout) if layout else _best_layout(name, state_dict)
+  table, shapes = chosen.table, flax_shapes(name)
+  expected = {key: base.torch_shape(e.kind, shapes[(e.collection, e.path)]) for key, e in table.items()}
+  original = _strip(chosen, state_dict)
+  if len(original) != len(state_dict):
+    raise WeightsError(f'encoder weights {source}: some keys are there both with and without the prefix '
+                       f'{chosen.prefix!r}')
+  optional = [k for k, e in table.items() if e.optional]
+  optional_given = any(k in original for k in optional)
+  missing = [k for k, e in table.items() if k not in original and (not e.optional or optional_given)]
+  unexpected = sorted(original[k] for k in original if not _known(chosen, k))
+  wrong = [(original[k], tuple(np.shape(state_dict[original[k]])), expected[k]) for k in table
+           if k in original and tuple(np.shape(state_dict[original[k]])) != expected[k]]
+  extras, extra_problems = {}, []
+  if chosen.extras is not None:
+    extra_tree, extra_problems = chosen.extras.read(state_dict)
+    if extra_tree is not None:
+      extras[chosen.extras.name] = extra_tree
+  if missing or unexpected or wrong or extra_problems:
     problems = []
     if wrong:
       problems.append(f'{len(wrong)} key(s) with another shape: ' + '; '.join(
           f'{k!r} is {_shape(got)} in the file, {name} needs {_shape(want)}' for k, got, want in wrong[:MAX_LISTED]))
     if missing:
+      prefix = chosen.prefix if any(k != v for k, v in original.items()) else ''
       problems.append(f'{len(missing)} key(s) of {name} missing from the file: ' + ', '.join(
-          f'{k!r} {_shape(expected[k])}' for k in missing[:MAX_LISTED]))
+          f'{prefix + k!r} {_shape(expected[k])}' for k in missing[:MAX_LISTED]))
     if unexpected:
       problems.append(f'{len(unexpected)} key(s) that {name} does not have: ' + ', '.join(
           f'{k!r} {_shape(np.shape(state_dict[k]))}' for k in unexpected[:MAX_LISTED]))
-    problems += classifier_problems
-    guess = _guess_encoder(keys)
+    problems += extra_problems
+    guess = _guess_encoder(set(state_dict))
     hint = f' It looks like {guess} weights: set config.model.encoder={guess!r}.' if guess and guess != name else ''
-    if not guess and any(k.startswith('module.') for k in keys):
+    best = _best_layout(name, state_dict)
+    if layout and best.name != layout:
+      hint += f' Its keys are in the {best.name!r} layout, not {layout!r}.'
+    if not guess and any(k.startswith('module.') for k in state_dict):
       hint = " Its keys start with 'module.' (saved from a DataParallel wrapper): save model.module.state_dict()."
-    raise WeightsError(f'encoder weights {source} do not fit encoder {name!r}: ' + '. '.join(problems) + '.'
-                       + hint)
+    raise WeightsError(f'encoder weights {source} ({chosen.name} layout) do not fit encoder {name!r}: '
+                       + '. '.join(problems) + '.' + hint)
 
   variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
-  for key, (collection, path) in table.items():
-    value = np.asarray(state_dict[key], dtype=np.float32)
-    if path[-1] == 'kernel':
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
-    _set(variables[collection], path, np.ascontiguousarray(value))
-  return EncoderWeights(variables=variables, classifier=classifier, source=layout)
+  for key, entry in table.items():
+    if key in original:
+      value = base.to_flax(entry.kind, np.asarray(state_dict[original[key]], dtype=np.float32))
+      _set(variables[entry.collection], entry.path, np.ascontiguousarray(value))
+  if chosen.complete is not None:
+    variables = chosen.complete(variables, shapes)
+  return EncoderWeights(variables=variables, extras=extras, layout=chosen.name)
 
 
-def _vgg_classifier(state_dict: Mapping[str, Any]) -> tuple[Optional[dict], str, list[str]]:
-  """VGG's fc6/fc7 from either layout as HWIO kernels, or None when the file has neither; plus any problems."""
-  keys = set(state_dict)
-  present = {layout: keys & set(table) for layout, table in VGG_CLASSIFIER_KEYS.items()}
-  if not any(present.values()):
-    return None, 'torchvision', []
-  if all(present.values()):
-    return None, 'torchvision', ['it has the classifier in both the torchvision (classifier.0/3) and the timm '
-                                 '(pre_logits.fc1/fc2) layout']
-  layout = 'timm' if present['timm'] else 'torchvision'
-  table = VGG_CLASSIFIER_KEYS[layout]
-  problems = [f'classifier key {k!r} {_shape(shape)} missing (the file has the others)'
-              for k, (_, _, shape) in table.items() if k not in keys]
-  problems += [f'classifier key {k!r} is {_shape(np.shape(state_dict[k]))} in the file, vgg16 needs {_shape(shape)}'
-               for k, (_, _, shape) in table.items() if k in keys and tuple(np.shape(state_dict[k])) != shape]
-  if problems:
-    return None, layout, problems
-  classifier: dict[str, Any] = {}
-  for key, (layer, leaf, _) in table.items():
-    value = np.asarray(state_dict[key], dtype=np.float32)
-    if leaf == 'kernel':
-      if layer == 'fc6':
-        value = value.reshape(4096, 512, 7, 7)  # torchvision flattens pool5 [512, 7, 7] channel-major.
-      else:
-        value = value.reshape(4096, 4096, 1, 1)
-      value = value.transpose(2, 3, 1, 0)
-    _set(classifier, (layer, leaf), np.ascontiguousarray(value))
-  return classifier, layout, []
-
-
-def read_encoder_weights(name: str, path: str) -> EncoderWeights:
-  """Reads and checks a weights file for encoder `name`: its variables, and VGG's fc6/fc7 (see EncoderWeights)."""
+def read_encoder_weights(name: str, path: str, layout: Optional[str] = None) -> EncoderWeights:
+  """Reads and checks a weights file for encoder `name`: its variables and extras (see EncoderWeights)."""
   path = os.path.expanduser(os.fspath(path))
-  return state_dict_to_encoder_weights(name, read_state_dict(path), source=path)
+  return state_dict_to_encoder_weights(name, read_state_dict(path), layout=layout, source=path)
 
 
-def load_encoder_variables(name: str, path: str) -> dict[str, Any]:
-  """{'params': ..., 'batch_stats': ...} for `create_encoder(name)` from a torchvision/timm weights file.
+def load_encoder_variables(name: str, path: str, layout: Optional[str] = None) -> dict[str, Any]:
+  """{'params': ..., 'batch_stats': ...} for `create_encoder(name)` from a weights file of one of its layouts.
 
   The same variables serve every output_stride and frozen_bn setting (dilation changes no shapes).
   """
-  return read_encoder_weights(name, path).variables
+  return read_encoder_weights(name, path, layout).variables
 
 
 def adapt_first_conv(kernel: np.ndarray, in_channels: int) -> np.ndarray:
