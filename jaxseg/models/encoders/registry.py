@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.errors import ConfigError
-from jaxseg.models.encoders import base, resnet, vgg
+from jaxseg.models.encoders import base, convnext, resnet, vgg
 
 # A model with an encoder keeps it as the submodule of this name: params['encoder'], batch_stats['encoder'].
 ENCODER_SUBMODULE = 'encoder'
@@ -14,6 +14,7 @@ ENCODER_SUBMODULE = 'encoder'
 ENCODERS: dict[str, base.EncoderSpec] = {
     **resnet.ENCODERS,  # resnet18, resnet34, resnet50, resnet101
     **vgg.ENCODERS,  # vgg16, vgg16_bn
+    **convnext.ENCODERS,  # convnext_tiny, convnext_small, convnext_base
 }
 
 
