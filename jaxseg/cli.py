@@ -75,7 +75,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, chec
   settings, spec, setup, step = run.settings, run.spec, run.setup, run.step
   options = settings.inference_options(processes=jax.process_count())
   is_primary = jax.process_index() == 0
-  log.info('Evaluating the %s checkpoint: step %d of %s', checkpoint, step, os.path.join(run.workdir, 'checkpoints'))
+  trained = os.path.isdir(os.path.join(run.workdir, 'checkpoints'))
+  what = (f'the {checkpoint} checkpoint (step {step})' if trained
+          else f'the weights of {settings.model.weights} as they are')
+  log.info('Evaluating %s of %s', what, run.workdir)
   eval_data = pipeline.eval_dataset(
       run.builder, spec, settings.input, global_batch=settings.eval_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -96,7 +99,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, chec
     result['inference'] = extra
   writer.close()
   if is_primary:
-    print(f'Checkpoint step {step} ({checkpoint}): mean IoU {result["mean_iou"]:.4f}, pixel accuracy '
+    print(f'{"Checkpoint step " + str(step) + " (" + checkpoint + ")" if trained else settings.model.weights}: '
+          f'mean IoU {result["mean_iou"]:.4f}, pixel accuracy '
           f'{result["pixel_accuracy"]:.4f}, mean class accuracy {result["mean_class_accuracy"]:.4f}')
     print(reporting.format_iou_table(result['per_class_iou'], spec.class_names, result['per_class_accuracy']))
     if 'inference' in result:

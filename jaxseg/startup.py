@@ -4,12 +4,13 @@
 jaxseg.api) and export call first:
   1. the config checked into Settings (jaxseg/settings.py), the compilation cache on;
   2. the workdir: training creates it and writes config.json; the other modes check that the config describes
-     the model trained there and take the 'auto' values training chose;
+     the model trained there and take the 'auto' values training chose (or, in a workdir without training, use
+     a whole-model file, config.model.weights, as it is: its 'auto' values must then be given);
   3. the data, when the mode reads a split (train, eval), else only the dataset's spec;
   4. training chooses the 'auto' values from the data (jaxseg/recipe.py) and saves them in config.json;
   5. the model, optimiser and state layout (state.build) on the mode's devices;
   6. the state: training resumes from the latest checkpoint or starts fresh; the others restore the best or
-     latest checkpoint.
+     latest checkpoint (or build the state from config.model.weights).
 """
 
 import dataclasses
@@ -86,11 +87,17 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str, chec
   pipeline.hide_accelerators_from_tf()
   workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
   is_primary = jax.process_index() == 0
+  from_weights = False  # eval/predict/export of config.model.weights as it is, in a workdir without training.
   if mode == 'train':
     _prepare_workdir_on_all_processes(workdir, config)
+  elif not os.path.isdir(os.path.join(workdir, 'checkpoints')) and settings.model.weights:
+    from_weights = True
+    settings = recipe.settle(settings, None, 'the config (no training in this workdir)')
+    os.makedirs(workdir, exist_ok=True)  # Where eval writes metrics.jsonl, predict its masks, export its files.
   else:
     if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-      raise CheckpointError(f'no checkpoints in {workdir}: train first (--mode=train) or pass the right --workdir')
+      raise CheckpointError(f'no checkpoints in {workdir}: train first (--mode=train), pass the right --workdir, '
+                            'or give a whole-model file (config.model.weights) to use as it is')
     trained = trained_settings(workdir)
     _check_same_model(settings, trained, workdir)
     settings = recipe.settle(settings, trained, os.path.join(workdir, CONFIG_FILE))
@@ -113,6 +120,10 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str, chec
   # ---- Model and state. ----
   mesh = sharding.make_mesh(devices)
   setup = state_lib.build(settings, spec.num_classes, mesh, sharding=sharding_mode)
+  if from_weights:
+    if is_primary:
+      log.info('No training in %s: using the weights of %s as they are (step 0)', workdir, settings.model.weights)
+    return Run(settings, workdir, spec, builder, setup, setup.init_state(), 0)
   if mode != 'train':
     state, step = checkpoint_lib.restore_trained(workdir, setup.abstract_state, checkpoint=checkpoint)
     return Run(settings, workdir, spec, builder, setup, state, step)

@@ -15,6 +15,7 @@ from configs import deeplabv3plus_resnet50_scene_parse150 as deeplab_config
 from configs import fcn as fcn_config
 from configs import unet as unet_config
 from jaxseg import models
+from jaxseg.settings import WEIGHT_FIELDS
 from jaxseg.errors import ConfigError
 from jaxseg.models import encoders
 from jaxseg.models.layers import upsample_bilinear_align_corners
@@ -26,7 +27,7 @@ from tests.helpers import import_torch_or_skip
 
 def module_fields(config):
   """config.model's fields that the module takes (models.create_model's: no name, weight file or input contract)."""
-  return {k: v for k, v in config.model.items() if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
+  return {k: v for k, v in config.model.items() if k not in ('name', *WEIGHT_FIELDS, *models.INPUT_FIELDS)}
 
 
 def DeepLabV3Plus(num_classes, encoder_name, output_stride=16, atrous_rates=None, **fields):  # pylint: disable=invalid-name

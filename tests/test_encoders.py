@@ -17,6 +17,7 @@ import pytest
 
 from configs import unet as unet_config
 from jaxseg import models
+from jaxseg.settings import WEIGHT_FIELDS
 from jaxseg.errors import ConfigError, WeightsError
 from jaxseg.models import encoders
 from jaxseg.models.unet import UNet
@@ -379,7 +380,7 @@ def unet_model(encoder, num_classes, **model_fields):
   """configs/unet.py's model on `encoder` (models.create_model takes the module's fields: no name, weight file or
   input contract)."""
   fields = {k: v for k, v in unet_with(encoder, **model_fields).model.items()
-            if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
+            if k not in ('name', *WEIGHT_FIELDS, *models.INPUT_FIELDS)}
   return models.create_model('unet', fields, num_classes=num_classes)
 
 

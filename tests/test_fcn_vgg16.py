@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxseg import models
+from jaxseg.settings import WEIGHT_FIELDS
 from jaxseg.errors import ConfigError, WeightsError
 from jaxseg.models.segmentation_model import SegmentationModel
 from tests.test_models import fcn8s_vgg16_layer_counts_by_hand
@@ -104,7 +105,7 @@ def test_output_shape_at_an_odd_size(variant):
 def test_registry_and_recipe():
   from configs import fcn8s_vgg16_oxford_pet as recipe  # pylint: disable=g-import-not-at-top
   config = recipe.get_config()
-  fields = {k: v for k, v in config.model.items() if k not in ('name', 'encoder_weights', *models.INPUT_FIELDS)}
+  fields = {k: v for k, v in config.model.items() if k not in ('name', *WEIGHT_FIELDS, *models.INPUT_FIELDS)}
   model = models.create_model(config.model.name, fields, num_classes=21)
   assert (model.decoder_name, model.encoder_name) == ('fcn', 'vgg16')
   assert dict(model.decoder_fields) == {'variant': 'fcn8s', 'dropout_rate': 0.5}

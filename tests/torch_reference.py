@@ -217,6 +217,9 @@ def randomize_(model, seed):
         m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
         m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
         m.num_batches_tracked.fill_(7)
+      elif isinstance(m, nn.GroupNorm):
+        m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
       elif isinstance(m, nn.Linear):
         m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.in_features) ** 0.5)
         m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
@@ -278,6 +281,85 @@ class Unet(nn.Module):
     channels = (3, 64) + tuple(c * self.encoder.layer1[0].expansion for c in (64, 128, 256, 512))
     self.decoder = UnetDecoder(channels)
     self.segmentation_head = nn.Sequential(nn.Conv2d(16, classes, kernel_size=3, padding=1))
+
+  def forward(self, x):
+    features = [x] + self.encoder.features(x)
+    return self.segmentation_head(self.decoder(*features))
+
+
+# ---- segmentation_models_pytorch 0.6's FPN (merge 'add'), with its module names. ----
+
+
+class Conv3x3GNReLU(nn.Module):
+
+  def __init__(self, in_channels, out_channels, upsample=False):
+    super().__init__()
+    self.upsample = upsample
+    self.block = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                               nn.GroupNorm(32, out_channels), nn.ReLU(inplace=True))
+
+  def forward(self, x):
+    x = self.block(x)
+    return F.interpolate(x, scale_factor=2.0, mode='bilinear', align_corners=True) if self.upsample else x
+
+
+class FPNBlock(nn.Module):
+
+  def __init__(self, pyramid_channels, skip_channels):
+    super().__init__()
+    self.skip_conv = nn.Conv2d(skip_channels, pyramid_channels, kernel_size=1)
+
+  def forward(self, x, skip):
+    return F.interpolate(x, scale_factor=2.0, mode='nearest') + self.skip_conv(skip)
+
+
+class SegmentationBlock(nn.Module):
+
+  def __init__(self, in_channels, out_channels, n_upsamples=0):
+    super().__init__()
+    blocks = [Conv3x3GNReLU(in_channels, out_channels, upsample=bool(n_upsamples))]
+    blocks += [Conv3x3GNReLU(out_channels, out_channels, upsample=True) for _ in range(1, n_upsamples)]
+    self.block = nn.Sequential(*blocks)
+
+  def forward(self, x):
+    return self.block(x)
+
+
+class FPNDecoder(nn.Module):
+
+  def __init__(self, encoder_channels, pyramid_channels=256, segmentation_channels=128, dropout=0.2):
+    super().__init__()
+    c5, c4, c3, c2 = encoder_channels[::-1][:4]
+    self.p5 = nn.Conv2d(c5, pyramid_channels, kernel_size=1)
+    self.p4 = FPNBlock(pyramid_channels, c4)
+    self.p3 = FPNBlock(pyramid_channels, c3)
+    self.p2 = FPNBlock(pyramid_channels, c2)
+    self.seg_blocks = nn.ModuleList([SegmentationBlock(pyramid_channels, segmentation_channels, n_upsamples=n)
+                                     for n in (3, 2, 1, 0)])
+    self.dropout = nn.Dropout2d(p=dropout)
+
+  def forward(self, *features):
+    c2, c3, c4, c5 = features[-4:]
+    p5 = self.p5(c5)
+    p4 = self.p4(p5, c4)
+    p3 = self.p3(p4, c3)
+    p2 = self.p2(p3, c2)
+    pyramid = [block(p) for block, p in zip(self.seg_blocks, (p5, p4, p3, p2))]
+    return self.dropout(torch.stack(pyramid).sum(dim=0))
+
+
+class FPN(nn.Module):
+  """smp.FPN(encoder_name, classes=K) for the ResNets: encoder (no fc), decoder, segmentation_head (1x1, x4)."""
+
+  def __init__(self, encoder_name, classes):
+    super().__init__()
+    self.encoder = make_encoder(encoder_name)
+    del self.encoder.fc
+    del self.encoder.avgpool
+    channels = (3, 64) + tuple(c * self.encoder.layer1[0].expansion for c in (64, 128, 256, 512))
+    self.decoder = FPNDecoder(channels)
+    self.segmentation_head = nn.Sequential(nn.Conv2d(128, classes, kernel_size=1),
+                                           nn.UpsamplingBilinear2d(scale_factor=4))
 
   def forward(self, x):
     features = [x] + self.encoder.features(x)
@@ -471,15 +553,37 @@ class FCN(nn.Module):
     return F.interpolate(score, scale_factor=stride, mode='bilinear', align_corners=False)[:, :, :h, :w]
 
 
+class UperNet(nn.Module):
+  """transformers' UperNetForSemanticSegmentation on ConvNeXt (random weights, built from a config): logits only."""
+
+  def __init__(self, encoder, num_classes, auxiliary_head=False):
+    super().__init__()
+    import transformers  # pylint: disable=g-import-not-at-top
+    from jaxseg.models.encoders.convnext import ARCHS  # pylint: disable=g-import-not-at-top
+    arch = ARCHS[encoder]
+    backbone = transformers.ConvNextConfig(out_features=['stage1', 'stage2', 'stage3', 'stage4'],
+                                           hidden_sizes=list(arch['dims']), depths=list(arch['depths']))
+    self.model = transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(
+        backbone_config=backbone, num_labels=num_classes, use_auxiliary_head=auxiliary_head))
+
+  def forward(self, x):
+    return self.model(x).logits
+
+
 def jaxseg_peer(model: dict, num_classes: int) -> nn.Module:
   """The PyTorch peer of jaxseg's config.model (as a dict); ValueError for a model without one."""
+  if model['name'] == 'fpn' and model.get('encoder') in RESNETS:
+    return FPN(model['encoder'], num_classes)
+  if model['name'] == 'upernet' and str(model.get('encoder')).startswith('convnext_'):
+    return UperNet(model['encoder'], num_classes, bool(model.get('auxiliary_head')))
   if model['name'] == 'unet' and not model.get('encoder') and model.get('norm') == 'batch' and \
       model.get('upsample') == 'transpose':
     return UNet(num_classes, model['base_width'], model['depth'])
   fields = ('variant', 'width_multiplier', 'fc_width', 'fc6_kernel', 'dropout_rate', 'norm')
   if model['name'] == 'fcn' and model.get('norm', 'none') in ('none', 'batch'):
     return FCN(num_classes, **{k: model[k] for k in fields if k in model})
-  raise ValueError(f'no PyTorch peer of {model}: the plain UNet (norm batch, upsample transpose) or FCN only')
+  raise ValueError(f'no PyTorch peer of {model}: the plain UNet (norm batch, upsample transpose), FCN, FPN on a '
+                   'ResNet and UPerNet on a ConvNeXt only')
 
 
 def load_jaxseg_variables(model: nn.Module, variables: dict) -> None:

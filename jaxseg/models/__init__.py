@@ -75,7 +75,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
     'fcn_vgg16': (build_fcn_vgg16, ('variant', 'encoder', 'dropout_rate')),
     'deeplabv3plus': (_composed('deeplabv3plus', 'resnet50', output_stride=16), ('encoder', 'output_stride')),
     'fpn': (_composed('fpn', 'resnet34'), ('encoder', 'dropout_rate')),
-    'upernet': (_composed('upernet', 'convnext_tiny'), ('encoder', 'auxiliary_head', 'auxiliary_weight')),
+    'upernet': (_composed('upernet', 'convnext_tiny'), ('encoder', 'channels', 'auxiliary_head', 'auxiliary_weight')),
 }
 
 

@@ -51,11 +51,17 @@ def add_conv_module(table: encoder_base.KeyTable, key: str, path: tuple[str, ...
 
 
 class UPerNetDecoder(base.Decoder):
-  """transformers' UperNetHead without its classifier: {stride: map} -> [N, H/4, W/4, 512]."""
+  """transformers' UperNetHead without its classifier: {stride: map} -> [N, H/4, W/4, channels].
+
+  Attributes:
+    channels: the width of every ConvModule (transformers' UperNetConfig.hidden_size, 512).
+    pool_scales: the pyramid pooling's output sizes.
+  """
   channels: int = CHANNELS
   pool_scales: Sequence[int] = POOL_SCALES
 
   NAME: ClassVar[str] = 'upernet'
+  FIELDS: ClassVar[tuple[str, ...]] = ('channels',)
   UPSAMPLE: ClassVar[str] = 'resize'
   MODEL_FILE: ClassVar[Optional[tuple[str, str]]] = ('backbone.', 'hf')
 
