@@ -30,8 +30,8 @@ from jaxseg.errors import WeightsError
 from jaxseg.models import encoders
 from jaxseg.models.encoders import base, convnext, registry
 from tests.helpers import import_torch_or_skip
+from tests.test_encoders import assert_close_relative, parse_keys
 
-RTOL = 1e-4
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
 T = convnext.ARCHS['convnext_tiny']
 # Parameter counts. transformers 5.25.0's ConvNextModel includes `layernorm` (the LayerNorm on the pooled
@@ -98,14 +98,6 @@ def param_count(depths, dims, output_norms=False):
   return sum(int(np.prod(s)) for (collection, _), s in shapes.items() if collection == 'params')
 
 
-def parse_keys(text):
-  out = {}
-  for item in text.split():
-    key, shape = item.split(':')
-    out[key] = tuple(int(d) for d in shape.split('x'))
-  return out
-
-
 def to_timm(state_dict):
   """A transformers ConvNextModel/Backbone state dict renamed to timm's keys (its output norms dropped)."""
   out = {}
@@ -124,13 +116,6 @@ def to_timm(state_dict):
 
 def n_params(tree):
   return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(tree))
-
-
-def assert_close_relative(got, want, what):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  assert got.shape == want.shape, (what, got.shape, want.shape)
-  err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12)
-  assert err < RTOL, f'{what}: relative error {err:.2e}'
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +145,7 @@ def hf_config(hf, depths, dims, **kwargs):
 
 
 def randomize_(model, seed):
-  """Every parameter random, at scales that keep every block's contribution visible.
+  """Every parameter (and BatchNorm statistic) random, at scales that keep every block's contribution visible.
 
   Weights (conv, depthwise conv, Linear): normal with std 1/sqrt(fan_in); LayerNorm weights normal(1, 0.5);
   biases normal(0, 0.2); layer scales normal(0, 0.5) (transformers initialises them to 1e-6, which would hide
@@ -179,6 +164,10 @@ def randomize_(model, seed):
         p.copy_(1 + 0.5 * z)
       else:
         p.copy_(0.2 * z)
+    for module in model.modules():  # BatchNorm statistics (transformers' UperNet heads), away from 0 and 1.
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=gen))
+        module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
   return model.eval()
 
 

@@ -27,7 +27,8 @@ from jaxseg.models import encoders
 from jaxseg.models.decoders.fpn import FPNDecoder
 from jaxseg.models.encoders import base, convnext, registry
 from jaxseg.models.segmentation_model import SegmentationModel
-from tests.helpers import import_torch_or_skip, save_state_dict
+from tests.helpers import save_state_dict
+from tests.test_convnext import randomize_ as randomize_hf_, transformers_module  # noqa: F401  (fixture 'hf')
 from tests.test_deeplab import torch_deeplab_to_flax as smp_to_flax
 from tests.test_encoders import assert_close_relative, param_count, random_images
 
@@ -61,35 +62,6 @@ def test_fpn_resnet34_parameter_count_and_logits_are_smps(ref):
 
 
 # ---- UPerNet against transformers. ----
-
-
-def randomize_hf_(model, seed):
-  """Every parameter and BatchNorm statistic random, at scales that keep every branch visible."""
-  import torch  # pylint: disable=g-import-not-at-top
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      z = torch.randn(p.shape, generator=gen)
-      if name.endswith('layer_scale_parameter'):
-        p.copy_(0.5 * z)
-      elif p.dim() > 1:
-        p.copy_(z / np.sqrt(p[0].numel()))
-      elif name.endswith('.weight'):  # A norm's.
-        p.copy_(1 + 0.3 * z)
-      else:
-        p.copy_(0.1 * z)
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=gen))
-        module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
-  return model.eval()
-
-
-@pytest.fixture(name='hf', scope='module')
-def transformers_module():
-  os.environ.setdefault('HF_HUB_OFFLINE', '1')  # Everything here is built locally; nothing is downloaded.
-  import_torch_or_skip('torch')
-  return import_torch_or_skip('transformers')
 
 
 def hf_upernet(hf, num_labels=150, **convnext):

@@ -3,7 +3,6 @@
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxseg.models import layers
