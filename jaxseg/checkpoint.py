@@ -145,7 +145,13 @@ class Checkpoints:
       unreadable.append(s)
       if not fall_back:
         break
-    raise CheckpointError('no checkpoint could be restored:\n' + '\n'.join(errors))
+    hint = ''
+    if any('tree structures do not match' in e for e in errors):
+      hint = ('\nThe checkpoint holds another layout of variables than this config builds (above: Source is the '
+              'model here, Target the checkpoint): another model, or a checkpoint from before the change of jaxseg\'s '
+              'model layer that moved the UNet-on-encoder and FCN-VGG16 decoders under params/decoder. '
+              'Use the config it was trained with, or train anew in another workdir.')
+    raise CheckpointError('no checkpoint could be restored:\n' + '\n'.join(errors) + hint)
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames unreadable checkpoints to <step>.unreadable (process 0), then re-lists the steps."""

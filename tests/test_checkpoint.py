@@ -5,6 +5,8 @@ References: the arrays as orbax reads them from the files (tests/helpers.load_ch
 the per-device share of each array worked out by hand from the fsdp rule.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -95,3 +97,21 @@ def test_saving_a_replicated_state_on_one_host_compiles_nothing(tmp_path):
   assert step == 1
   for key, value in host.items():
     np.testing.assert_array_equal(raw[key], value)
+
+
+def test_a_checkpoint_of_another_layout_stops_naming_the_paths_and_stays(tmp_path):
+  """A checkpoint whose variables are laid out otherwise (here as the UNet-on-encoder's were before its decoder
+  moved under params/decoder) is refused naming both paths, with the reason, and is left where it is."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  old = {'params': {'decoder_block0': {'kernel': jnp.ones(3)}, 'encoder': {'w': jnp.ones(2)}}}
+  saver = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  saver.save(1, old, {'mean_iou': 0.5})
+  saver.wait()
+  saver.close()
+  new = {'params': {'decoder': {'block0': {'kernel': jax.ShapeDtypeStruct((3,), jnp.float32)}},
+                    'encoder': {'w': jax.ShapeDtypeStruct((2,), jnp.float32)}}}
+  checkpoints = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  with pytest.raises(checkpoint.CheckpointError, match=r'(?s)params\.decoder_block0.*another layout of variables'):
+    checkpoints.restore(new)
+  checkpoints.close()
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
