@@ -165,7 +165,7 @@ def load_model_file(model: SegmentationModel, variables: Mapping[str, Any], path
   if layout is None:
     raise WeightsError(f'model weights {path}: decoder {model.decoder_name!r} reads no whole-model files; start its '
                        'encoder from a file with config.model.encoder_weights instead')
-  prefix, encoder_layout = layout
+  prefix, encoder_layout = layout.encoder_prefix, layout.encoder_layout
   state_dict = encoder_weights.read_state_dict(path)
   encoder_part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   if not encoder_part:
@@ -174,7 +174,7 @@ def load_model_file(model: SegmentationModel, variables: Mapping[str, Any], path
   read = encoder_weights.state_dict_to_encoder_weights(model.encoder_name, encoder_part, layout=encoder_layout,
                                                        source=f'{path} ({prefix}*)')
   variables = encoder_weights.with_pretrained_encoder(variables, model.encoder_name, path, encoder_weights=read)
-  table = model.decoder_class.model_key_table(model.auxiliary_head)
+  table = layout.key_table(model.auxiliary_head)
   rest = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
   if not model.auxiliary_head:
     rest = {k: v for k, v in rest.items() if not k.startswith('auxiliary_head.')}

@@ -95,9 +95,7 @@ class FCNDecoder(base.Decoder):
   def check(cls, encoder, features, *, variant='fcn8s', dropout_rate=0.5):
     check_variant(variant)
     needed = {'fcn32s': (32,), 'fcn16s': (16, 32)}.get(variant, (8, 16, 32))
-    base.require_strides(cls.NAME, encoder, features, needed)
-    if max(f.stride for f in features) != 32:
-      raise ConfigError(f'decoder {cls.NAME!r} needs the stride-32 map; encoder {encoder!r} is dilated')
+    cls.require_undilated(encoder, features, needed)
 
   @nn.compact
   def __call__(self, maps: dict[int, jnp.ndarray]) -> jnp.ndarray:

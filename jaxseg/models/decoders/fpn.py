@@ -16,7 +16,6 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxseg.errors import ConfigError
 from jaxseg.models import layers
 from jaxseg.models.decoders import base
 
@@ -32,14 +31,9 @@ class FPNDecoder(base.Decoder):
   segmentation_channels: int = SEGMENTATION_CHANNELS
   dropout_rate: float = DROPOUT
 
+  STRIDES: ClassVar[tuple[int, ...]] = STRIDES
   NAME: ClassVar[str] = 'fpn'
   FIELDS: ClassVar[tuple[str, ...]] = ('dropout_rate',)
-
-  @classmethod
-  def check(cls, encoder, features, **fields):
-    base.require_strides(cls.NAME, encoder, features, STRIDES)
-    if max(f.stride for f in features) != 32:
-      raise ConfigError(f'decoder {cls.NAME!r} needs the stride-32 map; encoder {encoder!r} is dilated')
 
   def _conv(self, x, features: int, kernel: int, name: str, use_bias: bool):
     pad = kernel // 2

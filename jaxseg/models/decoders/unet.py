@@ -12,7 +12,6 @@ from typing import ClassVar, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxseg.errors import ConfigError
 from jaxseg.models import layers
 from jaxseg.models.decoders import base
 
@@ -45,15 +44,9 @@ class UNetDecoder(base.Decoder):
   """smp's UnetDecoder: {stride: map} -> [N, H, W, 16] at stride 1 (see the module docstring)."""
   decoder_channels: Sequence[int] = DECODER_CHANNELS
 
+  STRIDES: ClassVar[tuple[int, ...]] = (32,)
   NAME: ClassVar[str] = 'unet'
   HEAD_KERNEL: ClassVar[Optional[int]] = 3
-
-  @classmethod
-  def check(cls, encoder, features, **fields):
-    base.require_strides(cls.NAME, encoder, features, (32,))
-    if max(f.stride for f in features) != 32:
-      raise ConfigError(f'decoder {cls.NAME!r} up-samples from stride 32 in 5 steps; encoder {encoder!r} is '
-                        'dilated (output_stride < 32)')
 
   @nn.compact
   def __call__(self, maps: dict[int, jnp.ndarray]) -> jnp.ndarray:

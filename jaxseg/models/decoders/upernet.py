@@ -50,6 +50,26 @@ def add_conv_module(table: encoder_base.KeyTable, key: str, path: tuple[str, ...
   encoder_base.add_batch_norm(table, f'{key}.batch_norm', path + ('batch_norm',))
 
 
+def hf_key_table(auxiliary_head: bool, pool_scales: Sequence[int] = POOL_SCALES) -> encoder_base.KeyTable:
+  """transformers' decode_head.* (and auxiliary_head.*) keys -> paths from the model's root.
+
+  decode_head.classifier is the composition's segmentation_head; the auxiliary head's are its auxiliary_head's.
+  """
+  table: encoder_base.KeyTable = {}
+  for j in range(len(pool_scales)):
+    add_conv_module(table, f'decode_head.psp_modules.{j}.1', ('decoder', f'psp_modules_{j}_1'))
+  add_conv_module(table, 'decode_head.bottleneck', ('decoder', 'bottleneck'))
+  for i in range(len(STRIDES) - 1):
+    add_conv_module(table, f'decode_head.lateral_convs.{i}', ('decoder', f'lateral_convs_{i}'))
+    add_conv_module(table, f'decode_head.fpn_convs.{i}', ('decoder', f'fpn_convs_{i}'))
+  add_conv_module(table, 'decode_head.fpn_bottleneck', ('decoder', 'fpn_bottleneck'))
+  encoder_base.add_conv(table, 'decode_head.classifier', ('segmentation_head',), bias=True)
+  if auxiliary_head:
+    add_conv_module(table, 'auxiliary_head.convs.0', ('auxiliary_head', 'convs_0'))
+    encoder_base.add_conv(table, 'auxiliary_head.classifier', ('auxiliary_head', 'classifier'), bias=True)
+  return table
+
+
 class UPerNetDecoder(base.Decoder):
   """transformers' UperNetHead without its classifier: {stride: map} -> [N, H/4, W/4, channels].
 
@@ -60,18 +80,11 @@ class UPerNetDecoder(base.Decoder):
   channels: int = CHANNELS
   pool_scales: Sequence[int] = POOL_SCALES
 
+  STRIDES: ClassVar[tuple[int, ...]] = STRIDES
   NAME: ClassVar[str] = 'upernet'
   FIELDS: ClassVar[tuple[str, ...]] = ('channels',)
   UPSAMPLE: ClassVar[str] = 'resize'
-  MODEL_FILE: ClassVar[Optional[tuple[str, str]]] = ('backbone.', 'hf')
-
-  @classmethod
-  def model_key_table(cls, auxiliary_head: bool) -> encoder_base.KeyTable:
-    return hf_key_table(auxiliary_head)
-
-  @classmethod
-  def check(cls, encoder, features, **fields):
-    base.require_strides(cls.NAME, encoder, features, STRIDES)
+  MODEL_FILE: ClassVar[Optional[base.ModelFile]] = base.ModelFile('backbone.', 'hf', hf_key_table)
 
   @nn.compact
   def __call__(self, maps: dict[int, jnp.ndarray]) -> jnp.ndarray:
@@ -91,26 +104,6 @@ class UPerNetDecoder(base.Decoder):
     size = outs[0].shape[1:3]
     outs = [outs[0]] + [layers.resize_bilinear(o, size) for o in outs[1:]]
     return conv(jnp.concatenate(outs, axis=-1), 3, 'fpn_bottleneck')
-
-
-def hf_key_table(auxiliary_head: bool, pool_scales: Sequence[int] = POOL_SCALES) -> encoder_base.KeyTable:
-  """transformers' decode_head.* (and auxiliary_head.*) keys -> paths from the model's root.
-
-  decode_head.classifier is the composition's segmentation_head; the auxiliary head's are its auxiliary_head's.
-  """
-  table: encoder_base.KeyTable = {}
-  for j in range(len(pool_scales)):
-    add_conv_module(table, f'decode_head.psp_modules.{j}.1', ('decoder', f'psp_modules_{j}_1'))
-  add_conv_module(table, 'decode_head.bottleneck', ('decoder', 'bottleneck'))
-  for i in range(len(STRIDES) - 1):
-    add_conv_module(table, f'decode_head.lateral_convs.{i}', ('decoder', f'lateral_convs_{i}'))
-    add_conv_module(table, f'decode_head.fpn_convs.{i}', ('decoder', f'fpn_convs_{i}'))
-  add_conv_module(table, 'decode_head.fpn_bottleneck', ('decoder', 'fpn_bottleneck'))
-  encoder_base.add_conv(table, 'decode_head.classifier', ('segmentation_head',), bias=True)
-  if auxiliary_head:
-    add_conv_module(table, 'auxiliary_head.convs.0', ('auxiliary_head', 'convs_0'))
-    encoder_base.add_conv(table, 'auxiliary_head.classifier', ('auxiliary_head', 'classifier'), bias=True)
-  return table
 
 
 class AuxiliaryHead(nn.Module):
