@@ -166,6 +166,11 @@ def run_jaxseg(config, args) -> dict:
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # A list of one dict in older jax.
+  # XLA's buffer assignment of the step, per device: what it needs whatever the allocator or the platform does
+  # (arguments = state + batch, donated outputs aliasing them; temporaries = activations and gradients).
+  mem = compiled.memory_analysis()
+  xla_step_mib = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                           - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / MIB
   box = {'state': state}
 
   def step():
@@ -181,7 +186,8 @@ def run_jaxseg(config, args) -> dict:
               final_loss=float(box['metrics']['loss']), devices=n_dev, platform=device.platform,
               device_kind=device.device_kind, num_classes=num_classes, image_size=list(size), batch_size=batch,
               images_per_s_per_device=result['images_per_s'] / (1 if on_cpu else n_dev),
-              train_flops_per_image=float(cost['flops']) * n_dev / batch,
+              train_flops_per_image=float(cost['flops']) * n_dev / batch, xla_step_mib=xla_step_mib,
+              xla_temp_mib=None if mem is None else mem.temp_size_in_bytes / MIB,
               model=config.model.to_dict())
 
 
@@ -261,7 +267,8 @@ def fmt(value, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
   head = (f'{"config":<18} {"dtype":<8} {"image":>7} {"batch":>5}  {"framework":<13} {"img/s":>9} {"ms/step":>9} '
-          f'{"compile s":>9} {"TFLOP/s":>8} {"peak MiB":>9} {"growth":>7} {"params":>11}  {"jaxseg/this":>11}')
+          f'{"compile s":>9} {"TFLOP/s":>8} {"peak MiB":>9} {"growth":>7} {"XLA MiB":>8} {"params":>11}  '
+          f'{"jaxseg/this":>11}')
   lines = [head, '-' * len(head)]
   for row in rows:
     lead = f'{os.path.basename(row["config"]):<18} {row["dtype"]:<8} {"x".join(map(str, row["image_size"] or ["?"])):>7} ' \
@@ -280,7 +287,8 @@ def format_table(rows: list[dict]) -> str:
         peak = entry.get('peak_rss_mib', entry.get('device_peak_mib'))
         lines.append(f'{lead}  {name:<13} {entry["images_per_s"]:9.2f} {entry["step_ms"]:9.1f} '
                      f'{entry["compile_s"]:9.1f} {fmt(tflops, "8.3f"):>8} {fmt(peak, "9.0f"):>9} '
-                     f'{fmt(entry.get("rss_growth_mib"), "7.0f"):>7} {entry["param_count"]:11,d}  '
+                     f'{fmt(entry.get("rss_growth_mib"), "7.0f"):>7} {fmt(entry.get("xla_step_mib"), "8.0f"):>8} '
+                     f'{entry["param_count"]:11,d}  '
                      f'{fmt(ratio, "10.2f") + ("x" if ratio else ""):>11}')
       lead = ' ' * len(lead)
   return '\n'.join(lines)

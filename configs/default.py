@@ -14,15 +14,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Model: which network and its shape (see jaxseg/models). ----
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'unet'          # The architecture: 'unet' or 'fcn' (plain, or on model.encoder), 'fpn', 'upernet', 'deeplabv3plus', 'fcn_vgg16' (see jaxseg/models and the README's table; a recipe keeps only its model's fields).
+  config.model.name = 'unet'          # The architecture: 'unet' or 'fcn' (plain, or on model.encoder), 'fpn', 'upernet', 'deeplabv3plus', 'fcn_vgg16', 'segformer', 'dpt', 'linear' (see jaxseg/models and the README's table; a recipe keeps only its model's fields).
   # UNet fields (ignored by other models; a recipe keeps only its model's fields).
   config.model.base_width = 64        # Channels at the first level; doubled at each down-step.
   config.model.depth = 4              # Number of down-steps (the paper: 4). Inputs are padded to a multiple of 2**depth.
   config.model.norm = 'batch'         # 'batch' (cross-replica BatchNorm), 'group' or 'none'.
   config.model.upsample = 'transpose'  # 'transpose' (2x2 stride-2 up-conv, as the paper) or 'bilinear'.
-  config.model.encoder = placeholder(str)  # None: the UNet above. A backbone (resnet18/34/50/101, vgg16, vgg16_bn, convnext_tiny/small/base): smp's UNet decoder on it (base_width, depth, norm, upsample then unused; inputs padded to a multiple of 32).
+  config.model.encoder = placeholder(str)  # None: the UNet above. A backbone (resnet18/34/50/101, vgg16, vgg16_bn, convnext_tiny/small/base, mit_b0..b5, vit_*_patch14_dinov2 with a decoder that reads its strides): smp's UNet decoder on it (base_width, depth, norm, upsample then unused; inputs padded to a multiple of 32).
   config.model.encoder_weights = placeholder(str)  # Path of the encoder's state dict in one of its layouts (torchvision/timm/transformers; .safetensors; .pth/.pt/.bin with torch installed) that the encoder starts from; None: random init. Checked wherever the model is built; its values are the initial encoder when training starts from scratch. README "Pretrained encoders".
-  config.model.weights = placeholder(str)  # Path of a whole-model file in the decoder's published layout (transformers' UperNetForSemanticSegmentation) that the model starts from; not with encoder_weights. A classifier for another number of classes stays random.
+  config.model.weights = placeholder(str)  # Path of a whole-model file in the decoder's published layout (transformers' UperNetForSemanticSegmentation, SegformerForSemanticSegmentation) that the model starts from; not with encoder_weights. A classifier for another number of classes stays random.
   # Input contract, every model's (jaxseg/settings.py reads it; the train/eval steps and the export apply it):
   config.model.in_channels = 3        # Channels of the input images: 3 (RGB), 1 (grayscale) or 4 (e.g. RGB + near-infrared: 4-band PNG/TIFF), read so by folder datasets, --mode=predict, jaxseg.api and the export (README "Your own folders"); catalog and embedded datasets are RGB (3). 1 and 4 need input_mean/std of as many values. A pretrained RGB first convolution is adapted to it (jaxseg.models.encoders.weights.adapt_first_conv: 1 = sum of R, G, B; 4 = R, G, B, R, x 3/4).
   config.model.input_mean = placeholder(tuple)  # Per-channel mean (0-255 units) subtracted from the images; None: the encoder's (ImageNet's for every encoder so far), ImageNet's without one.

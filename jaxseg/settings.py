@@ -284,6 +284,8 @@ def _model(config, spec: datasets.DatasetSpec) -> ModelSettings:
   files = {}
   for field in WEIGHT_FIELDS:
     value = section.get(field) or None
+    if value == 'None':  # `--config.model.encoder_weights=None`: ml_collections' flags give a str field the string.
+      value = None
     if value is not None and not isinstance(value, str):
       raise ConfigError(f'config.model.{field} must be a file path, got {value!r}')
     if value and not models.has_encoder(module):

@@ -420,6 +420,10 @@ def test_registry_keeps_the_plain_unet_and_checks_the_encoder_fields():
   assert (on_resnet34.size_multiple, on_resnet34.has_encoder) == (32, True)
   model = models.create_model(on_resnet34.name, on_resnet34.kwargs, num_classes=3)
   assert model == unet_on(num_classes=3, encoder_name='resnet34')  # The file is the state's, not the module's.
+  # `--config.model.encoder_weights=None` on a recipe that names a file: ml_collections' flag parser gives the str
+  # field the string 'None', which means no file.
+  for none in ('None', ''):
+    assert settings.from_config(unet_with('resnet34', encoder_weights=none)).model.encoder_weights is None
 
 
 

@@ -194,3 +194,35 @@ def test_size_multiple_is_what_the_model_pads_to(name, fields, multiple, size, p
   first_conv_input, logits = padded_and_output_shapes(model, jnp.zeros((2,) + size + (3,)))
   assert first_conv_input == (2,) + padded + (3,)
   assert logits == (2,) + size + (3,)
+
+
+def _attention_by_hand(q, k, v):
+  """softmax(q k^T / sqrt(d)) v per head, in float64 numpy."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(q.shape[-1])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum('bhts,bshd->bthd', weights, v)
+
+
+def test_attention_picks_cudnn_only_where_it_applies_and_falls_back(monkeypatch):
+  monkeypatch.delenv(layers.ATTENTION_ENV, raising=False)
+  assert layers.attention_implementation(jnp.bfloat16, 64) is None  # Not a GPU here.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert layers.attention_implementation(jnp.bfloat16, 64) == 'cudnn'
+  assert layers.attention_implementation(jnp.float16, 128) == 'cudnn'
+  assert layers.attention_implementation(jnp.float32, 64) is None  # The kernel takes half precision only.
+  assert layers.attention_implementation(jnp.bfloat16, 12) is None  # Head dims: multiples of 8 up to 128.
+  assert layers.attention_implementation(jnp.bfloat16, 256) is None
+  # Chosen, but this machine has no cuDNN: jax refuses while tracing, and XLA's formulation gives the numbers.
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in ((2, 5, 2, 8), (2, 3, 2, 8), (2, 3, 2, 8)))
+  got = layers.dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  np.testing.assert_allclose(np.asarray(got, np.float32), _attention_by_hand(q, k, v), atol=0.05)
+  got = layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  np.testing.assert_allclose(np.asarray(got), _attention_by_hand(q, k, v), rtol=1e-5, atol=1e-6)
+  monkeypatch.setenv(layers.ATTENTION_ENV, 'xla')
+  assert layers.attention_implementation(jnp.bfloat16, 64) is None
+  monkeypatch.setenv(layers.ATTENTION_ENV, 'flash')
+  with pytest.raises(ValueError, match='JAXSEG_ATTENTION'):
+    layers.attention_implementation(jnp.bfloat16, 64)

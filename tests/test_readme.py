@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import fault_worker
+from tests import fault_worker, test_ade20k_folder
 from tests.conftest import TINY_UNET, set_fields
 from tests.helpers import ROOT, import_torch_or_skip, save_state_dict, xla_flags
 
@@ -231,8 +231,12 @@ def fixtures(shapes_data_dir, tmp_path_factory):
   for name, (h, w) in {'a.jpg': (70, 90), 'b.jpg': (96, 96), 'c.png': (50, 120)}.items():
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / name)
   (photos / BROKEN_PHOTO).write_bytes(b'\xff\xd8\xff\xe0 not a whole JPEG')  # Skipped with a warning naming it.
-  return {'root': root, 'tfds': str(tfds_dir), 'folder': str(folder), 'photos': str(photos), 'user_dirs': {},
-          'trained': {}}
+  # The README's ADE20K folder (`ade20k` in the user's folder), written by tools/ade20k_folder.py from a small
+  # ADEChallengeData2016.
+  test_ade20k_folder.write_ade(root / 'ADEChallengeData2016')
+  test_ade20k_folder.ade20k_folder.convert(str(root / 'ADEChallengeData2016'), str(root / 'ade20k'))
+  return {'root': root, 'tfds': str(tfds_dir), 'folder': str(folder), 'photos': str(photos),
+          'ade20k': str(root / 'ade20k'), 'user_dirs': {}, 'trained': {}}
 
 
 def write_folder(root, num_classes: int) -> None:
@@ -249,13 +253,41 @@ def write_folder(root, num_classes: int) -> None:
 
 
 WEIGHT_FILE = re.compile(r'(resnet18|resnet34|resnet50|resnet101|vgg16_bn|vgg16)\b[^/]*\.(pth|safetensors)$')
+# Hugging Face files by their repository's name: nvidia/mit-bN (SegformerForImageClassification) and
+# nvidia/segformer-bN-finetuned-ade-512-512 (SegformerForSemanticSegmentation, 150 classes).
+HF_SEGFORMER_FILE = re.compile(r'(mit|segformer)-b([0-5])\b[^/]*\.(bin|safetensors)$')
+# DINOv2 ViTs: timm's files (timm/vit_small_patch14_dinov2.lvd142m) and transformers' (facebook/dinov2-small).
+DINOV2_FILE = {re.compile(r'vit_(small|base)_patch14_dinov2\.lvd142m\b[^/]*\.safetensors$'): 'timm',
+               re.compile(r'dinov2-(small|base)\b[^/]*\.safetensors$'): 'hf'}
+
+
+def write_layout_file(encoder: str, layout: str, path: str) -> None:
+  """A random state dict with every key and shape of the encoder's `layout` (its table, checked against the
+  published key lists in the encoder's tests), written as .safetensors with numpy: no torch needed."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from jaxseg.models import encoders  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  shapes = encoders.weights.expected_torch_shapes(encoder, layout)
+  save_file({k: (0.02 * rng.standard_normal(shape)).astype(np.float32) for k, shape in shapes.items()}, path)
 
 
 def write_weight_file(path: str) -> None:
-  """The ImageNet file a command names, with random weights: torchvision's layout (.pth by torch.save; timm's
-  .safetensors names hold the same keys, VGG's classifier as timm's convolutions)."""
+  """The file a command names, with random weights, in the layout its publisher's files have: torchvision's
+  (.pth by torch.save; timm's .safetensors names hold the same keys, VGG's classifier as timm's convolutions),
+  transformers' SegFormer files (written by save_pretrained, as the Hugging Face files are), or DINOv2's (timm's or
+  transformers' keys, from the encoder's table)."""
+  for pattern, layout in DINOV2_FILE.items():
+    match = pattern.search(os.path.basename(path))
+    if match:
+      write_layout_file(f'vit_{match.group(1)}_patch14_dinov2', layout, path)
+      return
   import_torch_or_skip('torch')
   from tests import torch_reference as ref  # pylint: disable=g-import-not-at-top
+  segformer = HF_SEGFORMER_FILE.search(os.path.basename(path))
+  if segformer:
+    kind, size, _ = segformer.groups()
+    save_state_dict(ref.hf_segformer_state_dict(f'mit_b{size}', 150 if kind == 'segformer' else None), path)
+    return
   arch, fmt = WEIGHT_FILE.search(os.path.basename(path)).groups()
   state_dict = ref.make_encoder(arch).state_dict()
   if fmt == 'safetensors' and arch.startswith('vgg'):
@@ -331,18 +363,27 @@ def identity(args: list) -> tuple:
   return tuple(a for a in args if not a.startswith(USE_FLAGS))
 
 
+def as_it_is(command: Command) -> bool:
+  """An eval/predict/export of a whole-model file (config.model.weights) in a workdir where nothing was trained."""
+  return command.mode != 'train' and bool(command.flag('config.model.weights'))
+
+
 def user_dir(fixtures: dict, command: Command, args: list) -> str:
-  """The folder a user runs the command in: a fresh one per training command; eval, predict and export run in
-  the folder of the last training command of the same run (its config and flags)."""
-  if command.mode != 'train':
+  """The folder a user runs the command in: a fresh one per training command (and per use of a whole-model file as
+  it is); eval, predict and export run in the folder of the last training command of the same run (its config and
+  flags)."""
+  if command.mode != 'train' and not as_it_is(command):
     assert identity(args) in fixtures['trained'], f'{command.source}: no training command of this run before it'
     return fixtures['trained'][identity(args)]
   path = fixtures['root'] / f'user_{len(fixtures["user_dirs"])}'
   path.mkdir()
-  for name in ('run.py', 'configs'):
+  for name in ('run.py', 'configs', 'tools'):
     os.symlink(os.path.join(ROOT, name), path / name)
   os.symlink(fixtures['photos'], path / 'photos')
-  fixtures['user_dirs'][command.source] = fixtures['trained'][identity(args)] = str(path)
+  os.symlink(fixtures['ade20k'], path / 'ade20k')
+  fixtures['user_dirs'][command.source] = str(path)
+  if command.mode == 'train':
+    fixtures['trained'][identity(args)] = str(path)
   return str(path)
 
 
@@ -366,7 +407,10 @@ def run_command(command: Command, fixtures: dict) -> tuple:
   """
   args = fill(command, fixtures)
   cwd = user_dir(fixtures, command, args)
-  for name in filter(None, [resolved_config(command, args).model.get('encoder_weights')]):
+  model = resolved_config(command, args).model
+  for name in filter(None, [model.get('encoder_weights'), model.get('weights')]):
+    if name == 'None':  # ml_collections' flags give `=None` to a str field as the string.
+      continue
     if not os.path.exists(os.path.join(cwd, name)):
       write_weight_file(os.path.join(cwd, name))
   full = [*args, *shrink_flags(command, args)]
@@ -416,6 +460,10 @@ def check_result(command: Command, cwd: str, args: list, output: str) -> None:
     assert len(evals[0]['per_class_iou']) == len(class_names)
     assert os.listdir(os.path.join(workdir, 'checkpoints')) and os.listdir(os.path.join(workdir, 'tensorboard'))
     assert json.load(open(os.path.join(workdir, 'config.json'), encoding='utf-8'))['num_train_steps'] == 2
+  elif command.mode == 'eval' and as_it_is(command):
+    weights = command.flag('config.model.weights')
+    assert f'{weights}: mean IoU' in output and all(n in output for n in class_names), output[-3000:]
+    assert [r['step'] for r in records if r['split'] == 'eval'] == [0], records
   elif command.mode == 'eval':
     which = command.flag('checkpoint') or 'best'
     assert f'Checkpoint step 2 ({which})' in output and all(n in output for n in class_names), output[-3000:]
@@ -441,8 +489,9 @@ def check_result(command: Command, cwd: str, args: list, output: str) -> None:
 def slow(command: Command) -> bool:
   """Pretrained encoders (their programs take a minute to compile here) and several processes: marked slow, run
   by CI (`-m slow`), left out of the README's test command."""
-  return bool(command.flag('config.model.encoder_weights') or resolved_config(command, []).model.get(
-      'encoder_weights')) or 'JAXSEG_COORDINATOR' in command.env
+  model = resolved_config(command, []).model
+  return bool(command.flag('config.model.encoder_weights') or model.get('encoder_weights') or as_it_is(command)
+              or model.get('weights')) or 'JAXSEG_COORDINATOR' in command.env
 
 
 @pytest.mark.parametrize('command', [pytest.param(c, marks=[pytest.mark.slow] if slow(c) else []) for c in RUNS],

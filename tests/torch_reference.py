@@ -15,6 +15,8 @@ Also jaxseg's own plain UNet and FCN in PyTorch (`jaxseg_peer`, `load_jaxseg_var
 they compute jaxseg's logits.
 """
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
@@ -570,12 +572,90 @@ class UperNet(nn.Module):
     return self.model(x).logits
 
 
+def hf_segformer_config(encoder: str, num_classes: int = 150):
+  """transformers' SegformerConfig of MiT `encoder` (jaxseg's mit_b0 .. mit_b5) and its head."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from jaxseg.models.encoders import mit  # pylint: disable=g-import-not-at-top
+  arch = mit.ARCHS[encoder]
+  return transformers.SegformerConfig(
+      hidden_sizes=list(arch['dims']), depths=list(arch['depths']), num_labels=num_classes,
+      decoder_hidden_size=mit.ENCODERS[encoder].decoder_defaults['segformer']['channels'])
+
+
+def hf_segformer_state_dict(encoder: str, num_classes=None) -> dict:
+  """A random SegFormer's file as transformers writes it (save_pretrained; the published key names): the
+  ImageNet classification model (nvidia/mit-bN) when num_classes is None, else the segmentation model."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = hf_segformer_config(encoder, num_classes or 1000)
+  cls = (transformers.SegformerForImageClassification if num_classes is None
+         else transformers.SegformerForSemanticSegmentation)
+  with tempfile.TemporaryDirectory() as d:
+    cls(config).save_pretrained(d)
+    return safetensors.torch.load_file(os.path.join(d, 'model.safetensors'))
+
+
+class Segformer(nn.Module):
+  """transformers' SegformerForSemanticSegmentation (random weights), its stride-4 logits resized to the input
+  (bilinear, align_corners=False) as its loss does."""
+
+  def __init__(self, encoder, num_classes):
+    super().__init__()
+    import transformers  # pylint: disable=g-import-not-at-top
+    self.model = transformers.SegformerForSemanticSegmentation(hf_segformer_config(encoder, num_classes))
+
+  def forward(self, x):
+    return F.interpolate(self.model(x).logits, size=x.shape[-2:], mode='bilinear', align_corners=False)
+
+
+class DinoV2DPT(nn.Module):
+  """DPT on a DINOv2 ViT as transformers computes it (random weights): Dinov2Backbone (blocks 3, 6, 9, 12, final
+  LayerNorm, tokens), DPTNeck as DPTForDepthEstimation runs it on a backbone, DPTSemanticSegmentationHead, and the
+  logits resized to the input (bilinear, align_corners=False) as DPTForSemanticSegmentation's loss does."""
+
+  def __init__(self, encoder, num_classes):
+    super().__init__()
+    import transformers  # pylint: disable=g-import-not-at-top
+    from transformers.models.dpt import modeling_dpt  # pylint: disable=g-import-not-at-top
+    from jaxseg.models.encoders import vit  # pylint: disable=g-import-not-at-top
+    arch = vit.ARCHS[encoder]
+    backbone = transformers.Dinov2Config(
+        hidden_size=arch['dim'], num_hidden_layers=arch['depth'], num_attention_heads=arch['heads'],
+        image_size=518, patch_size=14, out_indices=[i + 1 for i in vit.OUT_BLOCKS], apply_layernorm=True,
+        reshape_hidden_states=False)
+    width = arch['dim']
+    config = transformers.DPTConfig(backbone_config=backbone, num_labels=num_classes,
+                                    neck_hidden_sizes=[width // 8, width // 4, width // 2, width])
+    self.backbone = transformers.Dinov2Backbone(backbone)
+    self.neck = modeling_dpt.DPTNeck(config)
+    self.head = modeling_dpt.DPTSemanticSegmentationHead(config)
+    # Parameters transformers keeps but never uses here, which jaxseg's model does not have: the mask token (masked
+    # pretraining only) and the first fusion layer's residual unit (it has no coarser level to add).
+    del self.backbone.embeddings.mask_token
+    del self.neck.fusion_stage.layers[0].residual_layer1
+
+  def forward(self, x):
+    height, width = x.shape[-2:]
+    tokens = self.backbone(x).feature_maps
+    logits = self.head(self.neck(tokens, height // 14, width // 14))
+    return F.interpolate(logits, size=(height, width), mode='bilinear', align_corners=False)
+
+
 def jaxseg_peer(model: dict, num_classes: int) -> nn.Module:
   """The PyTorch peer of jaxseg's config.model (as a dict); ValueError for a model without one."""
   if model['name'] == 'fpn' and model.get('encoder') in RESNETS:
     return FPN(model['encoder'], num_classes)
   if model['name'] == 'upernet' and str(model.get('encoder')).startswith('convnext_'):
     return UperNet(model['encoder'], num_classes, bool(model.get('auxiliary_head')))
+  if model['name'] == 'segformer' and str(model.get('encoder')).startswith('mit_') and not model.get('channels'):
+    return Segformer(model['encoder'], num_classes)
+  dpt_defaults = {'readout': 'project', 'neck_hidden_sizes': None, 'fusion_hidden_size': 256,
+                  'fusion_batch_norm': False}
+  if model['name'] == 'dpt' and str(model.get('encoder')) in ('vit_small_patch14_dinov2', 'vit_base_patch14_dinov2') \
+      and all(model.get(k, v) == v for k, v in dpt_defaults.items()):
+    return DinoV2DPT(model['encoder'], num_classes)
   if model['name'] == 'unet' and not model.get('encoder') and model.get('norm') == 'batch' and \
       model.get('upsample') == 'transpose':
     return UNet(num_classes, model['base_width'], model['depth'])
@@ -583,7 +663,7 @@ def jaxseg_peer(model: dict, num_classes: int) -> nn.Module:
   if model['name'] == 'fcn' and model.get('norm', 'none') in ('none', 'batch'):
     return FCN(num_classes, **{k: model[k] for k in fields if k in model})
   raise ValueError(f'no PyTorch peer of {model}: the plain UNet (norm batch, upsample transpose), FCN, FPN on a '
-                   'ResNet and UPerNet on a ConvNeXt only')
+                   'ResNet, UPerNet on a ConvNeXt, SegFormer and DPT on a DINOv2 ViT only')
 
 
 def load_jaxseg_variables(model: nn.Module, variables: dict) -> None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxseg.errors import ConfigError
 from jaxseg.models.fcn import FCN
 from jaxseg.models.encoders.registry import ENCODER_SUBMODULE as ENCODER  # noqa: F401
+from jaxseg.models.encoders.registry import ENCODERS
 from jaxseg.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize_images  # noqa: F401
 from jaxseg.models.segmentation_model import AUXILIARY_COLLECTION as AUXILIARY  # noqa: F401
 from jaxseg.models.segmentation_model import SegmentationModel, load_encoder_file, load_model_file
@@ -20,15 +21,26 @@ from jaxseg.models.unet import UNet
 
 
 def compose(decoder: str, *, num_classes: int, dtype: Any, encoder: Optional[str], output_stride: int = 32,
-            auxiliary_head: bool = False, auxiliary_weight: float = 0.4, **decoder_fields) -> SegmentationModel:
-  """The SegmentationModel of `decoder` on `encoder`, checked (ConfigError naming what does not fit)."""
+            auxiliary_head: bool = False, auxiliary_weight: float = 0.4, neck: Optional[str] = None,
+            neck_fields: Optional[dict] = None, **decoder_fields) -> SegmentationModel:
+  """The SegmentationModel of `decoder` on `encoder` (through `neck`), checked (ConfigError naming what does not fit).
+  """
   if not isinstance(encoder, str):
     raise ConfigError(f'config.model.encoder must name an encoder for model {decoder!r}, got {encoder!r}')
   if not isinstance(auxiliary_head, bool):
     raise ConfigError(f'config.model.auxiliary_head must be True or False, got {auxiliary_head!r}')
+  decoder_fields, neck_fields = _fields(decoder_fields), _fields(neck_fields or {})
+  if encoder in ENCODERS:  # An unknown name is check()'s error.
+    decoder_fields = {**ENCODERS[encoder].decoder_defaults.get(decoder, {}), **decoder_fields}
   return SegmentationModel(num_classes=num_classes, encoder_name=encoder, decoder_name=decoder,
-                           decoder_fields=tuple(sorted(decoder_fields.items())), output_stride=output_stride,
+                           decoder_fields=tuple(sorted(decoder_fields.items())), neck_name=neck,
+                           neck_fields=tuple(sorted(neck_fields.items())), output_stride=output_stride,
                            auxiliary_head=auxiliary_head, auxiliary_weight=auxiliary_weight, dtype=dtype).check()
+
+
+def _fields(fields: dict) -> dict:
+  """A module's fields from a config: None means the module's default; lists become tuples (modules are hashed)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None}
 
 
 def build_unet(*, num_classes: int, dtype: Any, encoder: Optional[str] = None, **unet_fields) -> nn.Module:
@@ -67,6 +79,13 @@ def _composed(decoder: str, default_encoder: str, **defaults) -> Callable[..., n
   return build
 
 
+def build_dpt(*, num_classes: int, dtype: Any, encoder: Optional[str] = 'vit_small_patch14_dinov2',
+              readout: Optional[str] = None, neck_hidden_sizes=None, **fields) -> nn.Module:
+  """DPT (Ranftl et al., 2021): the ViT's blocks reassembled into a pyramid (the 'reassemble' neck), fused, classified."""
+  return compose('dpt', num_classes=num_classes, dtype=dtype, encoder=encoder, neck='reassemble',
+                 neck_fields={'readout': readout, 'hidden_sizes': neck_hidden_sizes}, **fields)
+
+
 # name -> (builder taking num_classes, dtype and the fields; the config.model fields it takes besides name,
 # encoder_weights, weights and the input contract).
 MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
@@ -76,6 +95,10 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
     'deeplabv3plus': (_composed('deeplabv3plus', 'resnet50', output_stride=16), ('encoder', 'output_stride')),
     'fpn': (_composed('fpn', 'resnet34'), ('encoder', 'dropout_rate')),
     'upernet': (_composed('upernet', 'convnext_tiny'), ('encoder', 'channels', 'auxiliary_head', 'auxiliary_weight')),
+    'segformer': (_composed('segformer', 'mit_b0'), ('encoder', 'channels', 'dropout_rate')),
+    'dpt': (build_dpt, ('encoder', 'readout', 'neck_hidden_sizes', 'fusion_hidden_size', 'fusion_batch_norm',
+                        'dropout_rate')),
+    'linear': (_composed('linear', 'vit_small_patch14_dinov2'), ('encoder', 'class_token')),
 }
 
 

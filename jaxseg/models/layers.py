@@ -4,6 +4,7 @@ The formulations here compute the same functions as the textbook layers but
 are chosen for speed under XLA (see benchmarks/NOTES.md for measurements).
 """
 
+import os
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -200,3 +201,37 @@ def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:
   mh = jnp.asarray(_adaptive_pool_matrix(h, size), x.dtype)
   mw = jnp.asarray(_adaptive_pool_matrix(w, size), x.dtype)
   return jnp.einsum('ph,nhwc,qw->npqc', mh, x, mw)
+
+
+# cuDNN's fused (flash) attention takes half-precision inputs and head dims that are multiples of 8 up to 128.
+CUDNN_ATTENTION_DTYPES = (jnp.bfloat16, jnp.float16)
+ATTENTION_ENV = 'JAXSEG_ATTENTION'  # 'auto' (default), 'xla' or 'cudnn': which dot_product_attention to use.
+
+
+def attention_implementation(dtype: Dtype, head_dim: int) -> Optional[str]:
+  """The implementation `dot_product_attention` asks jax for: 'cudnn' (the fused flash kernel) on a GPU for
+  bfloat16/float16 inputs of a head dim it supports, else None (jax's XLA formulation, which jax's default picks
+  in every case: jax 0.10-0.12 never selects cuDNN by itself). $JAXSEG_ATTENTION=xla or cudnn forces one."""
+  choice = os.environ.get(ATTENTION_ENV, 'auto')
+  if choice not in ('auto', 'xla', 'cudnn'):
+    raise ValueError(f'${ATTENTION_ENV} must be auto, xla or cudnn, got {choice!r}')
+  if choice != 'auto':
+    return None if choice == 'xla' else 'cudnn'
+  fused = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_ATTENTION_DTYPES]
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if fused else None
+
+
+def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+  """softmax(q k^T / sqrt(head_dim)) v on [B, T, heads, head_dim] (keys and values [B, S, heads, head_dim]).
+
+  jax.nn.dot_product_attention, with cuDNN's fused kernel where `attention_implementation` chooses it; where that
+  kernel cannot take the call (jax checks the cuDNN version and the shapes when tracing) it falls back to XLA's.
+  """
+  implementation = attention_implementation(q.dtype, q.shape[-1])
+  if implementation == 'cudnn' and os.environ.get(ATTENTION_ENV, 'auto') == 'auto':
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+    except (NotImplementedError, RuntimeError, ValueError):
+      implementation = None
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)

@@ -1,10 +1,12 @@
-"""The one composition every encoder-based model is: encoder -> decoder -> segmentation head (+ auxiliary head).
+"""The one composition every encoder-based model is: encoder -> (neck) -> decoder -> segmentation head (+ auxiliary).
 
   SegmentationModel(num_classes=150, encoder_name='convnext_tiny', decoder_name='upernet')
 
 * `encoder` (the submodule name every fine-tuning rule and weight loader relies on): a registered encoder, built at
   `output_stride`; its maps go to the decoder as {stride: map}.
-* `decoder`: a registered decoder (models/decoders), with its fields.
+* `neck` (optional): a registered neck (models/necks) that turns the encoder's maps into the ones the decoder reads
+  (a ViT's blocks, all at its patch stride, reassembled into a pyramid for DPT).
+* `decoder`: a registered decoder (models/decoders), with its fields; it reads the neck's maps where there is one.
 * `segmentation_head`: a convolution to K classes (the decoder's HEAD_KERNEL; none when the decoder gives logits),
   then up to the input size as the decoder's reference does (UPSAMPLE).
 * `auxiliary_head` (optional): mmsegmentation's / transformers' FCN head on the stride-16 map, used for a weighted
@@ -19,7 +21,7 @@ A new encoder-decoder pair needs no code: `check` says whether the decoder can w
 """
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -32,6 +34,7 @@ from jaxseg.models.decoders.upernet import AuxiliaryHead
 from jaxseg.models.encoders import base as encoder_base
 from jaxseg.models.encoders import registry as encoder_registry
 from jaxseg.models.encoders import weights as encoder_weights
+from jaxseg.models.necks import NECKS
 
 # smp's initialize_head (xavier_uniform_, bias 0) for the segmentation head.
 HEAD_KERNEL_INIT = nn.initializers.xavier_uniform()
@@ -47,6 +50,8 @@ class SegmentationModel(nn.Module):
     encoder_name: a registered encoder (models.encoders.ENCODERS).
     decoder_name: a registered decoder (models.decoders.DECODERS).
     decoder_fields: the decoder module's fields, as ((name, value), ...).
+    neck_name: a registered neck (models.necks.NECKS), or None for the encoder's maps as they are.
+    neck_fields: the neck module's fields, as ((name, value), ...).
     output_stride: the encoder's (32; 16 or 8 for DeepLabV3+ on an encoder that dilates).
     auxiliary_head: add the auxiliary FCN head on the stride-16 map (its loss weight: auxiliary_weight).
     auxiliary_weight: the auxiliary loss's weight in training (transformers' auxiliary_loss_weight, 0.4).
@@ -58,6 +63,8 @@ class SegmentationModel(nn.Module):
   encoder_name: str
   decoder_name: str
   decoder_fields: tuple[tuple[str, Any], ...] = ()
+  neck_name: Optional[str] = None
+  neck_fields: tuple[tuple[str, Any], ...] = ()
   output_stride: int = 32
   auxiliary_head: bool = False
   auxiliary_weight: float = 0.4
@@ -73,6 +80,13 @@ class SegmentationModel(nn.Module):
     return encoder_registry.encoder_spec(self.encoder_name).features_at(self.output_stride)
 
   @property
+  def decoder_features(self) -> tuple[encoder_base.FeatureMap, ...]:
+    """The maps the decoder reads: the neck's, or the encoder's when there is no neck."""
+    if self.neck_name is None:
+      return self.encoder_features
+    return NECKS[self.neck_name].features(self.encoder_features, **dict(self.neck_fields))
+
+  @property
   def decoder_class(self):
     return DECODERS[self.decoder_name]
 
@@ -81,7 +95,7 @@ class SegmentationModel(nn.Module):
     """The input sides' multiple the model pads to: the coarsest stride, or 1 for decoders that resize."""
     if self.decoder_class.UPSAMPLE == 'resize':
       return 1
-    return max(f.stride for f in self.encoder_features)
+    return int(max(f.stride for f in self.encoder_features))
 
   @property
   def auxiliary_loss_weight(self) -> float:
@@ -96,8 +110,12 @@ class SegmentationModel(nn.Module):
       raise ConfigError(f'decoder {self.decoder_name!r} is not a known decoder; choose one of {sorted(DECODERS)}')
     spec = encoder_registry.encoder_spec(self.encoder_name)
     encoder_base.check_output_stride(self.encoder_name, spec, self.output_stride, needed_by=self.decoder_name)
-    self.decoder_class.check(self.encoder_name, self.encoder_features, **dict(self.decoder_fields))
-    if self.auxiliary_head and AUXILIARY_STRIDE not in {f.stride for f in self.encoder_features}:
+    if self.neck_name is not None:
+      if self.neck_name not in NECKS:
+        raise ConfigError(f'config.model.neck={self.neck_name!r} is not a known neck; choose one of {sorted(NECKS)}')
+      NECKS[self.neck_name].check(self.encoder_name, self.encoder_features, **dict(self.neck_fields))
+    self.decoder_class.check(self.encoder_name, self.decoder_features, **dict(self.decoder_fields))
+    if self.auxiliary_head and AUXILIARY_STRIDE not in {f.stride for f in self.decoder_features}:
       raise ConfigError(f'config.model.auxiliary_head needs a stride-{AUXILIARY_STRIDE} map, which encoder '
                         f'{self.encoder_name!r} does not give')
     return self
@@ -105,11 +123,15 @@ class SegmentationModel(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     spec = encoder_registry.encoder_spec(self.encoder_name)
-    features = self.encoder_features
+    features = self.decoder_features
     x, (h, w) = layers.pad_to_multiple(x, self.size_multiple)
     encoder = spec.build(output_stride=self.output_stride, frozen_bn=self.frozen_bn, dtype=self.dtype,
                          name=encoder_registry.ENCODER_SUBMODULE)
-    maps = encoder_base.features_by_stride(encoder(x, train=train), features)
+    maps = encoder(x, train=train)
+    if self.neck_name is not None:
+      maps = NECKS[self.neck_name](encoder_features=self.encoder_features, train=train, dtype=self.dtype,
+                                   name='neck', **dict(self.neck_fields))(maps)
+    maps = encoder_base.features_by_stride(maps, features)
     decoder = self.decoder_class(encoder_features=features, num_classes=self.num_classes, train=train,
                                  dtype=self.dtype, name='decoder', **dict(self.decoder_fields))
     y = decoder(maps)
@@ -186,7 +208,7 @@ def load_model_file(model: SegmentationModel, variables: Mapping[str, Any], path
     if key not in rest:
       continue
     leaf = _get(new[entry.collection], entry.path)
-    want = encoder_base.torch_shape(entry.kind, np.shape(leaf))
+    want = encoder_base.file_shape(entry, np.shape(leaf))
     got = tuple(np.shape(rest[key]))
     if got != want:
       classifier = entry.path[0] == 'segmentation_head' or entry.path[:2] == ('auxiliary_head', 'classifier')

@@ -5,8 +5,11 @@ The contract is base.py; a new decoder is one module here and one line below.
 
 from jaxseg.models.decoders.base import Decoder  # noqa: F401
 from jaxseg.models.decoders.deeplabv3plus import DeepLabV3PlusDecoder
+from jaxseg.models.decoders.dpt import DPTDecoder
 from jaxseg.models.decoders.fcn import FCNDecoder
 from jaxseg.models.decoders.fpn import FPNDecoder
+from jaxseg.models.decoders.linear import LinearDecoder
+from jaxseg.models.decoders.segformer import SegFormerDecoder
 from jaxseg.models.decoders.unet import UNetDecoder
 from jaxseg.models.decoders.upernet import UPerNetDecoder
 
@@ -16,4 +19,7 @@ DECODERS: dict[str, type[Decoder]] = {
     'upernet': UPerNetDecoder,
     'deeplabv3plus': DeepLabV3PlusDecoder,
     'fcn': FCNDecoder,
+    'segformer': SegFormerDecoder,
+    'dpt': DPTDecoder,
+    'linear': LinearDecoder,
 }

@@ -52,7 +52,8 @@ class Decoder(nn.Module):
   """The attributes every decoder has (see the module docstring for the class-level declarations).
 
   Attributes:
-    encoder_features: the encoder's maps at the model's output stride, finest first.
+    encoder_features: the maps it reads, finest first: the encoder's at the model's output stride, or the neck's
+      where the model has one.
     num_classes: K (for decoders that give logits themselves).
     train: training mode (BatchNorm statistics, dropout).
     dtype: computation dtype; parameters stay float32.

@@ -15,7 +15,7 @@ Decoders ask for strides, never positions: `features_by_stride` gives them {stri
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import numpy as np
@@ -31,9 +31,20 @@ KINDS = ('conv', 'dense', 'vector')
 
 @dataclasses.dataclass(frozen=True)
 class FeatureMap:
-  """One feature map an encoder returns: its stride (input pixels per map pixel) and channels."""
-  stride: int
+  """One feature map an encoder returns: its stride (input pixels per map pixel) and channels.
+
+  stride: an int for CNN pyramids; a neck on a ViT/14 gives 3.5 and 7 as well (patch size / 4, / 2).
+  class_token: the map comes as PatchTokens (a ViT block's patch grid and its class token), not an array.
+  """
+  stride: float
   channels: int
+  class_token: bool = False
+
+
+class PatchTokens(NamedTuple):
+  """A ViT block's output as a map: `patches` [N, h, w, C] (the patch tokens on their grid), `class_token` [N, C]."""
+  patches: Any
+  class_token: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +55,15 @@ class Entry:
   [out, in] -> Dense [in, out]) or 'vector' (as it is: biases, norm weights, running statistics, layer scales).
   optional: a file may lack all of the layout's optional keys (e.g. transformers' ConvNextBackbone output norms
   in its classification files); the layout's `complete` then supplies those variables.
+  part: (index, count) when the file splits one Flax variable into `count` tensors: this key is slice `index` of
+    `count` equal slices of the variable's last axis (transformers' separate query/key/value Linears, which
+    timm's and the original files fuse into one `qkv` / `kv` Linear, as the Flax modules do).
   """
   collection: str
   path: Path
   kind: str = 'vector'
   optional: bool = False
+  part: Optional[tuple[int, int]] = None
 
 
 KeyTable = dict[str, Entry]
@@ -99,6 +114,8 @@ class EncoderSpec:
     layouts: a function giving the weight layouts, each a WeightLayout (built lazily: tables can be long).
     output_strides: the output strides `build` takes; (32,) for an encoder that cannot dilate.
     input_mean, input_std: per RGB channel, 0-255 units.
+    decoder_defaults: decoder name -> its fields as the encoder's published pairing has them (SegFormer's head
+      is 256 wide on MiT-B0/B1, 768 on B2-B5); a config's own value wins.
   """
   build: Callable[..., nn.Module]
   features: tuple[FeatureMap, ...]
@@ -106,10 +123,11 @@ class EncoderSpec:
   output_strides: tuple[int, ...] = (32,)
   input_mean: tuple[float, ...] = IMAGENET_MEAN
   input_std: tuple[float, ...] = IMAGENET_STD
+  decoder_defaults: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
   def features_at(self, output_stride: int = 32) -> tuple[FeatureMap, ...]:
     """The maps when built at `output_stride`: strides beyond it stay at it (the dilated stages)."""
-    return tuple(FeatureMap(min(f.stride, output_stride), f.channels) for f in self.features)
+    return tuple(dataclasses.replace(f, stride=min(f.stride, output_stride)) for f in self.features)
 
   def layout(self, name: str) -> WeightLayout:
     layouts = {layout.name: layout for layout in self.layouts()}
@@ -143,6 +161,43 @@ def to_flax(kind: str, value: np.ndarray) -> np.ndarray:
   if kind == 'dense':
     return value.T
   return value
+
+
+def file_shape(entry: Entry, flax_shape: Sequence[int]) -> tuple[int, ...]:
+  """The shape of `entry`'s tensor in a weight file, for a Flax variable of shape `flax_shape`."""
+  if entry.part is not None:
+    index, count = entry.part
+    if flax_shape[-1] % count:
+      raise AssertionError(f'{entry.path}: last axis {flax_shape[-1]} does not split into {count} parts')
+    flax_shape = (*flax_shape[:-1], flax_shape[-1] // count)
+  return torch_shape(entry.kind, flax_shape)
+
+
+def assemble(table: KeyTable, state_dict: Mapping[str, Any], keys: Mapping[str, str],
+             shapes: Mapping[tuple[str, Path], tuple[int, ...]]) -> dict[str, dict]:
+  """{collection: tree} of the Flax variables that `table`'s keys present in the file give (float32 numpy).
+
+  keys: table key -> the key as the file has it (only those present); shapes: (collection, path) -> Flax shape,
+  needed for the variables split into parts (filled slice by slice).
+  """
+  variables: dict[str, dict] = {'params': {}, 'batch_stats': {}}
+  parts: dict[tuple[str, Path], np.ndarray] = {}
+  for key, entry in table.items():
+    if key not in keys:
+      continue
+    value = to_flax(entry.kind, np.asarray(state_dict[keys[key]], dtype=np.float32))
+    if entry.part is not None:
+      index, count = entry.part
+      full = parts.setdefault((entry.collection, entry.path),
+                              np.zeros(shapes[(entry.collection, entry.path)], np.float32))
+      width = full.shape[-1] // count
+      full[..., index * width:(index + 1) * width] = value
+      value = full
+    tree = variables.setdefault(entry.collection, {})
+    for k in entry.path[:-1]:
+      tree = tree.setdefault(k, {})
+    tree[entry.path[-1]] = np.ascontiguousarray(value)
+  return variables
 
 
 def torch_shape(kind: str, flax_shape: Sequence[int]) -> tuple[int, ...]:

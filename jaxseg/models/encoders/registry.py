@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.errors import ConfigError
-from jaxseg.models.encoders import base, convnext, resnet, vgg
+from jaxseg.models.encoders import base, convnext, mit, resnet, vgg, vit
 
 # A model with an encoder keeps it as the submodule of this name: params['encoder'], batch_stats['encoder'].
 ENCODER_SUBMODULE = 'encoder'
@@ -15,6 +15,8 @@ ENCODERS: dict[str, base.EncoderSpec] = {
     **resnet.ENCODERS,  # resnet18, resnet34, resnet50, resnet101
     **vgg.ENCODERS,  # vgg16, vgg16_bn
     **convnext.ENCODERS,  # convnext_tiny, convnext_small, convnext_base
+    **mit.ENCODERS,  # mit_b0 .. mit_b5
+    **vit.ENCODERS,  # vit_small_patch14_dinov2, vit_base_patch14_dinov2, their _reg4_ variants
 }
 
 

@@ -91,8 +91,7 @@ def flax_shapes(name: str) -> dict[tuple[str, Path], tuple[int, ...]]:
 def expected_torch_shapes(name: str, layout: Optional[str] = None) -> dict[str, tuple[int, ...]]:
   """File key -> the shape encoder `name` needs in a state dict of `layout` (None: its first layout)."""
   shapes = flax_shapes(name)
-  return {key: base.torch_shape(e.kind, shapes[(e.collection, e.path)])
-          for key, e in key_table(name, layout).items()}
+  return {key: base.file_shape(e, shapes[(e.collection, e.path)]) for key, e in key_table(name, layout).items()}
 
 
 # ---- Reading files. ----
@@ -196,12 +195,6 @@ def _guess_encoder(keys: set[str]) -> Optional[str]:
   return None
 
 
-def _set(tree: dict, path: Path, value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
 def state_dict_to_encoder_weights(name: str, state_dict: Mapping[str, Any], *, layout: Optional[str] = None,
                                   source: str = 'the state dict') -> EncoderWeights:
   """Checks a state dict (numpy arrays) against encoder `name` in one of its layouts and converts it.
@@ -217,7 +210,7 @@ def state_dict_to_encoder_weights(name: str, state_dict: Mapping[str, Any], *, l
   """
   chosen = registry.encoder_spec(name).layout(layout) if layout else _best_layout(name, state_dict)
   table, shapes = chosen.table, flax_shapes(name)
-  expected = {key: base.torch_shape(e.kind, shapes[(e.collection, e.path)]) for key, e in table.items()}
+  expected = {key: base.file_shape(e, shapes[(e.collection, e.path)]) for key, e in table.items()}
   original = _strip(chosen, state_dict)
   if len(original) != len(state_dict):
     raise WeightsError(f'encoder weights {source}: some keys are there both with and without the prefix '
@@ -256,11 +249,7 @@ def state_dict_to_encoder_weights(name: str, state_dict: Mapping[str, Any], *, l
     raise WeightsError(f'encoder weights {source} ({chosen.name} layout) do not fit encoder {name!r}: '
                        + '. '.join(problems) + '.' + hint)
 
-  variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
-  for key, entry in table.items():
-    if key in original:
-      value = base.to_flax(entry.kind, np.asarray(state_dict[original[key]], dtype=np.float32))
-      _set(variables[entry.collection], entry.path, np.ascontiguousarray(value))
+  variables: dict[str, Any] = base.assemble(table, state_dict, original, shapes)
   if chosen.complete is not None:
     variables = chosen.complete(variables, shapes)
   return EncoderWeights(variables=variables, extras=extras, layout=chosen.name)
