@@ -387,6 +387,7 @@ def test_dpt_logits_match_transformers(hf, readout, fusion_batch_norm):
   assert_close_relative(got, hf_dpt_logits(*modules, x_nchw), f'DPT logits, readout {readout!r}')
 
 
+@pytest.mark.slow  # bfloat16 compiles the model a second time; CI runs it (-m slow).
 def test_dpt_readout_add_and_bfloat16(hf):
   """readout 'add' against transformers; the same model in bfloat16 is finite and close to float32."""
   modules = hf_dpt(hf, seed=20, readout_type='add')

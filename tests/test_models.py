@@ -135,8 +135,9 @@ def test_fcn_uses_the_matrix_product_fc6_only_on_maps_smaller_than_its_kernel():
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))  # Shapes suffice to trace the program.
     jaxpr = str(jax.make_jaxpr(lambda v, a: model.apply(v, a))(variables, x))
     convs_with_3x3_fc6 = jaxpr.count('conv_general_dilated')
-    # The backbone has 13 convolutions plus fc7 and score_fr (1x1); fc6 adds one unless it is a matmul.
-    assert convs_with_3x3_fc6 == (15 if expect_matmul else 16), (size, convs_with_3x3_fc6)
+    # The backbone has 13 convolutions (fc7 and score_fr, 1x1, are matrix products: layers.Conv); fc6 adds one
+    # unless it is a matmul.
+    assert convs_with_3x3_fc6 == (13 if expect_matmul else 14), (size, convs_with_3x3_fc6)
 
 
 def test_bilinear_kernel_upsamples_a_constant_to_a_constant_inside():
@@ -226,3 +227,44 @@ def test_attention_picks_cudnn_only_where_it_applies_and_falls_back(monkeypatch)
   monkeypatch.setenv(layers.ATTENTION_ENV, 'flash')
   with pytest.raises(ValueError, match='JAXSEG_ATTENTION'):
     layers.attention_implementation(jnp.bfloat16, 64)
+
+
+def _resize_by_hand(x, size):
+  """torch's bilinear resize (align_corners=False) written from its formula, in float64 numpy, one axis at a time:
+  source (dst + 0.5) * in / out - 0.5, clamped below at 0; taps floor and floor + 1 (clamped to the last)."""
+  x = np.asarray(x, np.float64)
+  for axis, out in ((1, size[0]), (2, size[1])):
+    n = x.shape[axis]
+    src = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0.0)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n - 1)
+    lam = (src - i0).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    x = np.take(x, i0, axis=axis) * (1 - lam) + np.take(x, i1, axis=axis) * lam
+  return x
+
+
+@pytest.mark.parametrize('shape,size', [((2, 1, 5, 3), (4, 40)),  # x4 and x8 by slices, edges included.
+                                        ((1, 37, 37, 2), (74, 111)),  # x2 by slices, x3 by jax.image.resize.
+                                        ((1, 9, 12, 2), (5, 7))])  # Shrinking: jax.image.resize.
+def test_resize_bilinear_is_torchs_formula(shape, size):
+  """Power-of-two enlargements go by two-tap slices, other sizes through jax.image.resize: both are torch's."""
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  got = np.asarray(layers.resize_bilinear(jnp.asarray(x), size))
+  np.testing.assert_allclose(got, _resize_by_hand(x, size), rtol=0, atol=1e-5)
+  grad = jax.grad(lambda v: (layers.resize_bilinear(v, size) ** 2).sum())(jnp.asarray(x))
+  assert grad.shape == x.shape and np.isfinite(np.asarray(grad)).all()
+
+
+@pytest.mark.parametrize('kernel,dtype', [(3, jnp.float32), (7, jnp.float32), (3, jnp.bfloat16)])
+def test_depthwise_conv_is_the_grouped_convolution(kernel, dtype):
+  """Shifted copies times per-channel weights == nn.Conv(C, (k, k), feature_group_count=C), same parameters."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 11, 6)), jnp.float32)
+  layer = layers.DepthwiseConv(6, kernel, dtype=dtype)
+  variables = layer.init(jax.random.key(0), x)
+  variables = {'params': {'kernel': variables['params']['kernel'], 'bias': jnp.linspace(-1, 1, 6)}}
+  conv = nn.Conv(6, (kernel, kernel), padding=((kernel // 2,) * 2,) * 2, feature_group_count=6, dtype=dtype)
+  assert jax.tree.map(jnp.shape, conv.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
+  got, want = layer.apply(variables, x), conv.apply(variables, x)
+  assert got.dtype == want.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=1e-5 if dtype == jnp.float32 else 0.1)

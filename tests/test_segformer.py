@@ -328,6 +328,7 @@ def random_variables(model, seed, size=(64, 64)):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@pytest.mark.slow  # bfloat16 compiles the model a second time; CI runs it (-m slow).
 def test_bfloat16_runs_close_to_float32():
   """The composed model (tiny MiT) in bfloat16: finite logits, close to float32's with the same (float32)
   parameters."""

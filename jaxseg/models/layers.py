@@ -103,6 +103,66 @@ class PatchMatmulConv(nn.Module):
     return y + bias if bias is not None else y
 
 
+class Conv(nn.Conv):
+  """nn.Conv (same fields, parameters and function) whose 1x1, stride-1, ungrouped, unpadded convolutions are one
+  matrix product over the channels.
+
+  XLA:CPU runs a 1x1 convolution's backward pass ~10x slower than the same product as a matmul (a [2, 128, 128,
+  1024] -> 256 layer: 5.7 s against 0.59 s forward and backward; benchmarks/NOTES.md). Every model builds its
+  convolutions with this class, so the decoders' 1x1 laterals, projections and classifiers and ResNet's
+  bottleneck convolutions take the fast path, and their parameters ([1, 1, in, out] kernels) stay nn.Conv's.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+    if not self._pointwise():
+      return super().__call__(inputs)
+    in_features = inputs.shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (1, 1, in_features, self.features), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = jnp.einsum('...c,cd->...d', inputs, kernel[0, 0], precision=self.precision)
+    return y if bias is None else y + bias
+
+  def _pointwise(self) -> bool:
+    size = self.kernel_size if isinstance(self.kernel_size, (tuple, list)) else (self.kernel_size,)
+    strides = self.strides if isinstance(self.strides, (tuple, list)) else (self.strides or 1,) * len(size)
+    padding = self.padding
+    unpadded = (padding in ('SAME', 'VALID', 0) or
+                (isinstance(padding, (tuple, list)) and all(tuple(p) == (0, 0) for p in padding)))
+    return (all(k == 1 for k in size) and all(s == 1 for s in strides) and self.feature_group_count == 1
+            and self.input_dilation in (None, 1) and self.mask is None and unpadded)
+
+
+class DepthwiseConv(nn.Module):
+  """A depthwise k x k convolution, stride 1, 'same' padding (k // 2 each side), + bias: nn.Conv(C, (k, k),
+  feature_group_count=C) with the same parameters (kernel [k, k, 1, C], bias [C]) and the same function.
+
+  Computed as the sum of the k*k shifted copies of the padded input, each times its per-channel weight: on
+  XLA:CPU that is 4x (7x7) to 9x (3x3) faster forward and backward than the grouped convolution (ConvNeXt's and
+  Mix-FFN's depthwise layers; benchmarks/NOTES.md), and XLA fuses it into one loop on any platform.
+  """
+  features: int
+  kernel_size: int
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  dtype: Optional[Dtype] = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, 1, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pad = k // 2
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    h, w = x.shape[1:3]
+    out = bias
+    for i in range(k):
+      for j in range(k):
+        out = out + padded[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+    return out
+
+
 def bilinear_kernel_init(key, shape, dtype=jnp.float32):
   """Initialises a [k, k, C, C] transposed-conv kernel to bilinear up-sampling per channel (FCN paper)."""
   del key
@@ -178,12 +238,49 @@ def upsample_bilinear_align_corners(x: jnp.ndarray, factor: int) -> jnp.ndarray:
 def resize_bilinear(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
   """[N, H, W, C] -> [N, *size, C]: torch's F.interpolate(size=..., mode='bilinear', align_corners=False).
 
-  Half-pixel centres, two taps per output pixel also when shrinking (no anti-aliasing, as torch).
+  Half-pixel centres, two taps per output pixel also when shrinking (no anti-aliasing, as torch). Sides enlarged
+  by powers of two (the decoders' 2x, 4x, 8x) go through `_upsample_axis_by`; other sizes through
+  jax.image.resize, whose dense [out, in] weight matrix costs `in` times more than two taps. (Powers of two only:
+  there torch's source positions, (dst + 0.5) / s - 0.5 in float32, are exact; for a factor of 3 torch's own
+  rounding moves them by ~1e-5, which jax.image.resize reproduces and exact weights would not.)
   """
-  n, _, _, c = x.shape
-  if tuple(x.shape[1:3]) == tuple(size):
+  n, h, w, c = x.shape
+  if (h, w) == tuple(size):
     return x
+  fh, fw = size[0] // h, size[1] // w
+  if (fh * h, fw * w) == tuple(size) and _power_of_two(fh) and _power_of_two(fw):
+    return _upsample_axis_by(_upsample_axis_by(x, fh, 1), fw, 2)
   return jax.image.resize(x, (n, *size, c), method='linear', antialias=False).astype(x.dtype)
+
+
+def _power_of_two(k: int) -> bool:
+  return k >= 1 and k & (k - 1) == 0
+
+
+def _upsample_axis_by(x: jnp.ndarray, factor: int, axis: int) -> jnp.ndarray:
+  """Axis `axis` enlarged `factor` times as torch's bilinear (align_corners=False) does it, with two taps.
+
+  Output s*i + r reads source position i + f_r, f_r = (r + 0.5) / s - 0.5 in (-1/2, 1/2): (1 - |f_r|) x[i] +
+  |f_r| x[i +- 1]. Edge replication gives torch's clamping: below 0 its source index is clamped to 0, above the
+  last it reads the last twice. Slices and weighted sums only (cheap forward and backward), phases interleaved.
+  """
+  if factor == 1:
+    return x
+  n = x.shape[axis]
+  padded = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
+                            jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+  here = jax.lax.slice_in_dim(padded, 1, n + 1, axis=axis)
+  before = jax.lax.slice_in_dim(padded, 0, n, axis=axis)
+  after = jax.lax.slice_in_dim(padded, 2, n + 2, axis=axis)
+  phases = []
+  for r in range(factor):
+    f = (r + 0.5) / factor - 0.5
+    neighbour = after if f >= 0 else before
+    phases.append(here * jnp.asarray(1 - abs(f), x.dtype) + neighbour * jnp.asarray(abs(f), x.dtype))
+  stacked = jnp.stack(phases, axis=axis + 1)  # [..., n, factor, ...]: output s*i + r at (i, r).
+  shape = list(x.shape)
+  shape[axis] = n * factor
+  return stacked.reshape(shape)
 
 
 def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:

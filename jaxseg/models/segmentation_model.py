@@ -137,7 +137,7 @@ class SegmentationModel(nn.Module):
     y = decoder(maps)
     if self.decoder_class.HEAD_KERNEL is not None:
       k = self.decoder_class.HEAD_KERNEL
-      y = nn.Conv(self.num_classes, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)),
+      y = layers.Conv(self.num_classes, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)),
                   kernel_init=HEAD_KERNEL_INIT, dtype=self.dtype, name='segmentation_head')(y)
     y = self._to_input_size(y, x.shape[1:3], (h, w))
     if self.auxiliary_head:

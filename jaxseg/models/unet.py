@@ -20,7 +20,7 @@ class DoubleConv(nn.Module):
   def __call__(self, x):
     make_norm = layers.make_norm(self.norm, train=self.train, dtype=self.dtype)
     for i in range(2):
-      x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=self.norm == 'none', dtype=self.dtype,
+      x = layers.Conv(self.features, (3, 3), padding='SAME', use_bias=self.norm == 'none', dtype=self.dtype,
                   name=f'conv{i}')(x)
       x = make_norm(name=f'norm{i}')(x)
       x = nn.relu(x)
@@ -70,10 +70,10 @@ class UNet(nn.Module):
       elif self.upsample == 'bilinear':
         n, hh, ww, c = x.shape
         x = jax.image.resize(x, (n, 2 * hh, 2 * ww, c), 'bilinear')
-        x = nn.Conv(feats, (1, 1), dtype=self.dtype, name=f'up{level}')(x)
+        x = layers.Conv(feats, (1, 1), dtype=self.dtype, name=f'up{level}')(x)
       else:
         raise ValueError(f"model.upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = block(feats, f'dec{level}')(x)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head')(x)
+    x = layers.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head')(x)
     return x[:, :h, :w, :]

@@ -48,7 +48,7 @@ class DeepLabV3PlusDecoder(base.Decoder):
 
   def _conv(self, x, features: int, kernel: int, name: str, *, dilation: int = 1, groups: int = 1):
     pad = dilation * (kernel // 2)
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), kernel_dilation=dilation,
+    return layers.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), kernel_dilation=dilation,
                    feature_group_count=groups, use_bias=False, kernel_init=base.DECODER_KERNEL_INIT,
                    dtype=self.dtype, name=name)(x)
 

@@ -61,7 +61,7 @@ class ResidualLayer(nn.Module):
     y = x
     for k in (1, 2):
       y = nn.relu(y)
-      y = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=not self.batch_norm,
+      y = layers.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=not self.batch_norm,
                   kernel_init=base.DECODER_KERNEL_INIT, dtype=self.dtype, name=f'convolution{k}')(y)
       if self.batch_norm:
         y = layers.make_norm('batch', train=self.train, dtype=self.dtype)(name=f'batch_norm{k}')(y)
@@ -86,7 +86,7 @@ class FusionLayer(nn.Module):
       x = x + residual_layer('residual_layer1')(residual)
     x = residual_layer('residual_layer2')(x)
     x = layers.upsample_bilinear_align_corners(x, 2)
-    return nn.Conv(self.features, (1, 1), kernel_init=base.DECODER_KERNEL_INIT, dtype=self.dtype,
+    return layers.Conv(self.features, (1, 1), kernel_init=base.DECODER_KERNEL_INIT, dtype=self.dtype,
                    name='projection')(x)
 
 
@@ -131,7 +131,7 @@ class DPTDecoder(base.Decoder):
   @nn.compact
   def __call__(self, maps: dict) -> jnp.ndarray:
     width = self.fusion_hidden_size
-    feats = [nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=base.DECODER_KERNEL_INIT,
+    feats = [layers.Conv(width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=base.DECODER_KERNEL_INIT,
                      dtype=self.dtype, name=f'convs_{i}')(maps[f.stride])
              for i, f in enumerate(self.encoder_features)]
     fused = None
@@ -139,11 +139,11 @@ class DPTDecoder(base.Decoder):
       layer = FusionLayer(width, self.fusion_batch_norm, train=self.train, dtype=self.dtype,
                           name=f'fusion_stage_layers_{j}')
       fused = layer(x) if fused is None else layer(fused, x)
-    y = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=base.DECODER_KERNEL_INIT,
+    y = layers.Conv(width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=base.DECODER_KERNEL_INIT,
                 dtype=self.dtype, name='head_0')(fused)
     y = nn.relu(layers.make_norm('batch', train=self.train, dtype=self.dtype)(name='head_1')(y))
     y = nn.Dropout(self.dropout_rate, deterministic=not self.train)(y)
-    y = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head_4')(y)
+    y = layers.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head_4')(y)
     return layers.upsample_bilinear_align_corners(y, 2)
 
 

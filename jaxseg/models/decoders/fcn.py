@@ -43,7 +43,7 @@ def same_conv(x, features: int, kernel: int, *, name: str, **conv_kwargs):
   """
   if kernel > min(x.shape[1:3]):
     return layers.PatchMatmulConv(features, (kernel, kernel), name=name, **conv_kwargs)(x)
-  return nn.Conv(features, (kernel, kernel), padding='SAME', name=name, **conv_kwargs)(x)
+  return layers.Conv(features, (kernel, kernel), padding='SAME', name=name, **conv_kwargs)(x)
 
 
 def fcn_scores(x, pool3, pool4, *, num_classes: int, variant: str, dtype: Any,
@@ -56,14 +56,14 @@ def fcn_scores(x, pool3, pool4, *, num_classes: int, variant: str, dtype: Any,
   training starts from the coarser net's output (as in the paper); the final x32/x16/x8 up-sampling is a
   fixed bilinear resize. score_fr_init: score_fr's kernel init (zeros for a pretrained net, as the paper).
   """
-  score = nn.Conv(num_classes, (1, 1), kernel_init=score_fr_init, dtype=dtype, name='score_fr')(x)
+  score = layers.Conv(num_classes, (1, 1), kernel_init=score_fr_init, dtype=dtype, name='score_fr')(x)
 
   def up2(s, name):
     return nn.ConvTranspose(num_classes, (4, 4), strides=(2, 2), padding='SAME', use_bias=False,
                             kernel_init=layers.bilinear_kernel_init, dtype=dtype, name=name)(s)
 
   def skip_score(feat, name):
-    return nn.Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros_init(), dtype=dtype, name=name)(feat)
+    return layers.Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros_init(), dtype=dtype, name=name)(feat)
 
   stride = 32
   if variant in ('fcn16s', 'fcn8s'):

@@ -37,7 +37,7 @@ class FPNDecoder(base.Decoder):
 
   def _conv(self, x, features: int, kernel: int, name: str, use_bias: bool):
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=use_bias,
+    return layers.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=use_bias,
                    kernel_init=base.DECODER_KERNEL_INIT, dtype=self.dtype, name=name)(x)
 
   @nn.compact

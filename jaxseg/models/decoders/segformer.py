@@ -82,7 +82,7 @@ class SegFormerDecoder(base.Decoder):
     for i, stride in enumerate(STRIDES):
       y = nn.Dense(self.channels, kernel_init=LINEAR_INIT, dtype=self.dtype, name=f'linear_c_{i}')(maps[stride])
       projected.append(layers.resize_bilinear(y, size))
-    y = nn.Conv(self.channels, (1, 1), use_bias=False, kernel_init=base.DECODER_KERNEL_INIT, dtype=self.dtype,
+    y = layers.Conv(self.channels, (1, 1), use_bias=False, kernel_init=base.DECODER_KERNEL_INIT, dtype=self.dtype,
                 name='linear_fuse')(jnp.concatenate(projected[::-1], axis=-1))
     y = layers.make_norm('batch', train=self.train, dtype=self.dtype)(name='batch_norm')(y)
     y = nn.relu(y)

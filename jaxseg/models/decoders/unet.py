@@ -34,7 +34,7 @@ class DecoderBlock(nn.Module):
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
     make_norm = layers.make_norm('batch', train=self.train, dtype=self.dtype)
     for i in (1, 2):
-      x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+      x = layers.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                   kernel_init=base.DECODER_KERNEL_INIT, dtype=self.dtype, name=f'conv{i}')(x)
       x = nn.relu(make_norm(name=f'bn{i}')(x))
     return x

@@ -39,7 +39,7 @@ class ConvModule(nn.Module):
   @nn.compact
   def __call__(self, x):
     pad = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
+    x = layers.Conv(self.features, (self.kernel, self.kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
                 kernel_init=base.DECODER_KERNEL_INIT, dtype=self.dtype, name='conv')(x)
     x = layers.make_norm('batch', train=self.train, dtype=self.dtype)(name='batch_norm')(x)
     return nn.relu(x)
@@ -119,4 +119,4 @@ class AuxiliaryHead(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = ConvModule(self.channels, 3, train=self.train, dtype=self.dtype, name='convs_0')(x)
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+    return layers.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.errors import ConfigError
+from jaxseg.models import layers
 from jaxseg.models.encoders import base
 
 # The published architectures: stage depths and widths (timm's convnext_tiny/small/base, transformers'
@@ -108,8 +109,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim,
-                kernel_init=KERNEL_INIT, dtype=self.dtype, name='conv_dw')(x)
+    # The grouped convolution, not layers.DepthwiseConv: 49 shifted copies run 3.9x faster on XLA:CPU but compile
+    # ~3 s longer per block (benchmarks/NOTES.md), and ConvNeXt is trained on accelerators.
+    y = layers.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim,
+                    kernel_init=KERNEL_INIT, dtype=self.dtype, name='conv_dw')(x)
     y = layer_norm('norm', self.dtype)(y)
     y = nn.Dense(4 * self.dim, kernel_init=KERNEL_INIT, dtype=self.dtype, name='mlp_fc1')(y)
     y = nn.gelu(y, approximate=False)
@@ -130,7 +133,7 @@ class Stage(nn.Module):
   def __call__(self, x):
     if self.downsample:
       x = layer_norm('downsample_0', self.dtype)(x)
-      x = nn.Conv(self.dim, (2, 2), strides=(2, 2), padding='VALID', kernel_init=KERNEL_INIT, dtype=self.dtype,
+      x = layers.Conv(self.dim, (2, 2), strides=(2, 2), padding='VALID', kernel_init=KERNEL_INIT, dtype=self.dtype,
                   name='downsample_1')(x)
     for j in range(self.depth):
       x = Block(self.dim, self.layer_scale_init, dtype=self.dtype, name=f'blocks_{j}')(x)
@@ -169,7 +172,7 @@ class ConvNeXt(nn.Module):
       raise ConfigError(f'ConvNeXt takes 4 stage depths and 4 dims, got depths={self.depths!r} dims={self.dims!r}')
     if not self.layer_scale_init > 0:
       raise ConfigError(f'ConvNeXt layer_scale_init must be > 0, got {self.layer_scale_init!r}')
-    x = nn.Conv(self.dims[0], (4, 4), strides=(4, 4), padding='VALID', kernel_init=KERNEL_INIT, dtype=self.dtype,
+    x = layers.Conv(self.dims[0], (4, 4), strides=(4, 4), padding='VALID', kernel_init=KERNEL_INIT, dtype=self.dtype,
                 name='stem_0')(x)
     x = layer_norm('stem_1', self.dtype)(x)
     features = []

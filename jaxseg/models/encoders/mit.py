@@ -135,7 +135,7 @@ class Attention(nn.Module):
     source = x
     if self.sr_ratio > 1:
       r = self.sr_ratio
-      source = nn.Conv(self.dim, (r, r), strides=(r, r), padding='VALID', kernel_init=KERNEL_INIT,
+      source = layers.Conv(self.dim, (r, r), strides=(r, r), padding='VALID', kernel_init=KERNEL_INIT,
                        dtype=self.dtype, name='sr')(source)
       source = layer_norm('norm', self.dtype)(source)
     kv = dense(2 * self.dim, 'kv', self.dtype)(source)
@@ -153,8 +153,7 @@ class MixFFN(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = dense(self.hidden, 'fc1', self.dtype)(x)
-    x = nn.Conv(self.hidden, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=self.hidden,
-                kernel_init=KERNEL_INIT, dtype=self.dtype, name='dwconv')(x)
+    x = layers.DepthwiseConv(self.hidden, 3, kernel_init=KERNEL_INIT, dtype=self.dtype, name='dwconv')(x)
     x = nn.gelu(x, approximate=False)
     return dense(self.dim, 'fc2', self.dtype)(x)
 
@@ -186,7 +185,7 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     p = self.kernel // 2
-    x = nn.Conv(self.dim, (self.kernel, self.kernel), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+    x = layers.Conv(self.dim, (self.kernel, self.kernel), strides=(self.stride, self.stride), padding=((p, p), (p, p)),
                 kernel_init=KERNEL_INIT, dtype=self.dtype, name='proj')(x)
     return layer_norm('norm', self.dtype)(x)
 

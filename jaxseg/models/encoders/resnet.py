@@ -29,7 +29,7 @@ DILATION_RULES = ('torchvision', 'smp')
 def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, dtype: Any, name: str) -> nn.Conv:
   """torch's Conv2d(kernel, stride, padding=dilation * (kernel // 2), dilation, bias=False)."""
   pad = dilation * (kernel // 2)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+  return layers.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                  kernel_dilation=(dilation, dilation), use_bias=False, kernel_init=KERNEL_INIT, dtype=dtype,
                  name=name)
 

@@ -54,7 +54,7 @@ class VGG(nn.Module):
     features = []
     for b, (n_convs, width) in enumerate(VGG16_BLOCKS, start=1):
       for j in range(1, n_convs + 1):
-        x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=KERNEL_INIT, dtype=self.dtype,
+        x = layers.Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=KERNEL_INIT, dtype=self.dtype,
                     name=f'conv{b}_{j}')(x)
         if self.batch_norm:
           x = make_norm(name=f'bn{b}_{j}')(x)

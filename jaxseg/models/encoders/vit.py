@@ -247,7 +247,7 @@ class VisionTransformer(nn.Module):
     p = self.patch_size
     if x.shape[1] < p or x.shape[2] < p:
       raise ValueError(f'the ViT needs images of at least {p}x{p} pixels, got {x.shape[1]}x{x.shape[2]}')
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding='VALID', kernel_init=KERNEL_INIT, dtype=self.dtype,
+    x = layers.Conv(self.dim, (p, p), strides=(p, p), padding='VALID', kernel_init=KERNEL_INIT, dtype=self.dtype,
                 name='patch_embed_proj')(x)
     n, h, w, c = x.shape
     cls_token = self.param('cls_token', KERNEL_INIT, (1, 1, c), jnp.float32)

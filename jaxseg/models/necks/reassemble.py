@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.errors import ConfigError
+from jaxseg.models import layers
 from jaxseg.models.decoders.base import DECODER_KERNEL_INIT
 from jaxseg.models.encoders import base as encoder_base
 from jaxseg.models.encoders.base import FeatureMap
@@ -101,14 +102,14 @@ class ReassembleNeck(Neck):
         x = nn.gelu(x, approximate=False)
       elif self.readout == 'add':
         x = x + cls_token[:, None, None, :]
-      x = nn.Conv(size, (1, 1), kernel_init=DECODER_KERNEL_INIT, dtype=self.dtype, name=f'layers_{i}_projection')(x)
+      x = layers.Conv(size, (1, 1), kernel_init=DECODER_KERNEL_INIT, dtype=self.dtype, name=f'layers_{i}_projection')(x)
       if factor > 1:
         f = int(factor)
         x = nn.ConvTranspose(size, (f, f), strides=(f, f), padding='VALID', transpose_kernel=True,
                              kernel_init=DECODER_KERNEL_INIT, dtype=self.dtype, name=f'layers_{i}_resize')(x)
       elif factor < 1:
         s = int(round(1 / factor))
-        x = nn.Conv(size, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)), kernel_init=DECODER_KERNEL_INIT,
+        x = layers.Conv(size, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)), kernel_init=DECODER_KERNEL_INIT,
                     dtype=self.dtype, name=f'layers_{i}_resize')(x)
       out.append(x)
     return out
