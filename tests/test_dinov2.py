@@ -372,7 +372,8 @@ def compose_dpt(readout='project', fusion_batch_norm=False, dtype=jnp.float32):
                         fusion_batch_norm=fusion_batch_norm)
 
 
-@pytest.mark.parametrize('readout,fusion_batch_norm', [('project', False), ('ignore', True)])
+@pytest.mark.parametrize('readout,fusion_batch_norm', [('project', False),
+                                                        pytest.param('ignore', True, marks=pytest.mark.slow)])
 def test_dpt_logits_match_transformers(hf, readout, fusion_batch_norm):
   """DINOv2 (tiny) + reassemble + DPT at 100x86: the logits at the input size; readout 'project' without fusion
   BatchNorm (transformers' defaults), and 'ignore' with it (use_batch_norm_in_fusion_residual)."""
@@ -422,7 +423,7 @@ def test_reassemble_transposed_convolution_is_torchs():
 # ---- The linear head. ----
 
 
-@pytest.mark.parametrize('class_token', [False, True])
+@pytest.mark.parametrize('class_token', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_linear_head_is_batch_norm_and_a_1x1_conv(class_token):
   """BNHead by hand: the last block's patch tokens ([patches, class token broadcast] with class_token) ->
   BatchNorm (running statistics) -> 1x1 conv -> resized to the input (torch's bilinear, align_corners=False)."""
