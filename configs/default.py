@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Export (--mode=export, see jaxseg/export.py). ----
   config.export = ml_collections.ConfigDict()
-  config.export.saved_model = True    # Also write a TensorFlow SavedModel (jax2tf) next to the jax.export file.
+  config.export.formats = 'jax,saved_model,onnx'  # What --mode=export writes (comma-separated): 'jax' (model.jax_exported, jax.export), 'saved_model' (TensorFlow SavedModel via jax2tf; skipped with a warning where jax2tf fails), 'onnx' (model.onnx via jax2onnx, checked with onnxruntime; skipped with a warning when jax2onnx is not installed, unless listed here explicitly). README "Export".
 
   # ---- Loss. ----
   config.loss = ml_collections.ConfigDict()

@@ -217,7 +217,8 @@ class Settings:
   sharding: str
   on_nonfinite_loss: str
   compilation_cache_dir: Optional[str]
-  export_saved_model: bool
+  export_formats: tuple[str, ...]  # What --mode=export writes: of EXPORT_FORMATS.
+  export_formats_given: bool  # config.export.formats was set (not the default): a format it cannot write fails.
 
   def auto_fields(self) -> list[str]:
     """The fields still 'auto' (the recipe chooses them from the data)."""
@@ -462,11 +463,31 @@ def from_config(config) -> Settings:
       sharding=_choice(config.get('sharding', 'replicated'), 'sharding', SHARDINGS),
       on_nonfinite_loss=_choice(config.on_nonfinite_loss, 'on_nonfinite_loss', NONFINITE_POLICIES),
       compilation_cache_dir=cache_dir,
-      export_saved_model=_bool((config.get('export') or {}).get('saved_model', True), 'export.saved_model'))
+      **_export(config.get('export') or {}))
   if settings.freeze_encoder_batch_stats and not model.has_encoder:
     raise ConfigError(f'config.finetune.freeze_encoder_batch_stats=True, but model {model.name!r} has no '
                       f"encoder (a submodule named '{models.ENCODER}')")
   return settings
+
+
+EXPORT_FORMATS = ('jax', 'saved_model', 'onnx')
+DEFAULT_EXPORT_FORMATS = 'jax,saved_model,onnx'
+
+
+def _export(export: dict) -> dict:
+  """config.export: formats, a comma-separated subset of EXPORT_FORMATS."""
+  if 'saved_model' in export:
+    raise ConfigError("config.export.saved_model was replaced by config.export.formats: e.g. 'jax,onnx' leaves "
+                      'the SavedModel out')
+  unknown = set(export) - {'formats'}
+  if unknown:
+    raise ConfigError(f'config.export has fields {sorted(unknown)} it does not take; it takes formats')
+  value = export.get('formats', DEFAULT_EXPORT_FORMATS)
+  formats = tuple(f.strip() for f in value.split(',') if f.strip()) if isinstance(value, str) else None
+  if not formats or any(f not in EXPORT_FORMATS for f in formats) or len(set(formats)) != len(formats):
+    raise ConfigError(f'config.export.formats must be a comma-separated list of {", ".join(EXPORT_FORMATS)} '
+                      f'(each at most once), got {value!r}')
+  return {'export_formats': formats, 'export_formats_given': value != DEFAULT_EXPORT_FORMATS}
 
 
 def _seed(value) -> int:

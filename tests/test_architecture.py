@@ -11,7 +11,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'jaxseg'
 LAYERS = [
     # 0: leaves: no jaxseg import beyond errors, image_io and viz (reporting draws the evaluation pictures).
     {'jaxseg', 'jaxseg.errors', 'jaxseg.losses', 'jaxseg.metrics', 'jaxseg.compilation_cache', 'jaxseg.reporting',
-     'jaxseg.image_io', 'jaxseg.viz', 'jaxseg.distributed', 'jaxseg.models.layers', 'jaxseg.models.preprocessing'},
+     'jaxseg.image_io', 'jaxseg.viz', 'jaxseg.distributed', 'jaxseg.models.layers', 'jaxseg.models.preprocessing',
+     'jaxseg.onnx_export'},
     # 1: models, data, the optimiser, the mesh, the settings (the config read once).
     {'jaxseg.models*', 'jaxseg.data*', 'jaxseg.optim', 'jaxseg.sharding', 'jaxseg.settings'},
     # 2: the train state, its checkpoints, the auto recipe (settings from data statistics), the start-up path.

@@ -3,6 +3,7 @@ steps against numpy, and evaluation, prediction and export with the averaged wei
 AdamW + EMA state, the richest there is, after a SIGTERM and a kill -9 mid-save: tests/test_faults.py.)"""
 
 import math
+import os
 import re
 
 import jax
@@ -254,7 +255,7 @@ def test_predict_and_export_use_the_averaged_weights(shapes_data_dir, averaged_r
   from jaxseg import export, inference  # pylint: disable=g-import-not-at-top
   workdir, raw = averaged_run
   config = tiny_unet_config(shapes_data_dir, **OVERRIDES)
-  config.export.saved_model = False
+  config.export.formats = 'jax,onnx'
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)
   averaged = _bare_logits(config, {'params': raw['ema_params'], 'batch_stats': raw['ema_batch_stats']}, images)
   live = _bare_logits(config, {'params': raw['params'], 'batch_stats': raw['batch_stats']}, images)
@@ -266,6 +267,9 @@ def test_predict_and_export_use_the_averaged_weights(shapes_data_dir, averaged_r
 
   out = export.export_model(config, str(workdir), checkpoint='latest', output_dir=str(tmp_path / 'export'))
   np.testing.assert_allclose(export.load(out)(images)['logits'], averaged, atol=1e-4)
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  session = onnxruntime.InferenceSession(os.path.join(out, 'model.onnx'), providers=['CPUExecutionProvider'])
+  np.testing.assert_allclose(session.run(['logits'], {'images': images})[0], averaged, atol=1e-4)
 
   no_ema = tiny_unet_config(shapes_data_dir, **dict(OVERRIDES, ema_decay=0.0))
   with pytest.raises(ConfigError, match=re.escape('ema_decay > 0: False here, True in training')):

@@ -483,7 +483,8 @@ def check_result(command: Command, cwd: str, args: list, output: str) -> None:
       assert os.path.exists(os.path.join(out, stem + '_overlay.png'))
     assert f'Wrote {len(written)} mask(s)' in output, output[-3000:]
   elif command.mode == 'export':
-    assert {'model.jax_exported', 'model.json', 'saved_model'} <= set(os.listdir(os.path.join(workdir, 'export')))
+    written = set(os.listdir(os.path.join(workdir, 'export')))
+    assert {'model.jax_exported', 'model.json', 'saved_model', 'model.onnx'} <= written, written
 
 
 def slow(command: Command) -> bool:

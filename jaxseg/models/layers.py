@@ -10,7 +10,6 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Dtype = Any
 
@@ -209,18 +208,16 @@ def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
   return x.reshape(n, 2 * h, 2 * w, c)
 
 
-def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] linear-interpolation weights of torch's bilinear resize with align_corners=True."""
-  m = np.zeros((n_out, n_in), np.float32)
-  if n_in == 1 or n_out == 1:
-    m[:, 0] = 1.0
-    return m
-  src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
-  lo = np.minimum(np.floor(src).astype(int), n_in - 2)
-  frac = (src - lo).astype(np.float32)
-  m[np.arange(n_out), lo] = 1.0 - frac
-  m[np.arange(n_out), lo + 1] += frac
-  return m
+def _align_corners_matrix(n_in, n_out, dtype) -> jnp.ndarray:
+  """[n_out, n_in] linear-interpolation weights of torch's bilinear resize with align_corners=True.
+
+  Output i reads source position s_i = i (n_in - 1) / (n_out - 1) with the tent weights max(0, 1 - |s_i - j|),
+  written with jnp so that the sizes may be symbolic (an export for any image size); n_in = 1 gives weight 1.
+  """
+  src = jnp.arange(n_out, dtype=jnp.float32) * (jnp.asarray(n_in - 1, jnp.float32)
+                                                / jnp.maximum(jnp.asarray(n_out - 1, jnp.float32), 1.0))
+  taps = jnp.arange(n_in, dtype=jnp.float32)
+  return jnp.maximum(0.0, 1.0 - jnp.abs(src[:, None] - taps[None, :])).astype(dtype)
 
 
 def upsample_bilinear_align_corners(x: jnp.ndarray, factor: int) -> jnp.ndarray:
@@ -230,8 +227,8 @@ def upsample_bilinear_align_corners(x: jnp.ndarray, factor: int) -> jnp.ndarray:
   align_corners=False (half-pixel centres).
   """
   _, h, w, _ = x.shape
-  mh = jnp.asarray(_align_corners_matrix(h, factor * h), x.dtype)
-  mw = jnp.asarray(_align_corners_matrix(w, factor * w), x.dtype)
+  mh = _align_corners_matrix(h, factor * h, x.dtype)
+  mw = _align_corners_matrix(w, factor * w, x.dtype)
   return jnp.einsum('ph,nhwc,qw->npqc', mh, x, mw)
 
 
@@ -254,7 +251,7 @@ def resize_bilinear(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
 
 
 def _power_of_two(k: int) -> bool:
-  return k >= 1 and k & (k - 1) == 0
+  return isinstance(k, int) and k >= 1 and k & (k - 1) == 0  # A symbolic factor (an export for any size): no.
 
 
 def _upsample_axis_by(x: jnp.ndarray, factor: int, axis: int) -> jnp.ndarray:
@@ -283,20 +280,23 @@ def _upsample_axis_by(x: jnp.ndarray, factor: int, axis: int) -> jnp.ndarray:
   return stacked.reshape(shape)
 
 
-def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] averaging weights of torch's AdaptiveAvgPool: bin i is [floor(i*n/o), ceil((i+1)*n/o))."""
-  m = np.zeros((n_out, n_in), np.float32)
-  for i in range(n_out):
-    start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
-    m[i, start:end] = 1.0 / (end - start)
-  return m
+def _adaptive_pool_matrix(n_in, n_out: int, dtype) -> jnp.ndarray:
+  """[n_out, n_in] averaging weights of torch's AdaptiveAvgPool: bin i is [floor(i*n/o), ceil((i+1)*n/o)).
+
+  Integer arithmetic in jnp, so that n_in may be symbolic (an export for any image size).
+  """
+  i = jnp.arange(n_out)
+  start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+  j = jnp.arange(n_in)[None, :]
+  inside = (j >= start[:, None]) & (j < end[:, None])
+  return (inside / (end - start)[:, None].astype(jnp.float32)).astype(dtype)
 
 
 def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:
   """[N, H, W, C] -> [N, size, size, C]: torch's nn.AdaptiveAvgPool2d(size) (bins may overlap or repeat)."""
   _, h, w, _ = x.shape
-  mh = jnp.asarray(_adaptive_pool_matrix(h, size), x.dtype)
-  mw = jnp.asarray(_adaptive_pool_matrix(w, size), x.dtype)
+  mh = _adaptive_pool_matrix(h, size, x.dtype)
+  mw = _adaptive_pool_matrix(w, size, x.dtype)
   return jnp.einsum('ph,nhwc,qw->npqc', mh, x, mw)
 
 

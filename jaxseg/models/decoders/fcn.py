@@ -39,9 +39,10 @@ def same_conv(x, features: int, kernel: int, *, name: str, **conv_kwargs):
   """A stride-1 'SAME' kernel x kernel convolution (fc6, fc7); call inside a compact method (a submodule `name`).
 
   On a map smaller than its kernel (fc6 on small images) it is layers.PatchMatmulConv, the same function and
-  parameters as a matrix product, which XLA:CPU runs far faster than a convolution that is mostly padding.
+  parameters as a matrix product, which XLA:CPU runs far faster than a convolution that is mostly padding. A map of
+  symbolic size (an export for any image size) takes the convolution, which holds for every size.
   """
-  if kernel > min(x.shape[1:3]):
+  if all(isinstance(d, int) for d in x.shape[1:3]) and kernel > min(x.shape[1:3]):
     return layers.PatchMatmulConv(features, (kernel, kernel), name=name, **conv_kwargs)(x)
   return layers.Conv(features, (kernel, kernel), padding='SAME', name=name, **conv_kwargs)(x)
 
