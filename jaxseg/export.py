@@ -154,13 +154,12 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   variables = jax.device_get(state_lib.inference_variables(run.state))
   fn = serving_function(setup.model, variables, setup.dtype, setup.input_stats)
   channels, k, formats = settings.model.in_channels, spec.num_classes, settings.export_formats
-  # Sides any size where the model's program allows it, else multiples of the model's own, else the crop size.
+  # Sides symbolic multiples of one of size_multiples (1: any size) where the program traces so, else the crop size.
   fixed_size = tuple(settings.input.crop_size)
   multiples = size_multiples(setup.model)
   os.makedirs(out, exist_ok=True)
   meta = {'formats': list(formats), 'jax_version': jax.__version__}
   written = []
-  size_rule = None
 
   if 'jax' in formats or 'saved_model' in formats:
     exported, size_rule, shape_spec = export_function(fn, multiples, channels=channels, fixed_size=fixed_size)
@@ -190,8 +189,8 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
       written.append(onnx_export.ONNX_FILE)
       if 'input' not in meta:
         onnx_input = meta['onnx']['input']
-        meta['input'] = _input_contract(channels, {k: onnx_input[k] for k in ('size_multiple', 'fixed_size')
-                                                   if onnx_input[k]}, None)
+        meta['input'] = _input_contract(channels, {key: onnx_input[key] for key in ('size_multiple', 'fixed_size')
+                                                   if onnx_input[key]}, None)
     except onnx_export.OnnxUnavailable as e:
       if settings.export_formats_given:
         raise

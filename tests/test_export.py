@@ -113,6 +113,7 @@ def test_onnx_matches_the_live_model(exported, live):
     np.testing.assert_array_equal(mask, np.argmax(expected, -1))
 
 
+@pytest.mark.slow
 def test_a_model_without_symbolic_sides_exports_at_the_crop_size(tmp_path):
   """A ViT resizes its position embedding by a matrix computed on the host: jax.export falls back to the fixed
   crop size, and the loader pads smaller images to it and refuses larger ones."""
