@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune.freeze_encoder_batch_stats = False  # True: the encoder's BatchNorm statistics stay as loaded and it normalises with them in training too (frozen_bn; for small batches). Independent of freeze_encoder.
   config.finetune.param_rules = placeholder(tuple)  # Rules of your own, before the ones above: (regex on the parameter path, learning-rate multiplier or 'frozen' or None, weight decay True/False/None), None leaving that property to later rules. E.g. (('encoder/(conv1|bn1|layer1)', 'frozen', None), ('encoder/layer2', 0.1, None)). Each must match some parameter. Changing them changes the optimiser state's layout (eval/predict/export compare them).
 
+  # ---- Task: what a pixel's label is. ----
+  config.task = 'multiclass'          # 'multiclass': one class per pixel (softmax; a binary task is 2 classes, background and foreground). 'multilabel': classes may overlap, one sigmoid per class, a mask per class (a folder in the multi-label layout, README "Multi-label folders"); evaluation scores each class as its own binary problem.
+
   # ---- Data (see jaxseg/data/datasets.py for the registry). ----
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'jaxseg_shapes'  # Registered preset ('jaxseg_shapes', 'folder', 'oxford_iiit_pet', ...) or any tfds name.
@@ -82,9 +85,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Loss. ----
   config.loss = ml_collections.ConfigDict()
-  config.loss.class_weights = placeholder(tuple)  # Per-class weights (K values) for cross-entropy; None: unweighted.
-  config.loss.class_weighting = 'none'  # 'none'; 'median_frequency': weights computed from the training split; 'auto': median_frequency when the most frequent class has over 10x the pixels of the rarest, else none.
-  config.loss.dice_weight = 0.0       # Weight of the soft-Dice loss added to cross-entropy (0 disables it).
+  config.loss.terms = 'cross_entropy:1'  # The loss: 'term:weight' pairs, summed, e.g. 'cross_entropy:1,lovasz:0.5'. Terms: cross_entropy, focal, dice, jaccard, tversky, lovasz (jaxseg/losses.py; README "Losses"). Multi-label: cross_entropy is binary per class, focal sigmoid, lovasz the Lovász hinge.
+  config.loss.class_weights = placeholder(tuple)  # Per-class weights (K values): pixels of class c weigh w_c in cross_entropy and focal; classes weigh w_c in the per-class means of dice, jaccard, tversky and lovasz. None: unweighted.
+  config.loss.class_weighting = 'none'  # 'none'; 'median_frequency': weights computed from the training split; 'auto': median_frequency when the most frequent class has over 10x the pixels of the rarest, else none (multi-label: none).
+  config.loss.focal_gamma = 2.0       # focal: the focusing exponent, (1 - p_t)^gamma (0 is cross-entropy).
+  config.loss.focal_alpha = 0.25      # focal, multi-label (sigmoid) only: positives weigh alpha, negatives 1 - alpha (Lin et al.'s 0.25); negative: no balancing. Multi-class focal takes class_weights as its alpha_t.
+  config.loss.tversky_alpha = 0.5     # tversky: the weight of false positives.
+  config.loss.tversky_beta = 0.5      # tversky: the weight of false negatives (beta > alpha favours recall; 0.7 / 0.3 as Salehi et al.).
+  config.loss.smooth = 1.0            # dice, jaccard, tversky: added to each class's numerator and denominator (keeps an absent class's score defined).
 
   # ---- Optimiser (see jaxseg/optim.py). ----
   config.optimizer = ml_collections.ConfigDict()

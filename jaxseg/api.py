@@ -5,6 +5,10 @@
   mask = seg(image)                                   # uint8 [H, W, C] -> int32 [H, W]
   picture = seg.overlay(image, mask)                  # uint8 [H, W, 3]
 
+A multi-label model (config.task='multilabel') gives K masks: `seg(image)` is
+int32 [H, W, K] of 0 and 1 (class k where its sigmoid exceeds 0.5), and
+`probabilities` the K sigmoids.
+
 C is the model's config.model.in_channels (3: RGB; 1: grayscale; 4: e.g.
 RGB + near-infrared); files and PIL images are read with that many bands, as
 folder datasets read them (jaxseg.image_io.pil_to_array).
@@ -57,7 +61,8 @@ class Segmenter:
     self.class_names = tuple(spec.class_names)
     self.num_classes = spec.num_classes
     self.channels = predictor.channels
-    self.palette = viz.palette_for(spec.name, spec.num_classes)
+    self.multilabel = spec.multilabel
+    self.palette = viz.palette_for(spec.name, spec.num_classes, spec.multilabel)
 
   @classmethod
   def from_workdir(cls, workdir: str, checkpoint: str = 'best', **inference_options) -> 'Segmenter':
@@ -84,16 +89,20 @@ class Segmenter:
     return Segmenter(self.predictor.with_options(**inference_options), self.spec, self.step, self.config)
 
   def __call__(self, image: ImageLike) -> np.ndarray:
-    """Segments one image (uint8 [H, W, C] array, PIL image or file path): int32 class indices [H, W]."""
+    """Segments one image (uint8 [H, W, C] array, PIL image or file path): int32 class indices [H, W]
+    (multi-label: int32 [H, W, K] of 0 and 1)."""
     return self.predictor.predict(_read(image, self.channels)).astype(np.int32)
 
   def predict(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
-    """Segments several images (any sizes), batching them together: int32 masks [H, W] in order."""
+    """Segments several images (any sizes), batching them together: int32 masks [H, W] ([H, W, K]) in order."""
     return [m.astype(np.int32) for m in self.predictor.iter_masks(_read(i, self.channels) for i in images)]
 
   def probabilities(self, image: ImageLike) -> np.ndarray:
-    """Class probabilities float32 [H, W, K] (softmax of the logits; the mean over TTA views)."""
+    """Class probabilities float32 [H, W, K] (softmax of the logits; the mean over TTA views). Multi-label: each
+    class's sigmoid (the mean over TTA views)."""
     scores = self.predictor.scores(_read(image, self.channels))
+    if self.multilabel:
+      return inference.sigmoid(scores).astype(np.float32)
     return scores if self.predictor.options.uses_tta else inference.softmax(scores)
 
   def colorize(self, mask: np.ndarray) -> np.ndarray:

@@ -91,7 +91,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, chec
     variables = sharding.fetch_replicated(state_lib.inference_variables(run.state), setup.mesh)
     run.state = None  # The predictor holds its own copy.
     predictor = inference.Predictor.create(setup.model, variables, spec.num_classes, options, dtype=setup.dtype,
-                                           input_stats=setup.input_stats)
+                                           input_stats=setup.input_stats, multilabel=spec.multilabel)
     extra = evaluate.evaluate_with_predictor(predictor, run.builder, spec)
     extra['settings'] = options.describe()
     extra['checkpoint_step'] = step
@@ -102,12 +102,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, chec
     print(f'{"Checkpoint step " + str(step) + " (" + checkpoint + ")" if trained else settings.model.weights}: '
           f'mean IoU {result["mean_iou"]:.4f}, pixel accuracy '
           f'{result["pixel_accuracy"]:.4f}, mean class accuracy {result["mean_class_accuracy"]:.4f}')
-    print(reporting.format_iou_table(result['per_class_iou'], spec.class_names, result['per_class_accuracy']))
+    print(reporting.format_iou_table(result, spec.class_names))
     if 'inference' in result:
       extra = result['inference']
       what = 'TTA' if options.uses_tta else 'these settings'
       print(f'\nWith {options.describe()} (each label at its own size): mean IoU {extra["mean_iou"]:.4f} '
             f'(without {what}: {result["mean_iou"]:.4f}), pixel accuracy {extra["pixel_accuracy"]:.4f}, '
             f'mean class accuracy {extra["mean_class_accuracy"]:.4f}')
-      print(reporting.format_iou_table(extra['per_class_iou'], spec.class_names, extra['per_class_accuracy']))
+      print(reporting.format_iou_table(extra, spec.class_names))
   return result

@@ -32,34 +32,47 @@ from jaxseg.state import TrainState, inference_variables
 
 
 def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label: int, dtype,
-              input_stats: tuple) -> tuple[dict, jax.Array]:
+              input_stats: tuple, multilabel: bool = False) -> tuple[dict, jax.Array]:
   """Confusion matrix and cross-entropy sums of a global batch, and its predictions.
 
   Returns:
-    ({'confusion' [K, K], 'ce_sum', 'weight_sum'} over the whole batch,
-     predictions uint8 [B, H, W], batch-sharded: fetched only for the few images shown in TensorBoard).
+    ({'confusion' [K, K] (multi-label [K, 2, 2]), 'ce_sum', 'weight_sum'} over the whole batch,
+     predictions uint8 [B, H, W] (multi-label [B, H, W, K]), batch-sharded: fetched only for the few images
+     shown in TensorBoard).
   """
   images = normalize_images(batch['image'], dtype, *input_stats)
   logits = state.apply_fn(inference_variables(state), images, train=False)
-  return score_sums(logits, batch['label'], num_classes=num_classes, ignore_label=ignore_label)
+  return score_sums(logits, batch['label'], num_classes=num_classes, ignore_label=ignore_label,
+                    multilabel=multilabel)
 
 
-def score_sums(logits: jax.Array, labels: jax.Array, *, num_classes: int, ignore_label: int) -> tuple[dict, jax.Array]:
+def score_sums(logits: jax.Array, labels: jax.Array, *, num_classes: int, ignore_label: int,
+               multilabel: bool = False) -> tuple[dict, jax.Array]:
   """The sums every score is made of: confusion matrix [K, K], cross-entropy sum and weight, and the predictions.
 
-  Labels equal to `ignore_label` (padding included) count nowhere, so sums over any split of the pixels add up.
+  Multi-label: a 2x2 confusion matrix per class ([K, 2, 2], prediction where the logit is > 0, probability 0.5)
+  and binary cross-entropy sums over the (pixel, class) entries. Labels equal to `ignore_label` (padding
+  included) count nowhere, so sums over any split of the pixels add up.
   """
   labels = labels.astype(jnp.int32)
-  ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label)
-  preds = jnp.argmax(logits, axis=-1)
-  sums = {'confusion': metrics_lib.confusion_matrix(labels, preds, num_classes, ignore_label),
-          'ce_sum': ce_sum, 'weight_sum': weight_sum}
+  ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label, multilabel=multilabel)
+  if multilabel:
+    preds = logits > 0
+    confusion = metrics_lib.multilabel_confusion(labels, preds, ignore_label)
+  else:
+    preds = jnp.argmax(logits, axis=-1)
+    confusion = metrics_lib.confusion_matrix(labels, preds, num_classes, ignore_label)
+  sums = {'confusion': confusion, 'ce_sum': ce_sum, 'weight_sum': weight_sum}
   return sums, preds.astype(jnp.uint8)
 
 
 def metrics_from_sums(totals: dict, class_names) -> dict:
-  """The figures of an evaluation from its summed confusion matrix and cross-entropy."""
-  result = metrics_lib.metrics_from_confusion(totals['confusion'], class_names)
+  """The figures of an evaluation from its summed confusion matrix (multi-label: [K, 2, 2]) and cross-entropy."""
+  confusion = np.asarray(totals['confusion'])
+  if confusion.ndim == 3:
+    result = metrics_lib.metrics_from_multilabel_confusion(confusion, class_names)
+  else:
+    result = metrics_lib.metrics_from_confusion(confusion, class_names)
   result['loss'] = float(totals['ce_sum'] / max(totals['weight_sum'], 1.0))
   result['confusion_matrix'] = np.asarray(totals['confusion']).tolist()
   return result
@@ -85,12 +98,13 @@ class Evaluator:
     batch = sharding.batch_sharding(setup.mesh)
     self._step = jax.jit(
         functools.partial(eval_step, num_classes=spec.num_classes, ignore_label=spec.ignore_label, dtype=setup.dtype,
-                          input_stats=setup.input_stats),
+                          input_stats=setup.input_stats, multilabel=spec.multilabel),
         in_shardings=(setup.state_sharding, {'image': batch, 'label': batch}),
         out_shardings=(sharding.replicated(setup.mesh), batch))
     options = dataclasses.replace(options, flip=False, scales=(1.0,))
     self._predictor = inference_lib.Predictor.create(setup.model, None, spec.num_classes, options,
-                                                     dtype=setup.dtype, input_stats=setup.input_stats)
+                                                     dtype=setup.dtype, input_stats=setup.input_stats,
+                                                     multilabel=spec.multilabel)
 
   def run(self, state: TrainState, eval_data: pipeline.EvalData, *, num_examples: int = 3) -> tuple[dict, list]:
     """The metrics of `state` on the evaluation split (this process reads its share: pipeline.eval_dataset).
@@ -146,17 +160,21 @@ class FullSizeSums:
   def __init__(self, spec: datasets.DatasetSpec):
     self._spec = spec
     k = spec.num_classes
-    self._sums = {'confusion': np.zeros((k, k), np.int64), 'ce_sum': np.zeros((), np.float64),
+    confusion = (k, 2, 2) if spec.multilabel else (k, k)
+    self._sums = {'confusion': np.zeros(confusion, np.int64), 'ce_sum': np.zeros((), np.float64),
                   'weight_sum': np.zeros((), np.float64)}
 
   def add(self, scores: np.ndarray, label: np.ndarray) -> None:
-    """scores: float32 [H, W, K] (logits, or TTA's mean probabilities: their log is used); label: [H, W]."""
-    h, w = label.shape
+    """scores: float32 [H, W, K] (logits, or TTA's mean probabilities: their log is used); label: [H, W]
+    (multi-label: [H, W, K], and the scores logits)."""
+    h, w = label.shape[:2]
     m = self.PAD_MULTIPLE
     ph, pw = -h % m, -w % m
-    label = np.pad(np.asarray(label, np.int32), ((0, ph), (0, pw)), constant_values=self._spec.ignore_label)
+    label = np.asarray(label, np.int32)
+    label = np.pad(label, ((0, ph), (0, pw)) + ((0, 0),) * (label.ndim - 2), constant_values=self._spec.ignore_label)
     scores = np.pad(np.asarray(scores, np.float32), ((0, ph), (0, pw), (0, 0)))
-    sums, _ = _image_sums(scores, label, num_classes=self._spec.num_classes, ignore_label=self._spec.ignore_label)
+    sums, _ = _image_sums(scores, label, num_classes=self._spec.num_classes, ignore_label=self._spec.ignore_label,
+                          multilabel=self._spec.multilabel)
     for key, value in jax.device_get(sums).items():
       self._sums[key] = self._sums[key] + value
 
@@ -168,13 +186,13 @@ class FullSizeSums:
     return {key: np.asarray(multihost_utils.process_allgather(v)).sum(axis=0) for key, v in self._sums.items()}
 
 
-_image_sums = jax.jit(score_sums, static_argnames=('num_classes', 'ignore_label'))
+_image_sums = jax.jit(score_sums, static_argnames=('num_classes', 'ignore_label', 'multilabel'))
 
 
 def _examples_of(batch: dict, preds: jax.Array, ignore_label: int, limit: int) -> list:
   """Up to `limit` (image, label, pred) numpy triples of this process's batch, padding examples left out."""
   images, labels = batch['image'], batch['label']
-  real = [i for i in range(len(labels)) if np.any(labels[i] != ignore_label)][:limit]
+  real = [i for i in range(len(labels)) if np.any(labels[i] != ignore_label)][:limit]  # Any label rank.
   if not real:
     return []
   preds = sharding.local_rows(preds)
@@ -206,6 +224,7 @@ def evaluate_with_predictor(predictor, builder, spec: datasets.DatasetSpec, *, s
   with tqdm.tqdm(total=count, desc='Evaluating (' + predictor.options.describe() + ')', unit='img',
                  file=sys.stderr, disable=not show_progress or jax.process_index() != 0) as bar:
     for scores in predictor.iter_scores(images()):
-      sums.add(scores if not predictor.options.uses_tta else np.log(np.maximum(scores, 1e-30)), labels.popleft())
+      tta_probs = predictor.options.uses_tta and not predictor.multilabel  # Multi-label scores are logits.
+      sums.add(np.log(np.maximum(scores, 1e-30)) if tta_probs else scores, labels.popleft())
       bar.update(1)
   return metrics_from_sums(sums.totals(), spec.class_names)

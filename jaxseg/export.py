@@ -2,7 +2,8 @@
 
 WORKDIR/export/ gets (config.export.formats chooses; all three by default)
   model.jax_exported  `jax.export` serialisation of  uint8 images [B, H, W, C] ->
-                      {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]},
+                      {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]}
+                      (multi-label: 'mask' int32 [B, H, W, K] of 0 / 1, logit > 0),
                       normalisation and weights inside; B is symbolic, and so are
                       H and W (as multiples of `size_multiple` when the model
                       cannot take any size symbolically; fixed at the recipe's
@@ -52,14 +53,16 @@ ALL_PLATFORMS = ('cpu', 'cuda', 'tpu')
 _LAYOUTS = {1: 'grayscale', 3: 'RGB', 4: '4 bands (e.g. RGB + near-infrared, in the training files\' order)'}
 
 
-def serving_function(model, variables: dict, dtype, input_stats=None):
+def serving_function(model, variables: dict, dtype, input_stats=None, multilabel: bool = False):
   """uint8 [B, H, W, C] -> {'logits': float32 [B, H, W, K], 'mask': int32 [B, H, W]}, weights closed over.
 
-  C = len(input_stats[0]) (the model's channel count; 3 without input_stats).
+  C = len(input_stats[0]) (the model's channel count; 3 without input_stats). `multilabel`: 'mask' is
+  int32 [B, H, W, K], 1 where a class's sigmoid exceeds 0.5.
   """
   def serve(images):
     logits = inference.forward(model, variables, images, dtype, input_stats)
-    return {'logits': logits, 'mask': jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+    mask = (logits > 0) if multilabel else jnp.argmax(logits, axis=-1)
+    return {'logits': logits, 'mask': mask.astype(jnp.int32)}
 
   return serve
 
@@ -152,7 +155,7 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   settings, spec, setup, step = run.settings, run.spec, run.setup, run.step
   out = os.path.abspath(output_dir or os.path.join(run.workdir, 'export'))
   variables = jax.device_get(state_lib.inference_variables(run.state))
-  fn = serving_function(setup.model, variables, setup.dtype, setup.input_stats)
+  fn = serving_function(setup.model, variables, setup.dtype, setup.input_stats, spec.multilabel)
   channels, k, formats = settings.model.in_channels, spec.num_classes, settings.export_formats
   # Sides symbolic multiples of one of size_multiples (1: any size) where the program traces so, else the crop size.
   fixed_size = tuple(settings.input.crop_size)
@@ -182,10 +185,10 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
   meta['onnx'] = None
   if 'onnx' in formats:
     # fp32 whatever the training's precision: onnxruntime's CPU kernels have no bfloat16.
-    fp32 = serving_function(setup.model, variables, jnp.float32, setup.input_stats)
+    fp32 = serving_function(setup.model, variables, jnp.float32, setup.input_stats, spec.multilabel)
     try:
       meta['onnx'] = onnx_export.write(fp32, out, channels=channels, num_classes=k, multiples=multiples,
-                                       fixed_size=fixed_size, name=settings.model.name)
+                                       fixed_size=fixed_size, name=settings.model.name, multilabel=spec.multilabel)
       written.append(onnx_export.ONNX_FILE)
       if 'input' not in meta:
         onnx_input = meta['onnx']['input']
@@ -197,12 +200,11 @@ def export_model(config, workdir: str, *, checkpoint: str = 'best', output_dir: 
       log.warning('No ONNX model written: %s', e)
 
   meta.update({
-      'outputs': {'logits': {'dtype': 'float32', 'shape': ['batch', 'height', 'width', k]},
-                  'mask': {'dtype': 'int32', 'shape': ['batch', 'height', 'width']}},
+      'task': settings.task, 'outputs': onnx_export.output_shapes(k, spec.multilabel),
       'normalization': {'mean': list(setup.input_stats[0]), 'std': list(setup.input_stats[1]),
                         'applied_inside': True},
       'num_classes': k, 'class_names': list(spec.class_names), 'ignore_label': spec.ignore_label,
-      'palette': viz.palette_for(spec.name, k).tolist(), 'dataset': spec.name,
+      'palette': viz.palette_for(spec.name, k, spec.multilabel).tolist(), 'dataset': spec.name,
       'model': settings.model.as_dict(), 'checkpoint': checkpoint, 'checkpoint_step': step,
   })
   with open(os.path.join(out, META_FILE), 'w', encoding='utf-8') as f:

@@ -20,6 +20,10 @@ How an image is segmented (`Predictor`):
      are the mean of the views' softmax probabilities (logits of differently
      scaled views are not on a common scale; probabilities are).
 The mask is the argmax of the scores, at the image's own size.
+Multi-label (a sigmoid per class): TTA averages the views' sigmoid
+probabilities and the scores are the logits of that mean, so scores are
+always logits; the masks are K binary masks [H, W, K], class k where its
+probability exceeds 0.5 (logit > 0).
 
 --mode=predict (files in, masks and overlays out) is `jaxseg/predict.py`; training's evaluation uses the
 Predictor too, so nothing here reads or writes files.
@@ -104,6 +108,10 @@ def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
                    for c in range(image.shape[-1])], axis=-1)
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+  return 0.5 * (1.0 + np.tanh(0.5 * x))  # Overflow-free for any x.
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
   x = x - x.max(axis=axis, keepdims=True)
   e = np.exp(x)
@@ -120,6 +128,13 @@ def forward(model, variables: dict, images: jnp.ndarray, dtype, input_stats: Opt
   std), None for ImageNet's)."""
   logits = model.apply(variables, models.normalize_images(images, dtype, *(input_stats or ())), train=False)
   return logits.astype(jnp.float32)
+
+
+def masks_of(scores: np.ndarray, multilabel: bool) -> np.ndarray:
+  """Scores [..., K] -> uint8 class indices [...] (argmax), or multi-label 0/1 masks [..., K] (logit > 0)."""
+  if multilabel:
+    return (scores > 0).astype(np.uint8)
+  return np.argmax(scores, axis=-1).astype(np.uint8)
 
 
 class _View:
@@ -184,12 +199,14 @@ class Program:
     devices: the devices to run on (default: this process's local devices).
     input_stats: (mean, std) per channel that images are normalised with (None: ImageNet's, RGB). Their
       length is the model's channel count (config.model.in_channels), which images are checked against.
+    multilabel: the K outputs are independent sigmoids (config.task='multilabel'), not a softmax.
   """
 
   def __init__(self, model, num_classes: int, *, dtype=jnp.float32, devices: Optional[Sequence[Any]] = None,
-               input_stats: Optional[tuple] = None):
+               input_stats: Optional[tuple] = None, multilabel: bool = False):
     self.model = model
     self.num_classes = num_classes
+    self.multilabel = multilabel
     self.channels = len(input_stats[0]) if input_stats else 3
     self.devices = list(devices or jax.local_devices())
     self.mesh = sharding.make_mesh(self.devices)
@@ -216,6 +233,7 @@ class Predictor:
     self.options = options
     self.channels = program.channels
     self.num_classes = program.num_classes
+    self.multilabel = program.multilabel
     n = len(program.devices)
     self.per_device = max(1, -(-options.batch_size // n))
     self.batch_size = self.per_device * n
@@ -224,9 +242,10 @@ class Predictor:
   @classmethod
   def create(cls, model, variables: Optional[dict], num_classes: int, options: InferenceOptions, *,
              dtype=jnp.float32, devices: Optional[Sequence[Any]] = None,
-             input_stats: Optional[tuple] = None) -> 'Predictor':
+             input_stats: Optional[tuple] = None, multilabel: bool = False) -> 'Predictor':
     """A Predictor of `model` with a Program of its own (see Program for the arguments)."""
-    return cls(Program(model, num_classes, dtype=dtype, devices=devices, input_stats=input_stats), variables, options)
+    return cls(Program(model, num_classes, dtype=dtype, devices=devices, input_stats=input_stats,
+                       multilabel=multilabel), variables, options)
 
   def with_options(self, **changes) -> 'Predictor':
     """The same model with other options (shares the variables and compiled programs)."""
@@ -284,16 +303,20 @@ class Predictor:
       if per_image == 1:
         scores[view.index] = logits
       else:
-        probs = softmax(logits)
+        probs = sigmoid(logits) if self.multilabel else softmax(logits)
         scores[view.index] = probs if scores[view.index] is None else scores[view.index] + probs
     if per_image > 1:
       scores = [s / per_image for s in scores]
+      if self.multilabel:
+        # Back to logits, clipped so a certain class stays finite.
+        scores = [np.log(p) - np.log1p(-p) for p in (np.clip(s, 1e-7, 1 - 1e-7) for s in scores)]
     return scores
 
   # -- Public API. --
 
   def iter_scores(self, images: Iterable[np.ndarray], *, chunk: Optional[int] = None) -> Iterator[np.ndarray]:
-    """Yields float32 scores [H, W, K] per image, in order: logits (one view) or mean probabilities (TTA).
+    """Yields float32 scores [H, W, K] per image, in order: logits (one view) or mean probabilities (TTA;
+    multi-label: their logits).
 
     Images (uint8 [H, W, C] with C = self.channels, any sizes; see
     image_io.to_uint8 for the arrays accepted) are gathered until their tiles fill
@@ -315,9 +338,9 @@ class Predictor:
       yield from self._scores_of(views, count)
 
   def iter_masks(self, images: Iterable[np.ndarray], *, chunk: Optional[int] = None) -> Iterator[np.ndarray]:
-    """Yields uint8 class-index masks [H, W] per image, in order."""
+    """Yields uint8 class-index masks [H, W] per image, in order; multi-label: 0/1 masks [H, W, K]."""
     for scores in self.iter_scores(images, chunk=chunk):
-      yield np.argmax(scores, axis=-1).astype(np.uint8)
+      yield masks_of(scores, self.multilabel)
 
   def scores(self, image: np.ndarray) -> np.ndarray:
     return next(self.iter_scores([image]))
@@ -346,5 +369,5 @@ def load_predictor(config, workdir: str, *, checkpoint: str = 'best', **override
   options = run.settings.inference_options(processes=jax.process_count(), **overrides)
   setup = run.setup
   predictor = Predictor.create(setup.model, state_lib.inference_variables(run.state), run.spec.num_classes, options,
-                               dtype=setup.dtype, input_stats=setup.input_stats)
+                               dtype=setup.dtype, input_stats=setup.input_stats, multilabel=run.spec.multilabel)
   return predictor, run.spec, run.step

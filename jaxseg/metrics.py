@@ -2,7 +2,9 @@
 
 The device side only accumulates a [K, K] confusion matrix (summed across
 devices and hosts); every figure is computed from it on the host, so each
-valid pixel counts exactly once however the data was sharded.
+valid pixel counts exactly once however the data was sharded. Multi-label
+tasks accumulate one 2x2 matrix per class ([K, 2, 2]): each class is its own
+binary problem over the pixels where its label is not ignored.
 """
 
 from typing import Optional, Sequence
@@ -19,6 +21,20 @@ def confusion_matrix(labels: jnp.ndarray, preds: jnp.ndarray, num_classes: int, 
   index = jnp.where(valid, labels * num_classes + preds, 0)
   counts = jnp.bincount(index, weights=valid.astype(jnp.int32), length=num_classes * num_classes)
   return counts.astype(jnp.int32).reshape(num_classes, num_classes)
+
+
+def multilabel_confusion(labels: jnp.ndarray, preds: jnp.ndarray, ignore_label: int) -> jnp.ndarray:
+  """[K, 2, 2] int32 counts: [c, truth, prediction] over the entries of class c whose label is 0 or 1.
+
+  labels [..., K] of 0 / 1 / ignore_label; preds [..., K] of 0 / 1.
+  """
+  k = labels.shape[-1]
+  labels = labels.astype(jnp.int32).reshape(-1, k)
+  preds = preds.astype(jnp.int32).reshape(-1, k)
+  valid = labels != ignore_label
+  index = jnp.where(valid, jnp.arange(k) * 4 + labels * 2 + preds, 0)
+  counts = jnp.bincount(index.reshape(-1), weights=valid.reshape(-1).astype(jnp.int32), length=4 * k)
+  return counts.astype(jnp.int32).reshape(k, 2, 2)
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -56,6 +72,39 @@ def metrics_from_confusion(cm: np.ndarray, class_names: Optional[Sequence[str]] 
     out['foreground_iou'] = None if np.isnan(iou[1]) else float(iou[1])
     dice = _safe_div(2 * tp[1:2], gt[1:2] + pred[1:2])[0]
     out['foreground_dice'] = None if np.isnan(dice) else float(dice)
+  if class_names is not None:
+    out['class_names'] = list(class_names)
+  return out
+
+
+def metrics_from_multilabel_confusion(cm: np.ndarray, class_names: Optional[Sequence[str]] = None) -> dict:
+  """Per-class binary figures from [K, 2, 2] confusion counts (multilabel_confusion), each class on its own.
+
+  IoU, Dice, precision and recall of each class's positives (prediction at probability 0.5); NaN (None in the
+  lists) where undefined (no positive in truth or prediction: IoU, Dice; no predicted positive: precision;
+  no true positive pixel: recall), and left out of the means.
+
+  Returns:
+    dict with mean_iou, per_class_iou, mean_dice, per_class_dice, per_class_precision, per_class_recall,
+    mean_class_accuracy (the mean recall, as a class's accuracy is in multi-class), per_class_accuracy (recall),
+    pixel_accuracy (correct (pixel, class) entries over all counted entries).
+  """
+  cm = np.asarray(cm, dtype=np.float64)
+  tn, fp, fn, tp = cm[:, 0, 0], cm[:, 0, 1], cm[:, 1, 0], cm[:, 1, 1]
+  iou = _safe_div(tp, tp + fp + fn)
+  dice = _safe_div(2 * tp, 2 * tp + fp + fn)
+  precision = _safe_div(tp, tp + fp)
+  recall = _safe_div(tp, tp + fn)
+  mean = lambda v: float(np.nanmean(v)) if np.any(~np.isnan(v)) else float('nan')
+  listed = lambda v: [None if np.isnan(x) else float(x) for x in v]
+  total = cm.sum()
+  out = {
+      'mean_iou': mean(iou), 'per_class_iou': listed(iou),
+      'mean_dice': mean(dice), 'per_class_dice': listed(dice),
+      'per_class_precision': listed(precision), 'per_class_recall': listed(recall),
+      'mean_class_accuracy': mean(recall), 'per_class_accuracy': listed(recall),
+      'pixel_accuracy': float((tp.sum() + tn.sum()) / total) if total > 0 else float('nan'),
+  }
   if class_names is not None:
     out['class_names'] = list(class_names)
   return out

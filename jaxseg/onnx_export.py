@@ -212,11 +212,19 @@ def _blocks_input(model, multiple: int, channels: int) -> None:
     graph.node.insert(i, node)
 
 
-def _name_output_dims(model, height, width, num_classes: int) -> None:
+def output_shapes(num_classes: int, multilabel: bool, height='height', width='width') -> dict:
+  """The serving function's outputs: logits [batch, H, W, K]; mask [batch, H, W] (multi-label [.., K])."""
+  mask = ['batch', height, width] + ([num_classes] if multilabel else [])
+  return {'logits': {'dtype': 'float32', 'shape': ['batch', height, width, num_classes]},
+          'mask': {'dtype': 'int32', 'shape': mask}}
+
+
+def _name_output_dims(model, height, width, num_classes: int, multilabel: bool) -> None:
   """Output shapes as the contract states them (jax2onnx names them after its inner symbols)."""
   from onnx import TensorProto, helper  # pylint: disable=g-import-not-at-top
-  shapes = {'logits': (TensorProto.FLOAT, ['batch', height, width, num_classes]),
-            'mask': (TensorProto.INT32, ['batch', height, width])}
+  types = {'float32': TensorProto.FLOAT, 'int32': TensorProto.INT32}
+  shapes = {name: (types[o['dtype']], o['shape'])
+            for name, o in output_shapes(num_classes, multilabel, height, width).items()}
   for i, out in enumerate(list(model.graph.output)):
     dtype, shape = shapes[out.name]
     model.graph.output.remove(out)
@@ -231,7 +239,7 @@ def _from_blocks(fn: Callable, m: int) -> Callable:
 
 
 def to_onnx(fn: Callable, *, channels: int, num_classes: int, multiples: Sequence[int],
-            fixed_size: Sequence[int], name: str = 'jaxseg'):
+            fixed_size: Sequence[int], name: str = 'jaxseg', multilabel: bool = False):
   """`fn` (uint8 [B, H, W, C] -> {'logits', 'mask'}) as an ONNX model, sides dynamic where it traces so.
 
   Sides are tried as any size, multiples of each of `multiples` (in order), then fixed at `fixed_size`.
@@ -255,10 +263,10 @@ def to_onnx(fn: Callable, *, channels: int, num_classes: int, multiples: Sequenc
     if kind == 'dynamic':
       if m > 1:
         _blocks_input(model, m, channels)
-      _name_output_dims(model, 'height', 'width', num_classes)
+      _name_output_dims(model, 'height', 'width', num_classes, multilabel)
       rule = {'size_multiple': m}
     else:
-      _name_output_dims(model, int(fixed_size[0]), int(fixed_size[1]), num_classes)
+      _name_output_dims(model, int(fixed_size[0]), int(fixed_size[1]), num_classes, multilabel)
       rule = {'fixed_size': [int(fixed_size[0]), int(fixed_size[1])]}
       log.info('ONNX export with fixed height and width %s (symbolic sides: %s)', fixed_size, errors[-1])
     onnx.checker.check_model(model)
@@ -280,11 +288,11 @@ def check_against(model, fn: Callable, images: np.ndarray) -> float:
 
 
 def write(fn: Callable, directory: str, *, channels: int, num_classes: int, multiples: Sequence[int],
-          fixed_size: Sequence[int], name: str = 'jaxseg') -> dict:
+          fixed_size: Sequence[int], name: str = 'jaxseg', multilabel: bool = False) -> dict:
   """Converts `fn`, checks it against jax on one random image, writes directory/model.onnx; model.json's entry."""
   _, onnx = _converter()
   model, rule = to_onnx(fn, channels=channels, num_classes=num_classes, multiples=multiples,
-                        fixed_size=fixed_size, name=name)
+                        fixed_size=fixed_size, name=name, multilabel=multilabel)
   if 'fixed_size' in rule:
     h, w = rule['fixed_size']
   else:  # Not square, so that a height/width mix-up shows.
@@ -305,7 +313,6 @@ def write(fn: Callable, directory: str, *, channels: int, num_classes: int, mult
                 'shape': ['batch', *(rule['fixed_size'] if 'fixed_size' in rule else ['height', 'width']),
                           channels],
                 'size_multiple': rule.get('size_multiple'), 'fixed_size': rule.get('fixed_size')},
-      'outputs': {'logits': {'dtype': 'float32', 'shape': ['batch', 'height', 'width', num_classes]},
-                  'mask': {'dtype': 'int32', 'shape': ['batch', 'height', 'width']}},
+      'outputs': output_shapes(num_classes, multilabel),
       'compute_dtype': 'float32', 'checked_relative_error': error, 'checked_on': [h, w],
   }

@@ -67,7 +67,8 @@ def predict(config, workdir: str, input_path: str, output_dir: Optional[str] = N
   """--mode=predict: segments every image of `input_path`; writes DIR/<stem>.png and DIR/<stem>_overlay.png.
 
   Masks are palette PNGs whose pixel values are class indices, at each
-  input's own size. Images are ordered by size so that equal sizes batch
+  input's own size. Multi-label: one mask per class, DIR/<class name>/<stem>.png of 0 and 1 (the layout of a
+  multi-label folder's masks), and the overlay outlines every class, so overlaps show. Images are ordered by size so that equal sizes batch
   together; an unreadable file is skipped with a warning naming it. With
   several processes each one handles every process_count-th file.
 
@@ -84,8 +85,11 @@ def predict(config, workdir: str, input_path: str, output_dir: Optional[str] = N
     os.makedirs(output_dir, exist_ok=True)
   except OSError as e:
     raise ConfigError(f'--output {output_dir} cannot be created: {e.strerror or e}') from None
-  palette = viz.palette_for(spec.name, spec.num_classes)
+  palette = viz.palette_for(spec.name, spec.num_classes, spec.multilabel)
   skip = viz.background_classes(spec.class_names)
+  if spec.multilabel:
+    for name in spec.class_names:
+      os.makedirs(os.path.join(output_dir, name), exist_ok=True)
   is_primary = jax.process_index() == 0
   if is_primary:
     log.info('Predicting %d image(s) with the %s checkpoint (step %d), %s; writing to %s', len(paths), checkpoint,
@@ -126,14 +130,20 @@ def predict(config, workdir: str, input_path: str, output_dir: Optional[str] = N
     for mask in predictor.iter_masks(images()):
       p, image = decoded.popleft()
       stem = os.path.join(output_dir, names[p])
-      image_io.mask_to_png(mask, palette).save(stem + '.png')
+      if spec.multilabel:
+        for k, name in enumerate(spec.class_names):
+          path = os.path.join(output_dir, name, names[p] + '.png')
+          Image.fromarray(mask[..., k]).save(path)
+          written.append(path)
+      else:
+        image_io.mask_to_png(mask, palette).save(stem + '.png')
+        written.append(stem + '.png')
       Image.fromarray(viz.overlay(image, mask, palette, alpha=alpha, skip_classes=skip,
                                   ignore_label=spec.ignore_label)).save(stem + '_overlay.png')
-      written.append(stem + '.png')
       bar.update(1)
   if mine and not written:
     raise DataError(f'none of the {len(paths)} input file(s) could be read: ' + ', '.join(skipped[:5]))
   if is_primary:
-    print(f'Wrote {len(written)} mask(s) and overlay(s) to {output_dir}'
+    print(f'Wrote {len(written)} mask(s) and {len(mine) - len(skipped)} overlay(s) to {output_dir}'
           + (f'; skipped {len(skipped)} unreadable file(s): {", ".join(skipped)}' if skipped else ''), flush=True)
   return {'written': written, 'skipped': skipped, 'step': step}

@@ -45,10 +45,11 @@ def _round(value: float, multiple: int, up: bool) -> int:
   return int(min(units * multiple, MAX_AUTO_SIDE))
 
 
-def choose(fields: list[str], statistics: dict, multiple: int) -> list[Choice]:
+def choose(fields: list[str], statistics: dict, multiple: int, multilabel: bool = False) -> list[Choice]:
   """The choices for the 'auto' `fields` from `statistics` ({'train', 'eval': SplitStatistics}).
 
   `multiple`: the model's size multiple (settings.model.size_multiple): sides are rounded to it.
+  `multilabel`: class weighting stays 'none' (median frequency balances classes competing for a pixel).
   """
   m = multiple
   choices = []
@@ -69,7 +70,11 @@ def choose(fields: list[str], statistics: dict, multiple: int) -> list[Choice]:
                           f'the largest evaluation image is {largest[0]}x{largest[1]} ({_read(stats)}); rounded up '
                           f'to a multiple of {m}, at most {MAX_AUTO_SIDE}: {fit} of {stats.num_examples} images are '
                           'scored in batches, the others at their own size'))
-  if 'loss.class_weighting' in fields:
+  if 'loss.class_weighting' in fields and multilabel:
+    choices.append(Choice('loss.class_weighting', 'none',
+                          'multi-label classes do not compete for a pixel, so median-frequency balancing does not '
+                          'apply; for rare classes use config.loss.terms (focal, dice, lovasz) or class_weights'))
+  elif 'loss.class_weighting' in fields:
     stats = statistics['train']
     freq = stats.class_pixels / max(stats.class_pixels.sum(), 1)
     present = stats.class_pixels > 0
@@ -96,11 +101,11 @@ def resolve(settings: Settings, spec: datasets.DatasetSpec, builder, *, is_prima
   if not fields:
     return settings
   statistics = {}
-  if 'input.crop_size' in fields or 'loss.class_weighting' in fields:
+  if 'input.crop_size' in fields or ('loss.class_weighting' in fields and not spec.multilabel):
     statistics['train'] = pipeline.split_statistics(builder, spec, spec.train_split, STATISTICS_EXAMPLES)
   if 'input.eval_size' in fields:
     statistics['eval'] = pipeline.split_statistics(builder, spec, spec.eval_split, STATISTICS_EXAMPLES)
-  choices = choose(fields, statistics, settings.model.size_multiple)
+  choices = choose(fields, statistics, settings.model.size_multiple, spec.multilabel)
   if is_primary:
     for c in choices:
       log.info('Auto recipe: %s=%s: %s.', c.field, _format(c.value), c.reason)

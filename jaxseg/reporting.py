@@ -152,15 +152,19 @@ class Progress:
     return images_per_sec
 
 
-def format_iou_table(per_class_iou, class_names, per_class_accuracy=None) -> str:
-  """A per-class table: class, IoU, accuracy (percent)."""
+def format_iou_table(result: dict, class_names) -> str:
+  """A per-class table of an evaluation's figures (percent): IoU and accuracy; multi-label: IoU, Dice,
+  precision and recall."""
+  if 'per_class_dice' in result:
+    columns = {'IoU': 'per_class_iou', 'Dice': 'per_class_dice', 'Prec': 'per_class_precision',
+               'Recall': 'per_class_recall'}
+  else:
+    columns = {'IoU': 'per_class_iou', 'Acc': 'per_class_accuracy'}
   width = max([len('class')] + [len(n) for n in class_names])
-  lines = [f'{"class":<{width}}  {"IoU":>7}  {"Acc":>7}']
+  lines = [f'{"class":<{width}}' + ''.join(f'  {c:>7}' for c in columns)]
+  fmt = lambda v: '    n/a' if v is None else f'{100 * v:7.2f}'
   for i, name in enumerate(class_names):
-    iou = per_class_iou[i]
-    acc = per_class_accuracy[i] if per_class_accuracy else None
-    fmt = lambda v: '    n/a' if v is None else f'{100 * v:7.2f}'
-    lines.append(f'{name:<{width}}  {fmt(iou)}  {fmt(acc)}')
+    lines.append(f'{name:<{width}}' + ''.join(f'  {fmt(result[key][i])}' for key in columns.values()))
   return '\n'.join(lines)
 
 
@@ -170,11 +174,11 @@ def eval_pictures(result: dict, spec, examples=()) -> dict:
   `examples`: (image, label, prediction) triples, drawn as image | ground truth | prediction panels.
   """
   pictures = {}
-  palette = viz.palette_for(spec.name, spec.num_classes)
+  palette = viz.palette_for(spec.name, spec.num_classes, spec.multilabel)
   if examples:
     panels = [viz.comparison_panel(i, l, p, palette, ignore_label=spec.ignore_label) for i, l, p in examples]
     pictures['examples'] = np.stack(panels)  # Same eval_size for all.
-  if result.get('confusion_matrix') is not None:
+  if result.get('confusion_matrix') is not None and not spec.multilabel:  # Multi-label: 2x2 per class, in JSON.
     pictures['confusion_matrix'] = viz.confusion_matrix_image(
         np.asarray(result['confusion_matrix']), spec.class_names)[None]
   return pictures

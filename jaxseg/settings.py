@@ -17,12 +17,14 @@ import numbers
 import re
 from typing import Any, Optional, Union
 
+from jaxseg import losses
 from jaxseg import models
 from jaxseg import optim
 from jaxseg.data import datasets
 from jaxseg.errors import ConfigError
 
 AUTO = 'auto'
+TASKS = ('multiclass', 'multilabel')  # config.task.
 WEIGHT_FIELDS = ('encoder_weights', 'weights')  # config.model's weight files (see ModelSettings).
 NONFINITE_POLICIES = ('stop', 'skip')  # config.on_nonfinite_loss.
 CLASS_WEIGHTINGS = ('none', 'median_frequency', AUTO)  # config.loss.class_weighting.
@@ -190,13 +192,15 @@ class LossSettings:
   """config.loss."""
   class_weights: Optional[tuple[float, ...]]
   class_weighting: str  # 'none', 'median_frequency' or 'auto' (until the recipe chooses).
-  dice_weight: float
+  terms: tuple[tuple[str, float], ...]  # (loss term of losses.TERMS, weight), summed.
+  params: losses.LossParams
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Everything a run reads from its config, checked. Build it with `from_config`."""
   model: ModelSettings
+  task: str  # 'multiclass' (softmax; a binary task is 2 classes) or 'multilabel' (a sigmoid per class).
   dataset: dict  # config.dataset as plain values (jaxseg/data/datasets.py resolves it into a DatasetSpec).
   input: InputSettings
   inference: dict  # config.inference as given (checked); `inference_options` fills in the defaults.
@@ -334,7 +338,10 @@ def _inference_options(section: dict, crop_size, eval_size, eval_batch_size: int
                           batch_size=batch_size, size_multiple=size_multiple, whole_max_size=tuple(eval_size))
 
 
-def _loss(section, num_classes: int) -> LossSettings:
+def _loss(section, num_classes: int, task: str) -> LossSettings:
+  if section.get('dice_weight'):  # A saved config.json of an older run holds 0.0: that changes nothing.
+    raise ConfigError("config.loss.dice_weight was replaced by config.loss.terms: e.g. 'cross_entropy:1,dice:0.5' "
+                      'adds soft Dice with weight 0.5')
   weights = section.get('class_weights')
   if weights is not None:
     if not isinstance(weights, (tuple, list)) or not all(_is_real(w) and w >= 0 for w in weights):
@@ -342,12 +349,45 @@ def _loss(section, num_classes: int) -> LossSettings:
     if len(weights) != num_classes:
       raise ConfigError(f'config.loss.class_weights has {len(weights)} values; num_classes is {num_classes}')
     weights = tuple(float(w) for w in weights)
-  dice = section.get('dice_weight', 0.0)
-  if not _is_real(dice) or dice < 0:
-    raise ConfigError(f'config.loss.dice_weight must be a number >= 0, got {dice!r}')
-  return LossSettings(class_weights=weights,
-                      class_weighting=_choice(section.class_weighting, 'loss.class_weighting', CLASS_WEIGHTINGS),
-                      dice_weight=float(dice))
+  params = {}
+  for field, low, high in (('focal_gamma', 0, math.inf), ('focal_alpha', -math.inf, 1), ('tversky_alpha', 0, math.inf),
+                           ('tversky_beta', 0, math.inf), ('smooth', 0, math.inf)):
+    value = section.get(field, getattr(losses.LossParams, field))
+    if not _is_real(value) or not low <= value <= high:
+      raise ConfigError(f'config.loss.{field} must be a number in [{low}, {high}], got {value!r}')
+    params[field] = float(value)
+  weighting = _choice(section.class_weighting, 'loss.class_weighting', CLASS_WEIGHTINGS)
+  if task == 'multilabel' and weighting == 'median_frequency':
+    raise ConfigError("config.loss.class_weighting='median_frequency' balances classes that compete for a pixel; "
+                      "with config.task='multilabel' give config.loss.class_weights, or use the focal, dice or "
+                      'lovasz terms')
+  return LossSettings(class_weights=weights, class_weighting=weighting,
+                      terms=loss_terms(section.get('terms', 'cross_entropy:1')), params=losses.LossParams(**params))
+
+
+def loss_terms(value) -> tuple[tuple[str, float], ...]:
+  """config.loss.terms, 'name:weight,name:weight' (e.g. 'cross_entropy:1,lovasz:0.5'), as ((name, weight), ...)."""
+  usage = (f"config.loss.terms must be 'term:weight' pairs separated by commas, each term of "
+           f"{', '.join(losses.TERMS)} at most once with a weight >= 0, some weight > 0 "
+           f"(e.g. 'cross_entropy:1,lovasz:0.5'), got {value!r}")
+  if not isinstance(value, str):
+    raise ConfigError(usage)
+  terms = []
+  for part in filter(None, (p.strip() for p in value.split(','))):
+    name, sep, weight = part.partition(':')
+    name = name.strip()
+    if name not in losses.TERMS:
+      raise ConfigError(f'config.loss.terms: unknown term {name!r}; the terms are {", ".join(losses.TERMS)}')
+    try:
+      weight = float(weight) if sep else math.nan
+    except ValueError:
+      weight = math.nan
+    if not weight >= 0 or not math.isfinite(weight) or name in dict(terms):
+      raise ConfigError(usage)
+    terms.append((name, weight))
+  if not any(w > 0 for _, w in terms):
+    raise ConfigError(usage)
+  return tuple(terms)
 
 
 def _optimizer(section) -> optim.OptimizerSettings:
@@ -435,7 +475,8 @@ def from_config(config) -> Settings:
   Cheap: no data access, no JAX computation or backend.
   """
   dataset = config.dataset.to_dict() if hasattr(config.dataset, 'to_dict') else dict(config.dataset)
-  spec = datasets.resolve_spec(dataset)  # Checks num_classes, class names and the ignore label.
+  task = _choice(config.get('task', 'multiclass'), 'task', TASKS)
+  spec = datasets.resolve_spec(dataset, task=task)  # Checks num_classes, class names and the ignore label.
   model = _model(config, spec)
   loop = {f: _positive_int(config[f], f) for f in ('batch_size', 'eval_batch_size', 'num_train_steps',
                                                    'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
@@ -456,8 +497,8 @@ def from_config(config) -> Settings:
   _inference_options(inference, stand_in(input_settings.crop_size), stand_in(input_settings.eval_size),
                      loop['eval_batch_size'], 1)
   settings = Settings(
-      model=model, dataset=dataset, input=input_settings, inference=inference,
-      loss=_loss(config.loss, spec.num_classes), optimizer=_optimizer(config.optimizer), param_rules=rules,
+      model=model, task=task, dataset=dataset, input=input_settings, inference=inference,
+      loss=_loss(config.loss, spec.num_classes, task), optimizer=_optimizer(config.optimizer), param_rules=rules,
       freeze_encoder_batch_stats=freeze_stats, seed=_seed(config.seed), **loop,
       half_precision=_bool(config.get('half_precision', False), 'half_precision'), ema_decay=float(ema_decay),
       sharding=_choice(config.get('sharding', 'replicated'), 'sharding', SHARDINGS),

@@ -106,9 +106,11 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str, chec
 
   # ---- Data. ----
   if mode in ('train', 'eval'):
-    spec, builder = datasets.open_dataset(settings.dataset, in_channels=settings.model.in_channels)
+    spec, builder = datasets.open_dataset(settings.dataset, in_channels=settings.model.in_channels,
+                                          task=settings.task)
   else:
-    spec = dataclasses.replace(datasets.resolve_spec(settings.dataset), image_channels=settings.model.in_channels)
+    spec = dataclasses.replace(datasets.resolve_spec(settings.dataset, settings.task),
+                               image_channels=settings.model.in_channels)
     builder = None
   class_weights = None
   if mode == 'train':
@@ -178,7 +180,7 @@ def _check_same_model(settings: settings_lib.Settings, trained: Optional[setting
   saved = dataclasses.replace(trained.model, encoder_weights=None, weights=None).as_dict()
   diffs = [f'model.{k}: {current.get(k)!r} here, {saved.get(k)!r} in training'
            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-  layout = lambda s: {'optimizer.name': s.optimizer.name, 'ema_decay > 0': s.ema_decay > 0,
+  layout = lambda s: {'task': s.task, 'optimizer.name': s.optimizer.name, 'ema_decay > 0': s.ema_decay > 0,
                       'finetune.param_rules': [r.pattern for r in s.param_rules]}
   here, there = layout(settings), layout(trained)
   diffs += [f'{k}: {here[k]!r} here, {there[k]!r} in training' for k in here if here[k] != there[k]]

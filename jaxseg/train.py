@@ -39,16 +39,19 @@ log = logging.getLogger('jaxseg')
 
 
 def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_label: int,
-               class_weights: Optional[tuple[float, ...]], dice_weight: float, dtype, learning_rate_fn: Callable,
+               class_weights: Optional[tuple[float, ...]], dtype, learning_rate_fn: Callable,
                dropout_seed: int, frozen: Any = None, gathered_params: Any = None, param_sharding: Any = None,
                ema_decay: float = 0.0, freeze_encoder_batch_stats: bool = False,
-               auxiliary_weight: float = 0.0) -> tuple[TrainState, dict]:
-  """One optimiser step on the global batch (images uint8 [B, H, W, 3], labels uint8 [B, H, W]).
+               auxiliary_weight: float = 0.0, loss_terms: tuple = (('cross_entropy', 1.0),),
+               loss_params: losses.LossParams = losses.LossParams(), multilabel: bool = False,
+               whole_batch: Any = None) -> tuple[TrainState, dict]:
+  """One optimiser step on the global batch (images uint8 [B, H, W, C], labels uint8 [B, H, W], or [B, H, W, K]
+  of 0 / 1 / ignore_label with `multilabel`).
 
-  Written as single-device code on global arrays: the loss is the mean over
-  the non-ignored pixels of the whole batch, BatchNorm statistics and the Dice
-  terms are over the whole batch, and XLA's partitioner adds the cross-device
-  sums. Under FSDP (`gathered_params`/`param_sharding` set) the parameters are
+  Written as single-device code on global arrays: the loss (`loss_terms`, losses.combined_loss) is over the
+  non-ignored pixels of the whole batch (a cross-entropy's mean, Dice's sums, Lovász's sorted errors), BatchNorm
+  statistics are over the whole batch, and XLA's partitioner adds the cross-device sums. `whole_batch` (a
+  replicated sharding) is where a loss term that sorts the whole batch (Lovász) computes: see losses.term_loss. Under FSDP (`gathered_params`/`param_sharding` set) the parameters are
   gathered for the forward and backward passes and the gradients
   reduce-scattered back to the parameters' shards. With `ema_decay` > 0 (an
   EmaTrainState) the moving averages follow the updated weights (`update_ema`).
@@ -59,7 +62,7 @@ def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_lab
   with `freeze_encoder_batch_stats` batch_stats['encoder'] stays as it was.
 
   `auxiliary_weight` > 0: the model's auxiliary head's logits (sown into the 'auxiliary' collection) add their
-  cross-entropy, times the weight, to the loss (transformers' UperNet: loss + 0.4 * auxiliary loss).
+  cross-entropy (class-weighted, binary per class with `multilabel`), times the weight, to the loss (transformers' UperNet: loss + 0.4 * auxiliary loss).
   """
   images = normalize_images(batch['image'], dtype, *input_stats)
   labels = batch['label'].astype(jnp.int32)
@@ -69,6 +72,8 @@ def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_lab
   if gathered_params is not None:
     params = jax.lax.with_sharding_constraint(params, gathered_params)
 
+  gather = None if whole_batch is None else (lambda a: jax.lax.with_sharding_constraint(a, whole_batch))
+
   def loss_fn(params):
     if frozen is not None:
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
@@ -77,20 +82,15 @@ def train_step(state: TrainState, batch: dict, *, input_stats: tuple, ignore_lab
                          rngs={'dropout': rng})
     logits, new_vars = out if mutable else (out, {})
 
-    def cross_entropy(logits):
-      ce_sum, weight_sum = losses.cross_entropy_sums(logits, labels, ignore_label=ignore_label,
-                                                     class_weights=class_weights)
-      return ce_sum / jnp.maximum(weight_sum, 1.0)
+    def loss_of(logits, terms):
+      return losses.combined_loss(logits, labels, terms, multilabel=multilabel, ignore_label=ignore_label,
+                                  class_weights=class_weights, params=loss_params, gather=gather)
 
-    loss = cross_entropy(logits)
+    loss = loss_of(logits, loss_terms)
     if auxiliary_weight:
       (aux_logits,) = new_vars[AUXILIARY]['logits']
       new_vars = {k: v for k, v in new_vars.items() if k != AUXILIARY}
-      loss = loss + auxiliary_weight * cross_entropy(aux_logits)
-    if dice_weight:
-      inter, card = losses.dice_terms(logits, labels, ignore_label=ignore_label)
-      classes = jnp.arange(1, logits.shape[-1]) if logits.shape[-1] == 2 else None
-      loss = loss + dice_weight * losses.dice_loss_from_terms(inter, card, classes=classes)
+      loss = loss + auxiliary_weight * loss_of(aux_logits, (('cross_entropy', 1.0),))
     return loss, new_vars
 
   (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -161,7 +161,9 @@ def make_train_step(settings: Settings, spec: datasets.DatasetSpec, setup: state
   any_frozen = any(jax.tree.leaves(setup.frozen))
   step = functools.partial(
       train_step, input_stats=setup.input_stats, ignore_label=spec.ignore_label, class_weights=class_weights,
-      dice_weight=settings.loss.dice_weight, dtype=setup.dtype, learning_rate_fn=setup.learning_rate_fn,
+      loss_terms=settings.loss.terms, loss_params=settings.loss.params, multilabel=spec.multilabel,
+      whole_batch=sharding.replicated(setup.mesh),
+      dtype=setup.dtype, learning_rate_fn=setup.learning_rate_fn,
       dropout_seed=settings.seed, ema_decay=settings.ema_decay, frozen=setup.frozen if any_frozen else None,
       freeze_encoder_batch_stats=settings.freeze_encoder_batch_stats,
       auxiliary_weight=getattr(setup.model, 'auxiliary_loss_weight', 0.0),

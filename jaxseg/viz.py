@@ -40,8 +40,13 @@ def voc_palette(num_classes: int) -> np.ndarray:
   return palette
 
 
-def palette_for(dataset_name: Optional[str], num_classes: int) -> np.ndarray:
-  """The palette of a dataset: its fixed one when known and long enough, else the VOC generator. [K, 3] uint8."""
+def palette_for(dataset_name: Optional[str], num_classes: int, multilabel: bool = False) -> np.ndarray:
+  """The palette of a dataset: its fixed one when known and long enough, else the VOC generator. [K, 3] uint8.
+
+  Multi-label classes have no background: they take VOC's colours 1..K (colour 0 is black).
+  """
+  if multilabel:
+    return voc_palette(num_classes + 1)[1:]
   fixed = FIXED_PALETTES.get(dataset_name or '')
   if fixed is not None and len(fixed) >= num_classes:
     return np.asarray(fixed[:num_classes], np.uint8)
@@ -54,8 +59,20 @@ def background_classes(class_names: Sequence[str]) -> tuple[int, ...]:
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray, *, ignore_label: int = 255) -> np.ndarray:
-  """Class-index mask [H, W] -> RGB [H, W, 3] uint8; the ignore label (and any value >= K) in IGNORE_COLOUR."""
-  mask = np.asarray(mask).astype(np.int64)
+  """Class-index mask [H, W] -> RGB [H, W, 3] uint8; the ignore label (and any value >= K) in IGNORE_COLOUR.
+
+  Multi-label masks [H, W, K] (0 / 1 / ignore_label): a pixel takes the mean colour of its classes, black
+  with none, IGNORE_COLOUR where every class is ignored.
+  """
+  mask = np.asarray(mask)
+  if mask.ndim == 3:
+    on = mask == 1
+    count = on.sum(axis=-1, keepdims=True)
+    mean = on.astype(np.float32) @ np.asarray(palette, np.float32) / np.maximum(count, 1)
+    out = np.where(count > 0, np.round(mean), 0.0)
+    out = np.where(np.all(mask == ignore_label, axis=-1, keepdims=True), np.asarray(IGNORE_COLOUR, np.float32), out)
+    return out.astype(np.uint8)
+  mask = mask.astype(np.int64)
   palette = np.asarray(palette, np.uint8)
   table = np.tile(np.asarray(IGNORE_COLOUR, np.uint8), (256, 1))
   table[:len(palette)] = palette[:256]
@@ -79,7 +96,10 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, *, alpha: 
     uint8 [H, W, 3].
   """
   image = to_rgb_uint8(image)
-  mask = np.asarray(mask).astype(np.int64)
+  mask = np.asarray(mask)
+  if mask.ndim == 3:
+    return _overlay_multilabel(image, mask, palette, alpha)
+  mask = mask.astype(np.int64)
   if image.shape[:2] != mask.shape:
     raise ValueError(f'image {image.shape[:2]} and mask {mask.shape} differ in size')
   colours = colorize(mask, palette, ignore_label=ignore_label).astype(np.float32)
@@ -88,6 +108,23 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, *, alpha: 
   for k in skip_classes:
     keep |= mask == k
   out = np.where(keep[..., None], image.astype(np.float32), blended)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _overlay_multilabel(image: np.ndarray, masks: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:
+  """Multi-label overlay: each pixel blended with the mean colour of its classes, then every class's outline
+  drawn in its own colour, so where classes overlap each one's extent stays visible."""
+  if image.shape[:2] != masks.shape[:2]:
+    raise ValueError(f'image {image.shape[:2]} and masks {masks.shape[:2]} differ in size')
+  palette = np.asarray(palette, np.float32)
+  on = masks == 1
+  count = on.sum(axis=-1, keepdims=True)
+  mean = on.astype(np.float32) @ palette / np.maximum(count, 1)
+  out = np.where(count > 0, (1.0 - alpha) * image.astype(np.float32) + alpha * mean, image.astype(np.float32))
+  padded = np.pad(on, ((1, 1), (1, 1), (0, 0)))
+  inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+  for k in range(masks.shape[-1]):
+    out[on[..., k] & ~inner[..., k]] = palette[k]
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 

@@ -162,6 +162,7 @@ def test_unet_on_an_encoder_without_a_stride_2_map_goes_on_without_skips():
                                                                                   64, 32]
 
 
+@pytest.mark.slow  # 59 s (UperNet-ConvNeXt's train step compiles): CI's slow leg runs it.
 def test_the_auxiliary_loss_is_added_with_its_weight():
   """train_step's loss with the auxiliary head = CE(main) + 0.4 CE(auxiliary), both computed here with numpy."""
   from jaxseg import train  # pylint: disable=g-import-not-at-top
@@ -177,7 +178,7 @@ def test_the_auxiliary_loss_is_added_with_its_weight():
              'label': rng.integers(0, 3, (2, 64, 64), dtype=np.uint8)}
     step = jax.jit(functools.partial(
         train.train_step, input_stats=(models.IMAGENET_MEAN, models.IMAGENET_STD), ignore_label=255,
-        class_weights=None, dice_weight=0.0, dtype=jnp.float32, learning_rate_fn=lambda step: 0.0, dropout_seed=0,
+        class_weights=None, dtype=jnp.float32, learning_rate_fn=lambda step: 0.0, dropout_seed=0,
         auxiliary_weight=model.auxiliary_loss_weight))
     _, metrics = step(state, batch)
     images = models.normalize_images(batch['image'], jnp.float32)

@@ -48,7 +48,7 @@ def folder_config(path, data_dir, num_classes, **loss):
   config = default.get_config()
   config.dataset.update({'name': 'folder', 'path': path, 'num_classes': num_classes, 'data_dir': data_dir,
                          'ignore_label': IGNORE})
-  config.loss.update({'class_weights': None, 'class_weighting': 'none', 'dice_weight': 0.0, **loss})
+  config.loss.update({'class_weights': None, 'class_weighting': 'none', **loss})
   return config
 
 
@@ -159,7 +159,7 @@ def _tiny_step_setup(num_classes, dice_weight):
   config = default.get_config()
   config.model = ml_collections.ConfigDict(dict(name='unet', base_width=4, depth=1, norm='none',
                                                  upsample='transpose'))
-  config.loss.dice_weight = dice_weight
+  config.loss.terms = f'cross_entropy:1,dice:{dice_weight}'
   # Plain gradient descent with lr 1 from step 0: the parameter change after one step is minus the gradient.
   config.optimizer.update(dict(learning_rate=1.0, momentum=0.0, weight_decay=0.0, schedule='constant',
                                warmup_steps=0))
@@ -210,10 +210,8 @@ def test_train_step_dice_is_the_global_dice_and_its_gradient(num_classes):
   # loss, with and without its Dice term; one jit so that it compiles once.
   def global_loss(params, weight):
     out = model.apply({'params': params}, flat_images)
-    ce_sum, weight_sum = losses.cross_entropy_sums(out, jnp.asarray(flat_labels), ignore_label=IGNORE)
-    inter, card = losses.dice_terms(out, jnp.asarray(flat_labels), ignore_label=IGNORE)
-    d = losses.dice_loss_from_terms(inter, card, classes=None if classes is None else jnp.asarray(classes))
-    return ce_sum / weight_sum + weight * d
+    return losses.combined_loss(out, jnp.asarray(flat_labels), (('cross_entropy', 1.0), ('dice', weight)),
+                                multilabel=False, ignore_label=IGNORE)
 
   @jax.jit
   def reference(params):
@@ -272,7 +270,7 @@ def test_binary_folder_task_trains_with_dice_and_reports_foreground_metrics(tmp_
   val_masks = [binary_mask(40, 44) for _ in range(3)]
   path = write_folder_dataset(tmp_path / 'data', {'train': train_masks, 'val': val_masks})
   config = tiny_unet_config(str(tmp_path / 'tfds'), **{
-      'dataset.name': 'folder', 'dataset.path': path, 'dataset.num_classes': 2, 'loss.dice_weight': 0.5,
+      'dataset.name': 'folder', 'dataset.path': path, 'dataset.num_classes': 2, 'loss.terms': 'cross_entropy:1,dice:0.5',
       'loss.class_weighting': 'median_frequency', 'input.eval_size': (48, 48), 'eval_batch_size': 4,
       'num_train_steps': 3, 'log_every_steps': 3, 'eval_every_steps': 3, 'checkpoint_every_steps': 3,
       'optimizer.warmup_steps': 1})

@@ -16,7 +16,9 @@ Conventions:
     transforms move every band; photometric distortion is RGB's for C = 3 and
     brightness / contrast only otherwise (see `_photometric`).
   * label: int32 [H, W] class indices, `ignore_label` marks "don't care"
-    pixels ([H, W, 1] and other integer dtypes are accepted and converted).
+    pixels ([H, W, 1] and other integer dtypes are accepted and converted);
+    with `multilabel`, int32 [H, W, K] (K static) of 0 / 1 / ignore_label,
+    every class's mask moved as the image is.
   * H and W may be dynamic.
 """
 
@@ -69,15 +71,22 @@ def _channels(image: tf.Tensor) -> int:
   return channels
 
 
-def _as_label(label) -> tf.Tensor:
+def _as_label(label, multilabel: bool = False) -> tf.Tensor:
+  """The label as int32 [H, W, L]: L = 1 for class indices ([H, W] or [H, W, 1]), K for multi-label masks."""
   label = tf.convert_to_tensor(label)
-  # tfds segmentation masks are often [H, W, 1]; the rank is static in
-  # practice, so this is a trace-time decision.
-  if label.shape.rank == 3:
-    label = tf.squeeze(label, axis=-1)
+  # The rank is static in practice, so this is a trace-time decision.
+  if multilabel:
+    if label.shape.rank != 3 or label.shape[-1] is None:
+      raise ValueError(f"augment: multi-label masks must be [H, W, K] with a static K, got shape {label.shape}")
+  elif label.shape.rank == 2:
+    label = label[..., None]
   if label.dtype != tf.int32:
     label = tf.cast(label, tf.int32)
   return label
+
+
+def _as_output_label(label: tf.Tensor, multilabel: bool) -> tf.Tensor:
+  return label if multilabel else label[..., 0]
 
 
 def _as_seed(seed) -> tf.Tensor:
@@ -90,12 +99,12 @@ def _as_seed(seed) -> tf.Tensor:
 def _pad_bottom_right(image, label, pad_h, pad_w, ignore_label):
   """Pads image with 0 and label with `ignore_label` at the bottom/right."""
   image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
-  label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=ignore_label)
+  label = tf.pad(label, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=ignore_label)
   return image, label
 
 
 def pad_to_size(image, label, size: tuple[int, int], *,
-                ignore_label: int = 255):
+                ignore_label: int = 255, multilabel: bool = False):
   """Pads an evaluation example to exactly `size`.
 
   Padding goes at the bottom/right, so pixel (0, 0) stays put and predictions
@@ -104,13 +113,14 @@ def pad_to_size(image, label, size: tuple[int, int], *,
 
   Args:
     image: float32 [H, W, C] in [0, 255], C static.
-    label: int32 [H, W].
+    label: int32 [H, W] ([H, W, K] with `multilabel`).
     size: static (height, width) to pad to.
     ignore_label: label value written into the padding.
+    multilabel: the label is K masks [H, W, K].
 
   Returns:
-    (image float32 [size_h, size_w, C], label int32 [size_h, size_w]) with
-    static shapes.
+    (image float32 [size_h, size_w, C], label int32 [size_h, size_w] (or
+    [size_h, size_w, K])) with static shapes.
 
   Raises:
     tf.errors.InvalidArgumentError: if the image is larger than `size` in
@@ -119,7 +129,7 @@ def pad_to_size(image, label, size: tuple[int, int], *,
   """
   size_h, size_w = size_pair(size, "pad_to_size: size")
   image = _as_image(image)
-  label = _as_label(label)
+  label = _as_label(label, multilabel)
   message = (f"pad_to_size: image [height, width] must be <= target size "
              f"[{size_h}, {size_w}]")
   static_hw = image.shape[:2]
@@ -140,8 +150,8 @@ def pad_to_size(image, label, size: tuple[int, int], *,
     pad_w = size_w - hw[1]
   image, label = _pad_bottom_right(image, label, pad_h, pad_w, ignore_label)
   image = tf.ensure_shape(image, [size_h, size_w, _channels(image)])
-  label = tf.ensure_shape(label, [size_h, size_w])
-  return image, label
+  label = tf.ensure_shape(label, [size_h, size_w, label.shape[-1]])
+  return image, _as_output_label(label, multilabel)
 
 
 def _scaled_hw(hw, scale) -> tf.Tensor:
@@ -157,7 +167,7 @@ def _random_scale(image, label, seed, lo, hi):
   image = tf.image.resize(image, new_hw, method="bilinear")
   # Nearest-neighbour keeps class indices valid (no blending of ids) and
   # returns the input dtype (int32).
-  label = tf.image.resize(label[..., None], new_hw, method="nearest")[..., 0]
+  label = tf.image.resize(label, new_hw, method="nearest")
   return image, label
 
 
@@ -171,7 +181,7 @@ def _random_crop(image, label, seed, crop_h, crop_w):
       [2], seed, minval=0, maxval=tf.int32.max, dtype=tf.int32)
   offset = offset % (hw - tf.constant([crop_h, crop_w]) + 1)
   image = tf.slice(image, [offset[0], offset[1], 0], [crop_h, crop_w, -1])
-  label = tf.slice(label, [offset[0], offset[1]], [crop_h, crop_w])
+  label = tf.slice(label, [offset[0], offset[1], 0], [crop_h, crop_w, -1])
   return image, label
 
 
@@ -236,7 +246,7 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
                   contrast: tuple[float, float] = (0.5, 1.5),
                   saturation: tuple[float, float] = (0.5, 1.5),
                   hue: float = 18.0 / 360.0 * 2,
-                  ignore_label: int = 255):
+                  ignore_label: int = 255, multilabel: bool = False):
   """Training-time augmentation of one example (mmseg-style pipeline).
 
   Steps, in order:
@@ -254,7 +264,7 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
   Args:
     image: float32 [H, W, C] in [0, 255]; H and W may be dynamic, C (1, 3 or
       4) static; every band is scaled, cropped and flipped alike.
-    label: int32 [H, W] class indices.
+    label: int32 [H, W] class indices, or with `multilabel` [H, W, K] masks.
     seed: int32/int64 tensor of shape [2]; the output is a pure function of
       (image, label, seed).
     crop_size: static (height, width) of the output.
@@ -267,10 +277,11 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
     hue: maximum absolute hue delta as a fraction of the hue circle; the
       default 0.1 equals mmseg's hue_delta=18 on OpenCV's 0-180 hue scale.
     ignore_label: label value used for padding.
+    multilabel: the label is K masks [H, W, K] (K static), each moved alike.
 
   Returns:
     (image float32 [crop_h, crop_w, C] in [0, 255], label int32
-    [crop_h, crop_w]) with static shapes.
+    [crop_h, crop_w] (or [crop_h, crop_w, K])) with static shapes.
 
   Raises:
     ConfigError: if a static argument is invalid.
@@ -287,7 +298,7 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
 
   image = _as_image(image)
   channels = _channels(image)
-  label = _as_label(label)
+  label = _as_label(label, multilabel)
   seeds = tf.random.experimental.stateless_split(_as_seed(seed),
                                                  num=_NUM_SUBSEEDS)
   coins = tf.random.stateless_uniform([_NUM_COINS], seeds[_SEED_COINS])
@@ -313,5 +324,5 @@ def train_augment(image, label, seed, *, crop_size: tuple[int, int],
                          saturation, hue)
 
   image = tf.ensure_shape(image, [crop_h, crop_w, channels])
-  label = tf.ensure_shape(label, [crop_h, crop_w])
-  return image, label
+  label = tf.ensure_shape(label, [crop_h, crop_w, label.shape[-1]])
+  return image, _as_output_label(label, multilabel)

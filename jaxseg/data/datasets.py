@@ -48,6 +48,8 @@ class DatasetSpec:
   train_split: str
   eval_split: str
   image_channels: int = 3  # Bands of the decoded images (config.model.in_channels): 1, 3 or 4.
+  # config.task='multilabel': K overlapping classes, labels [H, W, K] of 0 / 1 / ignore_label (else [H, W] indices).
+  multilabel: bool = False
   # Builds the prepared builder; set by the preset (catalog datasets use tfds.builder).
   open_builder: Callable[['DatasetSpec', Any], tfds.core.DatasetBuilder] = dataclasses.field(repr=False,
                                                                                              compare=False,
@@ -59,12 +61,20 @@ def segmentation_features(size: Optional[int] = None, channels: int = 3) -> tfds
 
   `size`: a fixed height and width, or None for any. `channels`: 1 (grayscale),
   3 (RGB) or 4 (a 4-band PNG; the 4th band is data, not transparency).
+  A multi-label dataset stores its K masks side by side in the one mask image,
+  [H, K * W, 1] (`tile_masks`): one lossless PNG per example, as for one mask.
   """
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(size, size, channels), encoding_format='png'),
       'segmentation_mask': tfds.features.Image(shape=(size, size, 1), encoding_format='png'),
       'file_name': tfds.features.Text(),
   })
+
+
+def tile_masks(masks: np.ndarray) -> np.ndarray:
+  """Multi-label masks [H, W, K] -> the stored [H, K * W, 1]: class k's mask at columns k * W .. (k + 1) * W."""
+  h, w, k = masks.shape
+  return np.ascontiguousarray(np.transpose(masks, (0, 2, 1))).reshape(h, k * w, 1)
 
 
 def _data_dir(dataset_config) -> Optional[str]:
@@ -161,7 +171,7 @@ def _open_folder(spec: DatasetSpec, dataset_config) -> tfds.core.DatasetBuilder:
   data_dir = _data_dir(dataset_config) or os.path.expanduser('~/tensorflow_datasets')
   return prepare_once(lambda: folder.prepare_folder_dataset(
       dataset_config['path'], num_classes=spec.num_classes, data_dir=data_dir, ignore_label=spec.ignore_label,
-      channels=spec.image_channels))
+      channels=spec.image_channels, class_names=spec.class_names if spec.multilabel else None))
 
 
 # Defaults per dataset; every key but open_builder may be overridden by the config field of the same name.
@@ -178,22 +188,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def check_labels(num_classes, ignore_label) -> None:
-  """ConfigError unless num_classes >= 2 and ignore_label lies in [num_classes, 255] (labels travel as uint8, and an
-  ignore label below num_classes would silently drop a class)."""
+def check_labels(num_classes, ignore_label, multilabel: bool = False) -> None:
+  """ConfigError unless num_classes >= 2 (>= 1 multi-label) and ignore_label lies in [num_classes, 255] ([2, 255]
+  multi-label): labels travel as uint8, and an ignore label that is a class index (or 0 / 1 of a multi-label mask)
+  would silently drop a class."""
   is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-  if not is_int(num_classes) or not 2 <= num_classes <= 255:
-    raise ConfigError(f'config.dataset.num_classes must be an integer in [2, 255] (a binary task has 2: background '
-                      f'and foreground), got {num_classes!r}')
-  if not is_int(ignore_label) or not num_classes <= ignore_label <= 255:
-    raise ConfigError(f'config.dataset.ignore_label must be an integer in [num_classes, 255] = [{num_classes}, 255] '
-                      f'(labels travel as uint8; below num_classes it would collide with a class index), got '
+  low = 1 if multilabel else 2
+  if not is_int(num_classes) or not low <= num_classes <= 255:
+    hint = ('one per overlapping class' if multilabel else
+            'a binary task has 2: background and foreground')
+    raise ConfigError(f'config.dataset.num_classes must be an integer in [{low}, 255] ({hint}), got {num_classes!r}')
+  lowest = 2 if multilabel else num_classes
+  if not is_int(ignore_label) or not lowest <= ignore_label <= 255:
+    why = ('multi-label masks hold 0 and 1' if multilabel else
+           'labels travel as uint8; below num_classes it would collide with a class index')
+    raise ConfigError(f'config.dataset.ignore_label must be an integer in [{lowest}, 255] ({why}), got '
                       f'{ignore_label!r}')
 
 
-def resolve_spec(dataset_config) -> DatasetSpec:
-  """Merges the preset named by `dataset_config.name` with the fields set in the config, and checks them."""
+# Presets whose data can be multi-label (config.task='multilabel'): a folder in the multi-label layout.
+MULTILABEL_PRESETS = ('folder',)
+
+
+def resolve_spec(dataset_config, task: str = 'multiclass') -> DatasetSpec:
+  """Merges the preset named by `dataset_config.name` with the fields set in the config, and checks them.
+
+  `task` is config.task: 'multilabel' needs a dataset that holds one mask per class (MULTILABEL_PRESETS).
+  """
   name = dataset_config['name']
+  multilabel = task == 'multilabel'
+  if multilabel and name not in MULTILABEL_PRESETS:
+    raise ConfigError(f"config.task='multilabel' needs a multi-label dataset: config.dataset.name='folder' in the "
+                      f"multi-label layout (README: Multi-label folders); {name!r} holds one class per pixel")
   preset = dict(num_classes=None, class_names=None, image_key='image', label_key='segmentation_mask',
                 label_offset=0, ignore_values=(), train_split='train', eval_split='validation',
                 open_builder=_open_catalog)
@@ -206,10 +232,16 @@ def resolve_spec(dataset_config) -> DatasetSpec:
   num_classes = preset['num_classes']
   if num_classes is None:
     raise ConfigError(f'config.dataset.num_classes must be set for dataset {name!r}')
+  if multilabel and (preset['label_offset'] or preset['ignore_values']):
+    raise ConfigError("config.dataset.label_offset and ignore_values map class-index masks; config.task='multilabel' "
+                      'masks hold 0, 1 and ignore_label only')
   ignore_label = dataset_config.get('ignore_label', 255)
-  check_labels(num_classes, ignore_label)
+  check_labels(num_classes, ignore_label, multilabel)
   class_names = preset['class_names']
   if class_names is None:
+    if multilabel:
+      raise ConfigError("config.task='multilabel' needs config.dataset.class_names: each names a mask folder "
+                        '(train/masks/<name>/, val/masks/<name>/)')
     class_names = tuple(f'class_{i}' for i in range(num_classes))
   if len(class_names) != num_classes:
     raise ConfigError(f'config.dataset.class_names has {len(class_names)} names but num_classes is {num_classes}')
@@ -217,7 +249,7 @@ def resolve_spec(dataset_config) -> DatasetSpec:
                      image_key=preset['image_key'], label_key=preset['label_key'],
                      label_offset=int(preset['label_offset']), ignore_values=tuple(preset['ignore_values']),
                      train_split=preset['train_split'], eval_split=preset['eval_split'],
-                     open_builder=preset['open_builder'])
+                     open_builder=preset['open_builder'], multilabel=multilabel)
 
 
 # Datasets whose images are stored with whatever channel count the config asks for (prepared for it).
@@ -241,13 +273,14 @@ def check_channels(name: str, channels: int) -> None:
                       f"other counts need your own images (config.dataset.name='folder', README: Your own folders)")
 
 
-def open_dataset(dataset_config, *, in_channels: int = 3) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
+def open_dataset(dataset_config, *, in_channels: int = 3,
+                 task: str = 'multiclass') -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
   """Resolves the spec and returns it with its prepared builder, checking the splits exist and are not empty.
 
   `in_channels` (config.model.in_channels) is the images' band count: a folder
   is prepared with it; for 1 or 4, another dataset's image feature must have it.
   """
-  spec = dataclasses.replace(resolve_spec(dataset_config), image_channels=in_channels)
+  spec = dataclasses.replace(resolve_spec(dataset_config, task), image_channels=in_channels)
   check_channels(spec.name, in_channels)
   builder = spec.open_builder(spec, dataset_config)
   features = builder.info.features

@@ -19,6 +19,16 @@ reads grayscale files as they are and converts colour ones to luminance
 (PIL's 'L'); 4 needs files with 4 bands (RGBA png, 4-band tif), the 4th being
 data, not transparency.
 
+Multi-label (config.task='multilabel': classes overlap) keeps the images as
+they are and gives each class a folder of masks::
+
+  DIR/train/masks/<class name>/<stem>.png   (one per image, for every class)
+
+each single-band, 0 where the class is absent, 1 where present (a 1-bit PNG
+works), `ignore_label` where it is not known. The classes are
+config.dataset.class_names, one folder each. Stored, an example's K masks lie
+side by side in one PNG (datasets.tile_masks).
+
 Typical use::
 
   builder = prepare_folder_dataset(DIR, num_classes=5, data_dir=TFDS_DIR)
@@ -58,8 +68,9 @@ class Pair(NamedTuple):
   """One validated (image, mask) pair of a folder dataset."""
 
   image: str  # Absolute path of the image.
-  mask: str  # Absolute path of the mask.
+  mask: str  # Absolute path of the mask (multi-label: of the first class's).
   file_name: str  # Image path relative to the dataset folder, '/'-separated.
+  class_masks: Tuple[str, ...] = ()  # Multi-label: the mask of each class, in class order.
 
 
 # ---------------------------------------------------------------------------
@@ -67,13 +78,24 @@ class Pair(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
-def _check_params(num_classes: int, ignore_label: int, channels: int = 3) -> None:
-  """ConfigError for a channel count, num_classes or ignore_label a folder dataset cannot hold."""
+def _check_params(num_classes: int, ignore_label: int, channels: int = 3,
+                  class_names: Optional[Tuple[str, ...]] = None) -> None:
+  """ConfigError for a channel count, num_classes or ignore_label a folder dataset cannot hold, or multi-label
+  class names that cannot be folder names."""
   try:
     check_channels(channels, 'config.model.in_channels')
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  datasets.check_labels(num_classes, ignore_label)
+  datasets.check_labels(num_classes, ignore_label, multilabel=class_names is not None)
+  if class_names is not None:
+    if len(class_names) != num_classes:
+      raise ConfigError(f'config.dataset.class_names has {len(class_names)} names but num_classes is {num_classes}')
+    for name in class_names:
+      if not isinstance(name, str) or not name or name in ('.', '..') or '/' in name or os.sep in name:
+        raise ConfigError(f'config.dataset.class_names: {name!r} cannot name a mask folder (multi-label folders '
+                          'keep each class in masks/<class name>/)')
+    if len(set(class_names)) != len(class_names):
+      raise ConfigError(f'config.dataset.class_names has a name twice: {class_names!r}')
 
 
 def _check_layout(path: str) -> str:
@@ -95,7 +117,8 @@ def _check_layout(path: str) -> str:
 
 
 def folder_fingerprint(
-    path: str, num_classes: int, ignore_label: int, channels: int = 3
+    path: str, num_classes: int, ignore_label: int, channels: int = 3,
+    class_names: Optional[Tuple[str, ...]] = None,
 ) -> str:
   """Fingerprints a folder dataset's contents, label settings and channel count.
 
@@ -111,6 +134,8 @@ def folder_fingerprint(
     num_classes: Number of classes.
     ignore_label: Mask value meaning "ignore".
     channels: Bands per stored image (config.model.in_channels).
+    class_names: Multi-label: the classes (mask folders), in order; None for
+      class-index masks.
 
   Returns:
     40 hex characters.
@@ -138,6 +163,8 @@ def folder_fingerprint(
   h.update(f'num_classes={int(num_classes)}\n'.encode())
   h.update(f'ignore_label={int(ignore_label)}\n'.encode())
   h.update(f'channels={int(channels)}\n'.encode())
+  if class_names is not None:
+    h.update(f'multilabel={list(class_names)!r}\n'.encode())
   for rel, size, mtime in sorted(entries):
     h.update(f'{rel}\0{size}\0{mtime}\n'.encode('utf-8', 'surrogateescape'))
   return h.hexdigest()
@@ -152,18 +179,12 @@ def _list_files(folder: str) -> List[str]:
   )
 
 
-def _match_split(root: str, split_dir: str) -> List[Tuple[str, str]]:
-  """Pairs images with masks by file stem for one split folder.
-
-  Returns:
-    Sorted (image path, mask path) tuples.
+def _images_by_stem(images_dir: str) -> Dict[str, str]:
+  """The images of a split folder by file stem.
 
   Raises:
-    DataError: No images, duplicate stems, or an image without a mask.
+    DataError: No images, or two sharing a stem.
   """
-  images_dir = os.path.join(root, split_dir, 'images')
-  masks_dir = os.path.join(root, split_dir, 'masks')
-
   images: Dict[str, str] = {}
   skipped = []
   for name in _list_files(images_dir):
@@ -190,7 +211,51 @@ def _match_split(root: str, split_dir: str) -> List[Tuple[str, str]]:
         f'({", ".join(IMAGE_EXTENSIONS)}); every split needs at least one '
         'image.'
     )
+  return images
 
+
+def _match_split(root: str, split_dir: str,
+                 class_names: Optional[Tuple[str, ...]] = None) -> List[Tuple[str, ...]]:
+  """Pairs images with masks by file stem for one split folder.
+
+  Returns:
+    Sorted (image path, mask path) tuples; multi-label (`class_names`):
+    (image path, mask path of each class...).
+
+  Raises:
+    DataError: No images, duplicate stems, a missing class folder, or an
+      image without a mask.
+  """
+  images_dir = os.path.join(root, split_dir, 'images')
+  masks_dir = os.path.join(root, split_dir, 'masks')
+  images = _images_by_stem(images_dir)
+  found = sorted(n for n in os.listdir(masks_dir) if os.path.isdir(os.path.join(masks_dir, n)))
+  if class_names is None:
+    if found and not any(n.lower().endswith(MASK_EXTENSION) for n in _list_files(masks_dir)):
+      raise DataError(
+          f'{masks_dir} holds folders {found[:5]} and no mask files: a multi-label folder (a mask folder per '
+          "class) needs config.task='multilabel' and config.dataset.class_names."
+      )
+    return _match_masks(images_dir, images, masks_dir)
+  per_class = []
+  for name in class_names:
+    class_dir = os.path.join(masks_dir, name)
+    if not os.path.isdir(class_dir):
+      raise DataError(
+          f'Multi-label folder: class {name!r} has no mask folder {class_dir}; '
+          f'{masks_dir} holds {found or "no folders"} (one folder per class '
+          'of config.dataset.class_names, each with a mask per image).'
+      )
+    per_class.append(_match_masks(images_dir, images, class_dir))
+  unknown = sorted(set(found) - set(class_names))
+  if unknown:
+    _log.warning('Ignoring mask folder(s) %s in %s: not in config.dataset.class_names %s', unknown, masks_dir,
+                 list(class_names))
+  return [(pairs[0][0],) + tuple(p[1] for p in pairs) for pairs in zip(*per_class)]
+
+
+def _match_masks(images_dir: str, images: Dict[str, str], masks_dir: str) -> List[Tuple[str, str]]:
+  """(image path, mask path) for every image, its mask the png of the same stem in `masks_dir`."""
   masks: Dict[str, str] = {}
   other_masks: Dict[str, str] = {}  # Same stem, not a png: a likely mistake.
   for name in _list_files(masks_dir):
@@ -240,8 +305,12 @@ def _check_pair(
     image_size: Optional[Tuple[int, int]] = None,
     mask: Optional[np.ndarray] = None,
     channels: int = 3,
-) -> None:
-  """Checks one pair's bands, sizes and mask values; raises DataError if wrong."""
+    multilabel: bool = False,
+) -> np.ndarray:
+  """Checks one pair's bands, sizes and mask values; raises DataError if wrong. Returns the mask.
+
+  `multilabel`: the mask is one class's, of 0, 1 and ignore_label.
+  """
   if image_size is None:
     image_size = _image_size(image_path, channels)
   if mask is None:
@@ -254,6 +323,16 @@ def _check_pair(
         'same size.'
     )
   values = np.unique(mask)
+  if multilabel:
+    bad = values[(values > 1) & (values != ignore_label)]
+    if bad.size:
+      hint = (f' A mask of 0 and 255 marks its class with 255: write 1 instead ({ignore_label} means ignore).'
+              if 255 in bad.tolist() else '')
+      raise DataError(
+          f'Mask {mask_path} has values {bad[:10].tolist()}: a multi-label mask holds 0 (class absent), 1 '
+          f'(present) and {ignore_label} (ignore) only.{hint}'
+      )
+    return mask
   bad = values[(values >= num_classes) & (values != ignore_label)]
   if bad.size:
     shown = bad[:10].tolist()
@@ -263,10 +342,12 @@ def _check_pair(
         f'dataset.num_classes={num_classes}. Mask pixels must be class '
         f'indices 0..{num_classes - 1}, and {ignore_label} means ignore.'
     )
+  return mask
 
 
 def validate_folder(
-    path: str, *, num_classes: int, ignore_label: int = 255, channels: int = 3
+    path: str, *, num_classes: int, ignore_label: int = 255, channels: int = 3,
+    class_names: Optional[Tuple[str, ...]] = None,
 ) -> Dict[str, List[Pair]]:
   """Validates every (image, mask) pair of a folder dataset.
 
@@ -277,34 +358,65 @@ def validate_folder(
     channels: Bands each image is read as (1, 3 or 4; see
       `jaxseg.image_io.read_image`); a file that cannot become that many is
       an error.
+    class_names: Multi-label: the classes, each a folder of masks
+      (masks/<name>/<stem>.png of 0, 1 and ignore_label); None: one mask of
+      class indices per image.
 
   Returns:
     tfds split name ('train', 'validation') -> validated pairs.
 
   Raises:
-    ConfigError: num_classes, ignore_label or channels is out of range.
+    ConfigError: num_classes, ignore_label, channels or class_names is out of range.
     DataError: The folder or any file in it is bad; names the file.
   """
-  _check_params(num_classes, ignore_label, channels)
+  _check_params(num_classes, ignore_label, channels, class_names)
   root = _check_layout(path)
   matched = {
-      split: _match_split(root, split_dir)
+      split: _match_split(root, split_dir, class_names)
       for split, split_dir in SPLIT_DIRS.items()
   }
   total = sum(len(p) for p in matched.values())
   result: Dict[str, List[Pair]] = {}
+  multilabel = class_names is not None
+  positives = np.zeros(num_classes, np.int64)  # Multi-label: each class's pixels marked 1 in training.
+  ignored = np.zeros(num_classes, np.int64)
   with tqdm.tqdm(
       total=total, desc=f'Validating {root}', unit='pair', file=sys.stderr
   ) as bar:
     for split, pairs in matched.items():
       result[split] = []
-      for image_path, mask_path in pairs:
-        _check_pair(image_path, mask_path, num_classes, ignore_label,
-                    channels=channels)
+      for image_path, *mask_paths in pairs:
+        size = _image_size(image_path, channels)
+        for k, mask_path in enumerate(mask_paths):
+          mask = _check_pair(image_path, mask_path, num_classes, ignore_label, image_size=size,
+                             channels=channels, multilabel=multilabel)
+          if multilabel and split == 'train':
+            positives[k] += np.count_nonzero(mask == 1)
+            ignored[k] += np.count_nonzero(mask == ignore_label)
         rel = os.path.relpath(image_path, root).replace(os.sep, '/')
-        result[split].append(Pair(image_path, mask_path, rel))
+        result[split].append(Pair(image_path, mask_paths[0], rel, tuple(mask_paths) if multilabel else ()))
         bar.update(1)
+  if multilabel:
+    _check_class_presence(root, class_names, positives, ignored, ignore_label)
   return result
+
+
+def _check_class_presence(root: str, class_names, positives: np.ndarray, ignored: np.ndarray,
+                          ignore_label: int) -> None:
+  """Multi-label: a class never marked 1 in training cannot be learnt; if its masks hold ignore_label, they
+  were most likely written 0 / 255 (DataError), otherwise it is only absent (a warning)."""
+  for name, pos, ign in zip(class_names, positives, ignored):
+    if pos:
+      continue
+    train_dir = os.path.join(root, SPLIT_DIRS['train'], 'masks', name)
+    if ign:
+      raise DataError(
+          f'Multi-label class {name!r}: no mask in {train_dir} marks a pixel 1, and {int(ign)} pixel(s) hold '
+          f'{ignore_label} (ignore). Masks written as 0 / 255 must mark the class with 1; {ignore_label} means '
+          'ignore.'
+      )
+    _log.warning('Multi-label class %r is absent from every training mask in %s: it cannot be learnt.',
+                 name, train_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -321,12 +433,15 @@ class FolderConfig(tfds.core.BuilderConfig):
     num_classes: Number of classes.
     ignore_label: Mask value meaning "ignore".
     channels: Bands per stored image (config.model.in_channels).
+    class_names: Multi-label: the classes, one mask folder each; None: one
+      class-index mask per image.
   """
 
   path: str = ''
   num_classes: int = 0
   ignore_label: int = 255
   channels: int = 3
+  class_names: Optional[Tuple[str, ...]] = None
 
 
 class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
@@ -365,7 +480,7 @@ class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
       cfg = self._folder_config()
       self._pairs = validate_folder(
           cfg.path, num_classes=cfg.num_classes, ignore_label=cfg.ignore_label,
-          channels=cfg.channels,
+          channels=cfg.channels, class_names=cfg.class_names,
       )
     return self._pairs
 
@@ -392,14 +507,19 @@ class JaxsegFolder(tfds.core.GeneratorBasedBuilder):
       # memory flat. Files may have changed since validation, so the cheap
       # checks run again on the decoded arrays.
       image = read_image(pair.image, cfg.channels)
-      mask = read_mask(pair.mask)
-      _check_pair(
-          pair.image, pair.mask, cfg.num_classes, cfg.ignore_label,
-          image_size=(image.shape[1], image.shape[0]), mask=mask,
-      )
+      size = (image.shape[1], image.shape[0])
+      masks = [
+          _check_pair(pair.image, path, cfg.num_classes, cfg.ignore_label, image_size=size,
+                      mask=read_mask(path), multilabel=cfg.class_names is not None)
+          for path in (pair.class_masks or (pair.mask,))
+      ]
+      if cfg.class_names is not None:
+        stored = datasets.tile_masks(np.stack(masks, axis=-1))
+      else:
+        stored = masks[0][..., None]
       yield pair.file_name, {
           'image': image,
-          'segmentation_mask': mask[..., None],
+          'segmentation_mask': stored,
           'file_name': pair.file_name,
       }
 
@@ -443,6 +563,7 @@ def prepare_folder_dataset(
     data_dir: str,
     ignore_label: int = 255,
     channels: int = 3,
+    class_names: Optional[Tuple[str, ...]] = None,
 ) -> tfds.core.DatasetBuilder:
   """Validates a folder dataset and prepares it (once) as a tfds dataset.
 
@@ -458,6 +579,8 @@ def prepare_folder_dataset(
     ignore_label: Mask value meaning "ignore".
     channels: Bands per image (config.model.in_channels: 1, 3 or 4); part of
       the fingerprint, so a folder prepared with 3 is prepared again for 4.
+    class_names: Multi-label: the classes, each a folder masks/<name>/ (see
+      the module's docstring); None: class-index masks.
 
   Returns:
     The prepared builder; read it with `builder.as_data_source(split='train')`
@@ -469,15 +592,17 @@ def prepare_folder_dataset(
     DataError: The folder or a file in it is missing or malformed; the
       message names the file.
   """
-  _check_params(num_classes, ignore_label, channels)
+  class_names = None if class_names is None else tuple(class_names)
+  _check_params(num_classes, ignore_label, channels, class_names)
   root = _check_layout(path)
   config = FolderConfig(
-      name=folder_fingerprint(root, num_classes, ignore_label, channels),
+      name=folder_fingerprint(root, num_classes, ignore_label, channels, class_names),
       description=f'Folder dataset {root} ({channels} channel(s))',
       path=root,
       num_classes=int(num_classes),
       ignore_label=int(ignore_label),
       channels=int(channels),
+      class_names=class_names,
   )
   data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
   builder = JaxsegFolder(config=config, data_dir=data_dir)

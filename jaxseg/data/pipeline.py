@@ -2,7 +2,8 @@
 
 Batches are dicts of numpy arrays holding this process's examples:
   'image': uint8 [local_batch, H, W, C], C = spec.image_channels (config.model.in_channels: 1, 3 or 4)
-  'label': uint8 [local_batch, H, W] (ignore_label where nothing counts)
+  'label': uint8 [local_batch, H, W] (ignore_label where nothing counts); multi-label (spec.multilabel):
+           uint8 [local_batch, H, W, K], 0 / 1 / ignore_label per class
 with local_batch = global_batch / process_count. Normalisation happens on the
 device (uint8 moves a quarter of the bytes).
 
@@ -46,11 +47,29 @@ def decode_example(example: dict, spec: DatasetSpec) -> tuple[tf.Tensor, tf.Tens
   """Encoded tfds example -> (image uint8 [H, W, C], label int32 [H, W]) in jaxseg's class indices.
 
   C = spec.image_channels; the dataset stores images with that many (datasets.open_dataset checks it).
+  Multi-label: label int32 [H, W, K] of 0 / 1 / ignore_label (`decode_label`).
   """
   image = tf.io.decode_image(example[spec.image_key], channels=spec.image_channels, expand_animations=False)
+  return image, decode_label(example[spec.label_key], spec)
+
+
+def decode_label(encoded: tf.Tensor, spec: DatasetSpec) -> tf.Tensor:
+  """An encoded mask -> class indices int32 [H, W], or multi-label int32 [H, W, K] (stored tiled, see
+  datasets.tile_masks)."""
   # Masks hold indices in their first channel (some catalog masks repeat it over 3 channels).
-  raw = tf.cast(tf.io.decode_image(example[spec.label_key], expand_animations=False)[..., 0], tf.int32)
-  return image, map_labels(raw, spec)
+  raw = tf.cast(tf.io.decode_image(encoded, expand_animations=False)[..., 0], tf.int32)
+  if not spec.multilabel:
+    return map_labels(raw, spec)
+  k = spec.num_classes
+  h, kw = tf.shape(raw)[0], tf.shape(raw)[1]
+  masks = tf.transpose(tf.reshape(raw, [h, k, kw // k]), [0, 2, 1])
+  bad = tf.logical_and(masks > 1, tf.not_equal(masks, spec.ignore_label))
+  check = tf.debugging.Assert(
+      tf.logical_not(tf.reduce_any(bad)),
+      [f'dataset {spec.name!r}: a multi-label mask holds a value other than 0, 1 and ignore_label='
+       f'{spec.ignore_label}:', tf.boolean_mask(masks, bad)[:10]])
+  with tf.control_dependencies([check]):
+    return tf.ensure_shape(tf.identity(masks), [None, None, k])
 
 
 def map_labels(raw: tf.Tensor, spec: DatasetSpec) -> tf.Tensor:
@@ -164,7 +183,7 @@ def train_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int
     image, label = augment.train_augment(
         tf.cast(image, tf.float32), label, tf.stack([tf.constant(seed, tf.int64), k]),
         crop_size=crop_size, scale_range=tuple(input_config.scale_range), hflip=input_config.hflip,
-        photometric=input_config.photometric, ignore_label=spec.ignore_label)
+        photometric=input_config.photometric, ignore_label=spec.ignore_label, multilabel=spec.multilabel)
     return {'image': tf.cast(tf.round(image), tf.uint8), 'label': tf.cast(label, tf.uint8)}
 
   indices = tf.data.Dataset.range(start // num_examples, 2**62).flat_map(epoch_stream)
@@ -217,9 +236,10 @@ def eval_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int,
     decoded = decoded.cache()
   frame = no_autograph(lambda ex: frame_for_eval(ex['image'], ex['label'], eval_size, spec.ignore_label))
   frames = decoded.map(frame, num_parallel_calls=PARALLEL_CALLS, deterministic=True)
+  label_size = eval_size + ((spec.num_classes,) if spec.multilabel else ())
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros(eval_size + (spec.image_channels,), tf.uint8),
-      'label': tf.fill(eval_size, tf.constant(spec.ignore_label, tf.uint8))}).repeat()
+      'label': tf.fill(label_size, tf.constant(spec.ignore_label, tf.uint8))}).repeat()
   batches = frames.concatenate(padding).take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
   large = decoded.filter(no_autograph(lambda ex: _larger_than(ex['image'], eval_size)))
   return EvalData(batches=batches.prefetch(PREFETCH).with_options(_options()),
@@ -234,20 +254,21 @@ def _larger_than(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
 def frame_for_eval(image: tf.Tensor, label: tf.Tensor, size: tuple[int, int], ignore_label: int) -> dict:
   """An example in a fixed `size` frame for the eval step: padded (image 0, label ignore_label) if it fits,
   blank (label all ignore_label) if it is larger (EvalData.large scores those). The image's channel count
-  (static after decode_example) is kept."""
+  (static after decode_example) and a multi-label label's class count are kept."""
   channels = image.shape[-1]
+  label_size = size + tuple(label.shape[2:])
 
   def blank():
-    return tf.zeros(size + (channels,), tf.uint8), tf.fill(size, tf.constant(ignore_label, tf.int32))
+    return tf.zeros(size + (channels,), tf.uint8), tf.fill(label_size, tf.constant(ignore_label, tf.int32))
 
   def pad():
     padded, padded_label = augment.pad_to_size(tf.cast(image, tf.float32), tf.cast(label, tf.int32), size,
-                                               ignore_label=ignore_label)
+                                               ignore_label=ignore_label, multilabel=label.shape.rank == 3)
     return tf.cast(padded, tf.uint8), tf.cast(padded_label, tf.int32)
 
   frame_image, frame_label = tf.cond(_larger_than(image, size), blank, pad)
   return {'image': tf.ensure_shape(frame_image, size + (channels,)),
-          'label': tf.cast(tf.ensure_shape(frame_label, size), tf.uint8)}
+          'label': tf.cast(tf.ensure_shape(frame_label, label_size), tf.uint8)}
 
 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
@@ -272,7 +293,7 @@ class SplitStatistics:
     num_examples: examples read (all of the split, or an evenly spaced sample of it).
     split_examples: examples in the split.
     sizes: int64 [num_examples, 2]: (height, width) of each example read.
-    class_pixels: int64 [K]: labelled pixels of each class.
+    class_pixels: int64 [K]: labelled pixels of each class (multi-label: its positive pixels).
     present_pixels: int64 [K]: labelled pixels of the images in which each class appears (for median frequency).
   """
   num_examples: int
@@ -294,11 +315,14 @@ def split_statistics(builder, spec: DatasetSpec, split: str, max_examples: Optio
   @no_autograph
   def stats(example):
     # Only the mask is decoded: the image has its size.
-    raw = tf.cast(tf.io.decode_image(example[spec.label_key], expand_animations=False)[..., 0], tf.int32)
-    labels = map_labels(raw, spec)
-    counts = tf.math.bincount(tf.reshape(labels, [-1]), minlength=256, maxlength=256, dtype=tf.int64)[:k]
-    valid = tf.reduce_sum(counts)
-    return tf.shape(labels, out_type=tf.int64), counts, tf.where(counts > 0, valid, tf.zeros_like(counts))
+    labels = decode_label(example[spec.label_key], spec)
+    if spec.multilabel:
+      counts = tf.reduce_sum(tf.cast(tf.equal(labels, 1), tf.int64), axis=[0, 1])
+      valid = tf.reduce_sum(tf.cast(tf.not_equal(labels, spec.ignore_label), tf.int64), axis=[0, 1])
+    else:
+      counts = tf.math.bincount(tf.reshape(labels, [-1]), minlength=256, maxlength=256, dtype=tf.int64)[:k]
+      valid = tf.reduce_sum(counts)
+    return tf.shape(labels, out_type=tf.int64)[:2], counts, tf.where(counts > 0, valid, tf.zeros_like(counts))
 
   sizes, counts, present = [], np.zeros(k, np.int64), np.zeros(k, np.int64)
   for size, c, p in ds.map(stats, num_parallel_calls=PARALLEL_CALLS).batch(256).as_numpy_iterator():
