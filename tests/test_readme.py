@@ -37,7 +37,7 @@ FEW_STEPS = {'num_train_steps': 2, 'log_every_steps': 1, 'eval_every_steps': 2, 
 # What a README command leaves to the reader, by flag: filled with the test's fixtures (see `fill`).
 PLACEHOLDERS = {
     ('config.dataset.data_dir', 'DIR'): 'tfds', ('config.dataset.data_dir', '/data/tfds'): 'tfds',
-    ('config.dataset.path', 'DIR'): 'folder',
+    ('config.dataset.path', 'DIR'): 'folder', ('config.dataset.path', 'ML_DIR'): 'multilabel_folder',
     ('config.dataset.name', 'NAME'): 'my_segmentation', ('config.dataset.num_classes', 'K'): '3',
     ('config.dataset.num_classes', 'N'): '3',
 }
@@ -203,7 +203,7 @@ def test_a_recipe_command_the_readme_does_not_show_builds_its_model(command):
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   args = fill(command, {'tfds': '/nonexistent', 'folder': '/nonexistent'})
   settings = settings_lib.from_config(resolved_config(command, args))
-  state_lib.build_model(settings, datasets.resolve_spec(settings.dataset).num_classes)
+  state_lib.build_model(settings, datasets.resolve_spec(settings.dataset, settings.task).num_classes)
 
 
 # ---------------------------------------------------------------------------
@@ -225,6 +225,10 @@ def fixtures(shapes_data_dir, tmp_path_factory):
   tfds_fixtures.write_dataset_without_preset(str(tfds_dir), PLACEHOLDERS[('config.dataset.name', 'NAME')])
   folder = root / 'folder'
   write_folder(folder, num_classes=3)
+  from tests import test_multilabel  # pylint: disable=g-import-not-at-top
+  from configs import unet_multilabel  # pylint: disable=g-import-not-at-top
+  test_multilabel.write_multilabel_folder(root / 'multilabel_folder', counts=(('train', 4), ('val', 2)),
+                                          class_names=unet_multilabel.get_config().dataset.class_names)
   photos = root / 'photos'
   photos.mkdir()
   rng = np.random.default_rng(0)
@@ -236,6 +240,7 @@ def fixtures(shapes_data_dir, tmp_path_factory):
   test_ade20k_folder.write_ade(root / 'ADEChallengeData2016')
   test_ade20k_folder.ade20k_folder.convert(str(root / 'ADEChallengeData2016'), str(root / 'ade20k'))
   return {'root': root, 'tfds': str(tfds_dir), 'folder': str(folder), 'photos': str(photos),
+          'multilabel_folder': str(root / 'multilabel_folder'),
           'ade20k': str(root / 'ade20k'), 'user_dirs': {}, 'trained': {}}
 
 
@@ -449,7 +454,8 @@ def check_result(command: Command, cwd: str, args: list, output: str) -> None:
   """What each mode leaves behind, read from the files it wrote."""
   from jaxseg.data import datasets  # pylint: disable=g-import-not-at-top
   workdir = workdir_of(command, args, cwd)
-  class_names = datasets.resolve_spec(resolved_config(command, args).dataset).class_names
+  config = resolved_config(command, args)
+  class_names = datasets.resolve_spec(config.dataset, config.task).class_names
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8')]
   if command.mode == 'train':
     assert 'step 2/2' in output and 'mean IoU' in output, output[-3000:]
@@ -476,10 +482,13 @@ def check_result(command: Command, cwd: str, args: list, output: str) -> None:
     out = os.path.join(cwd, command.flag('output') or os.path.join(workdir, 'predictions'))
     assert any(p.endswith(BROKEN_PHOTO) for p in inputs) and BROKEN_PHOTO in output, output[-3000:]
     written = [p for p in inputs if not p.endswith(BROKEN_PHOTO)]
+    multilabel = config.task == 'multilabel'  # A 0/1 mask per class: out/<class>/<stem>.png.
     for path in written:
       stem = os.path.splitext(os.path.basename(path))[0]
-      with Image.open(path) as image, Image.open(os.path.join(out, stem + '.png')) as mask:
-        assert mask.size == image.size and np.asarray(mask).max() < len(class_names)
+      for mask_path in ([os.path.join(out, c, stem + '.png') for c in class_names] if multilabel
+                        else [os.path.join(out, stem + '.png')]):
+        with Image.open(path) as image, Image.open(mask_path) as mask:
+          assert mask.size == image.size and np.asarray(mask).max() < (2 if multilabel else len(class_names))
       assert os.path.exists(os.path.join(out, stem + '_overlay.png'))
     assert f'Wrote {len(written)} mask(s)' in output, output[-3000:]
   elif command.mode == 'export':
@@ -491,8 +500,10 @@ def slow(command: Command) -> bool:
   """Pretrained encoders (their programs take a minute to compile here) and several processes: marked slow, run
   by CI (`-m slow`), left out of the README's test command."""
   model = resolved_config(command, []).model
+  # The multi-label recipe: tests/test_multilabel.py runs its path (train, eval, predict, export) in the default set.
+  multilabel = resolved_config(command, []).task == 'multilabel'
   return bool(command.flag('config.model.encoder_weights') or model.get('encoder_weights') or as_it_is(command)
-              or model.get('weights')) or 'JAXSEG_COORDINATOR' in command.env
+              or model.get('weights')) or 'JAXSEG_COORDINATOR' in command.env or multilabel
 
 
 @pytest.mark.parametrize('command', [pytest.param(c, marks=[pytest.mark.slow] if slow(c) else []) for c in RUNS],

@@ -2,6 +2,9 @@
 
   DIR/{train,val}/images/<stem>.png|jpg   DIR/{train,val}/masks/<stem>.png (palette PNG of class indices)
   DIR/classes.txt                          one class name per line
+
+Multi-label (config.task='multilabel'): the masks are one folder per class, of single-channel ('L') PNGs
+(0 absent, 1 present, 255 ignore), DIR/{train,val}/masks/<class_name>/<stem>.png (`class_mask_dirs`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ def split_dirs(path: str, split: str, force: bool) -> tuple[str, str]:
       shutil.rmtree(d)
     os.makedirs(d, exist_ok=True)
   return images_dir, masks_dir
+
+
+def class_mask_dirs(masks_dir: str, class_names) -> dict[str, str]:
+  """Creates masks_dir/<class_name>/ for every class (the multi-label layout); returns the folders by class name."""
+  dirs = {}
+  for name in class_names:
+    if not name or name in ('.', '..') or name != name.strip() or '/' in name or '\\' in name:
+      raise ValueError(f'class name {name!r} cannot be a mask folder name')
+    dirs[name] = os.path.join(masks_dir, name)
+    os.makedirs(dirs[name], exist_ok=True)
+  return dirs
 
 
 def pixel_fractions(counts: np.ndarray, class_names, ignore: int) -> dict:
