@@ -50,6 +50,7 @@ COMPARED = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats
 COMPILE_LINE = re.compile(r'Finished XLA compilation of (\S+) in ([0-9.]+) sec')
 
 
+@pytest.mark.slow  # 51 s: CI's slow leg runs it (the default set keeps test_bench_learning's SIGTERM stop).
 def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_the_restart(shapes_data_dir,
                                                                                             tmp_path):
   cache = tmp_path / 'xla'
