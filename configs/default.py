@@ -65,8 +65,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (64, 64)   # Training crop (H, W); images smaller than it are padded (mask with ignore_label). 'auto': the median training image, sides rounded to the model's multiple, at most 512 (jaxseg/recipe.py; chosen at start, printed, saved in WORKDIR/config.json).
   config.input.eval_size = (96, 96)   # Evaluation pads images to this (H, W); larger ones are segmented at full size as --mode=predict does. 'auto': the largest evaluation image, rounded up to the model's multiple, at most 512.
   config.input.scale_range = (1.0, 1.0)  # Random rescale factor range before cropping; (1, 1) disables it.
-  config.input.hflip = True           # Random horizontal flip.
-  config.input.photometric = False    # Random brightness, contrast, saturation and hue.
+  config.input.hflip = True           # Random horizontal flip (p = 0.5). Turn it off for text, digits, or classes that differ by left/right (README "Augmentation").
+  config.input.vflip = False          # Random vertical flip (p = 0.5): for images with no up or down (aerial, satellite, microscopy).
+  config.input.rot90 = False          # Random turn by 0, 90, 180 or 270 degrees (before the crop): for images with no up or down.
+  config.input.rotate_degrees = 0.0   # Random rotation by up to this many degrees either way, about the centre (outside: image 0, label ignored); 0 disables it.
+  config.input.aspect_range = (1.0, 1.0)  # Random aspect (width/height) factor range, log-uniform, on top of scale_range; (1, 1) disables it.
+  config.input.photometric = False    # Colour jitter: random brightness, contrast, saturation and hue.
+  config.input.blur_prob = 0.0        # Probability of a Gaussian blur of the image (label untouched); 0 disables it.
+  config.input.blur_sigma = (0.1, 2.0)  # The blur's sigma range in pixels, drawn uniformly.
+  config.input.noise_std = 0.0        # Additive Gaussian pixel noise, its std drawn from U(0, noise_std) per image (0-255 units); 0 disables it.
+  config.input.cutout_holes = 0       # Cutout: this many rectangles blanked in the image and ignored in the label; 0 disables it.
+  config.input.cutout_size = 0.25     # A cutout rectangle's side as a fraction of the crop's side, in (0, 1].
+  config.input.copy_paste_prob = 0.0  # Copy-paste (Ghiasi et al. 2021): probability that an image gets objects (connected regions of a class) of another training image pasted in, before the augmentation above; 0 disables it (README "Augmentation").
+  config.input.copy_paste_object_classes = None  # The classes whose regions are objects, e.g. (1, 2); None: every class but 0 (the background; multi-label: every class).
+  config.input.copy_paste_scale_range = (0.5, 1.5)  # The pasted objects' random rescale factor range.
+  config.input.copy_paste_object_prob = 0.5  # Each object of the other image is pasted with this probability (at least one is).
   config.input.prefetch_to_device = 2  # Batches staged on the devices ahead of the step.
 
   # ---- Inference: --mode=predict, the second scoring in --mode=eval, jaxseg.api (see jaxseg/inference.py). ----
@@ -113,7 +126,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0                     # Seeds parameters, data order and augmentation.
   config.batch_size = 16              # Global batch over all devices of all hosts.
   config.eval_batch_size = 32         # Global evaluation batch; the last one is padded and masked.
-  config.num_train_steps = 1000       # Length of training.
+  # Length of training: a number of steps, or 'auto': the longest schedule (warm-up, decay, evaluations, final
+  # checkpoint) that ends within time_budget on this machine, measured in the run's first steps (jaxseg/time_budget.py);
+  # the count chosen is logged and saved in WORKDIR/config.json, so a resumed run continues that schedule.
+  config.num_train_steps = ml_collections.FieldReference(1000, field_type=object)  # An int or 'auto'.
+  config.time_budget = ''             # With num_train_steps='auto': wall time from launch to the final checkpoint, e.g. '20m', '1h30m', '600s'; '' = none.
   config.log_every_steps = 50         # Progress line, TensorBoard and metrics.jsonl point every N steps.
   config.eval_every_steps = 500       # Evaluate (and keep the checkpoint if best) every N steps and at the end.
   config.checkpoint_every_steps = 500  # Save a checkpoint every N steps and at the end.

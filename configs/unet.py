@@ -1,5 +1,5 @@
-"""UNet from scratch: the embedded jaxseg_shapes dataset in under 10 minutes on a 2-core CPU, and the first recipe
-for your own folder (the three folder overrides, README "Your own folders").
+"""UNet from scratch: the embedded jaxseg_shapes dataset within a 10-minute budget on any machine, and the first
+recipe for your own folder (the three folder overrides, README "Your own folders"; --config.time_budget=20m for more).
 
   python run.py --config=configs/unet.py
 
@@ -19,8 +19,9 @@ def get_config():
   config.input.crop_size = 'auto'         # The median training image (shapes: 96x96, whole scenes), multiples of 8.
   config.input.eval_size = 'auto'         # The largest evaluation image (shapes: 96x96).
   config.loss.class_weighting = 'auto'    # Median-frequency weights when classes are imbalanced (shapes: no, 7.7x).
-  config.batch_size = 16
-  config.num_train_steps = 2000           # 32k 96x96 scenes: about 8 minutes on 2 CPU cores.
+  config.batch_size = 8                   # Twice the updates of 16 per minute: 0.893 against 0.875 mean IoU in 10 min (NOTES).
+  config.time_budget = '10m'              # From launch to the final checkpoint, data preparation included.
+  config.num_train_steps = 'auto'         # As many steps as fit the budget on this machine (measured at the start).
   config.optimizer.name = 'adamw'         # From scratch on small data: faster and steadier than SGD here.
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 0.01    # Decoupled (AdamW), kernels only.

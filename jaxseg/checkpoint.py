@@ -57,6 +57,12 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
                                      type_handler_registry=registry)
 
 
+def has_steps(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds a finished save (a folder named by its step; unfinished ones have a suffix)."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 class Checkpoints:
   """The checkpoints of one workdir (WORKDIR/checkpoints/<step>)."""
 

@@ -17,6 +17,7 @@ from jaxseg import reporting
 from jaxseg import sharding
 from jaxseg import startup
 from jaxseg import state as state_lib
+from jaxseg import time_budget
 from jaxseg import train
 from jaxseg.data import pipeline
 from jaxseg.errors import CheckpointError, ConfigError, DataError
@@ -45,7 +46,7 @@ def run(mode: str, config, workdir: str, *, checkpoint: str = 'best', input_path
     distributed.split_cpu_into_devices(config.get('cpu_devices', 0), (config.batch_size, config.eval_batch_size))
     distributed.initialize()
     if mode == 'train':
-      return train.train_and_evaluate(config, workdir)
+      return train.train_and_evaluate(config, workdir, start_time=time_budget.process_start_time())
     elif mode == 'eval':
       return evaluate_checkpoint(config, workdir, checkpoint=checkpoint)
     elif mode == 'predict':

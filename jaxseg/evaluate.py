@@ -31,9 +31,12 @@ from jaxseg.state import TrainState, inference_variables
 
 
 
-def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label: int, dtype,
+def eval_step(variables: dict, batch: dict, *, apply_fn, num_classes: int, ignore_label: int, dtype,
               input_stats: tuple, multilabel: bool = False) -> tuple[dict, jax.Array]:
   """Confusion matrix and cross-entropy sums of a global batch, and its predictions.
+
+  `variables`: the weights to evaluate (state.inference_variables), not the whole train state, so the step does
+  not depend on the optimiser (a budgeted run changes its schedule after its first evaluation timings).
 
   Returns:
     ({'confusion' [K, K] (multi-label [K, 2, 2]), 'ce_sum', 'weight_sum'} over the whole batch,
@@ -41,7 +44,7 @@ def eval_step(state: TrainState, batch: dict, *, num_classes: int, ignore_label:
      shown in TensorBoard).
   """
   images = normalize_images(batch['image'], dtype, *input_stats)
-  logits = state.apply_fn(inference_variables(state), images, train=False)
+  logits = apply_fn(variables, images, train=False)
   return score_sums(logits, batch['label'], num_classes=num_classes, ignore_label=ignore_label,
                     multilabel=multilabel)
 
@@ -97,9 +100,10 @@ class Evaluator:
     self._spec, self._setup = spec, setup
     batch = sharding.batch_sharding(setup.mesh)
     self._step = jax.jit(
-        functools.partial(eval_step, num_classes=spec.num_classes, ignore_label=spec.ignore_label, dtype=setup.dtype,
-                          input_stats=setup.input_stats, multilabel=spec.multilabel),
-        in_shardings=(setup.state_sharding, {'image': batch, 'label': batch}),
+        functools.partial(eval_step, apply_fn=setup.model.apply, num_classes=spec.num_classes,
+                          ignore_label=spec.ignore_label, dtype=setup.dtype, input_stats=setup.input_stats,
+                          multilabel=spec.multilabel),
+        in_shardings=(inference_variables(setup.state_sharding), {'image': batch, 'label': batch}),
         out_shardings=(sharding.replicated(setup.mesh), batch))
     options = dataclasses.replace(options, flip=False, scales=(1.0,))
     self._predictor = inference_lib.Predictor.create(setup.model, None, spec.num_classes, options,
@@ -115,7 +119,7 @@ class Evaluator:
     totals = None
     examples = []
     for batch in pipeline.as_numpy(eval_data.batches):
-      sums, preds = self._step(state, sharding.global_batch(batch, self._setup.mesh))
+      sums, preds = self._step(inference_variables(state), sharding.global_batch(batch, self._setup.mesh))
       if len(examples) < num_examples:
         examples.extend(_examples_of(batch, preds, self._spec.ignore_label, num_examples - len(examples)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

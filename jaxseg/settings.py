@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 from jaxseg import losses
 from jaxseg import models
 from jaxseg import optim
+from jaxseg.data import copy_paste
 from jaxseg.data import datasets
 from jaxseg.errors import ConfigError
 
@@ -159,6 +160,21 @@ class InputSettings:
   hflip: bool
   photometric: bool
   prefetch_to_device: int
+  # Fields with defaults: a config.json written before they existed still loads (README "Augmentation").
+  vflip: bool = False
+  rot90: bool = False
+  rotate_degrees: float = 0.0
+  aspect_range: tuple[float, float] = (1.0, 1.0)
+  blur_prob: float = 0.0
+  blur_sigma: tuple[float, float] = (0.1, 2.0)
+  noise_std: float = 0.0
+  cutout_holes: int = 0
+  cutout_size: float = 0.25
+  # Copy-paste (jaxseg/data/copy_paste.py): objects of another training image pasted in, before train_augment.
+  copy_paste_prob: float = 0.0
+  copy_paste_object_classes: Optional[tuple[int, ...]] = None  # None: every class but 0 (multi-label: every class).
+  copy_paste_scale_range: tuple[float, float] = (0.5, 1.5)
+  copy_paste_object_prob: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +227,8 @@ class Settings:
   seed: int
   batch_size: int
   eval_batch_size: int
-  num_train_steps: int
+  num_train_steps: Union[int, str]  # 'auto' (with time_budget_s) until the run has measured and chosen.
+  time_budget_s: Optional[float]  # config.time_budget in seconds; None: no budget.
   log_every_steps: int
   eval_every_steps: int
   checkpoint_every_steps: int
@@ -307,13 +324,28 @@ def _model(config, spec: datasets.DatasetSpec) -> ModelSettings:
 
 
 def _input(section) -> InputSettings:
+  from jaxseg.data import augment  # pylint: disable=g-import-not-at-top  (augment imports size_pair from here)
+  default = InputSettings  # The later augmentation options' defaults: a config.json without them still loads.
+  get = lambda field: section.get(field, getattr(default, field))
+  rotate_degrees, aspect_range, blur_prob, blur_sigma, noise_std, cutout_holes, cutout_size = augment.check_options(
+      get('rotate_degrees'), get('aspect_range'), get('blur_prob'), get('blur_sigma'), get('noise_std'),
+      get('cutout_holes'), get('cutout_size'))
+  given_classes = get('copy_paste_object_classes')
+  classes, paste_scale, object_prob, paste_prob = copy_paste.check_options(
+      object_classes=(1,) if given_classes is None else given_classes, scale_range=get('copy_paste_scale_range'),
+      object_prob=get('copy_paste_object_prob'), prob=get('copy_paste_prob'))
   return InputSettings(crop_size=size_pair(section.crop_size, 'config.input.crop_size', allow_auto=True),
                        eval_size=size_pair(section.eval_size, 'config.input.eval_size', allow_auto=True),
                        scale_range=tuple(section.get('scale_range', (1.0, 1.0))),
                        hflip=_bool(section.get('hflip', True), 'input.hflip'),
                        photometric=_bool(section.get('photometric', False), 'input.photometric'),
                        prefetch_to_device=_positive_int(section.get('prefetch_to_device', 2),
-                                                        'input.prefetch_to_device'))
+                                                        'input.prefetch_to_device'),
+                       vflip=_bool(get('vflip'), 'input.vflip'), rot90=_bool(get('rot90'), 'input.rot90'),
+                       rotate_degrees=rotate_degrees, aspect_range=aspect_range, blur_prob=blur_prob,
+                       blur_sigma=blur_sigma, noise_std=noise_std, cutout_holes=cutout_holes, cutout_size=cutout_size,
+                       copy_paste_prob=paste_prob, copy_paste_object_classes=None if given_classes is None else classes,
+                       copy_paste_scale_range=paste_scale, copy_paste_object_prob=object_prob)
 
 
 def _inference_options(section: dict, crop_size, eval_size, eval_batch_size: int, processes: int,
@@ -478,9 +510,9 @@ def from_config(config) -> Settings:
   task = _choice(config.get('task', 'multiclass'), 'task', TASKS)
   spec = datasets.resolve_spec(dataset, task=task)  # Checks num_classes, class names and the ignore label.
   model = _model(config, spec)
-  loop = {f: _positive_int(config[f], f) for f in ('batch_size', 'eval_batch_size', 'num_train_steps',
-                                                   'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                                                   'keep_checkpoints')}
+  loop = {f: _positive_int(config[f], f) for f in ('batch_size', 'eval_batch_size', 'log_every_steps',
+                                                   'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')}
+  loop.update(_schedule_length(config.num_train_steps, config.get('time_budget')))
   ema_decay = config.get('ema_decay', 0.0)
   if not _is_real(ema_decay) or not 0 <= ema_decay < 1:
     raise ConfigError(f'config.ema_decay must be a number in [0, 1) (0: no moving average; e.g. 0.999), '
@@ -509,6 +541,38 @@ def from_config(config) -> Settings:
     raise ConfigError(f'config.finetune.freeze_encoder_batch_stats=True, but model {model.name!r} has no '
                       f"encoder (a submodule named '{models.ENCODER}')")
   return settings
+
+
+_DURATION = re.compile(r'(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?')
+
+
+def parse_duration(value, field: str = 'time_budget') -> Optional[float]:
+  """'20m', '1h30m', '90s', '1.5h' or a number of seconds -> seconds; '' or None -> None."""
+  if value is None or value == '':
+    return None
+  text = str(value).replace(' ', '').lower()
+  match = _DURATION.fullmatch(text) if not isinstance(value, bool) else None
+  if not text or match is None or not any(match.groups()) or sum(float(g or 0) for g in match.groups()) <= 0:
+    raise ConfigError(f"config.{field} must be a duration such as '20m', '1h30m', '90s' or a number of seconds "
+                      f"('' for none), got {value!r}")
+  hours, minutes, seconds = (float(g or 0) for g in match.groups())
+  return hours * 3600 + minutes * 60 + seconds
+
+
+def _schedule_length(steps, budget) -> dict:
+  """config.num_train_steps (a count, or 'auto': sized to config.time_budget) and config.time_budget."""
+  budget_s = parse_duration(budget)
+  if steps == AUTO:
+    if budget_s is None:
+      raise ConfigError("config.num_train_steps='auto' sizes the schedule to config.time_budget, which is not set: "
+                        "give a budget (e.g. --config.time_budget=20m) or a number of steps")
+    return {'num_train_steps': AUTO, 'time_budget_s': budget_s}
+  if isinstance(steps, str) and steps.strip().isdigit():
+    steps = int(steps)  # A string field (a config that set 'auto') overridden with a number on the command line.
+  if not _is_int(steps) or steps < 1:
+    raise ConfigError(f"config.num_train_steps must be a positive integer or 'auto' (sized to config.time_budget), "
+                      f'got {steps!r}')
+  return {'num_train_steps': int(steps), 'time_budget_s': budget_s}
 
 
 EXPORT_FORMATS = ('jax', 'saved_model', 'onnx')

@@ -29,6 +29,7 @@ from jaxseg import recipe
 from jaxseg import settings as settings_lib
 from jaxseg import sharding
 from jaxseg import state as state_lib
+from jaxseg import time_budget
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg.errors import CheckpointError, ConfigError
@@ -115,6 +116,11 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, *, mode: str, chec
   class_weights = None
   if mode == 'train':
     settings = recipe.resolve(settings, spec, builder, is_primary=is_primary)
+    if settings.num_train_steps == settings_lib.AUTO:  # Read before write_config replaces the previous start's file.
+      settings = time_budget.chosen_on_resume(settings, trained_settings(workdir), checkpoint_lib.has_steps(workdir))
+    elif settings.time_budget_s is not None and is_primary:
+      log.info('config.time_budget is not used: config.num_train_steps=%d fixes the schedule (give '
+               "num_train_steps='auto' to size it to the budget).", settings.num_train_steps)
     if is_primary:
       write_config(workdir, config, settings)
     class_weights = recipe.class_weights(settings, spec, builder)
@@ -194,11 +200,12 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, settings: sett
   """WORKDIR/config.json: the config of the run with the recipe's choices in place of 'auto' (eval, predict,
   export and jaxseg.api read it back)."""
   config = config.copy_and_resolve_references()
-  with config.ignore_type():  # A size field may hold 'auto' (a str) until here.
+  with config.ignore_type():  # A size field, or num_train_steps, may hold 'auto' (a str) until here.
     for name in ('crop_size', 'eval_size'):
       value = getattr(settings.input, name)
       config.input[name] = value if value == settings_lib.AUTO else tuple(value)
     config.loss.class_weighting = settings.loss.class_weighting
+    config.num_train_steps = settings.num_train_steps  # A budgeted run's chosen length, once it has measured.
   with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
     f.write(config.to_json_best_effort(indent=2))
 

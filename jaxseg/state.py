@@ -107,6 +107,17 @@ class Setup:
   _create: Callable[[], TrainState] = dataclasses.field(repr=False)
   _weight_file: Optional[tuple[Callable[..., dict], str]] = dataclasses.field(repr=False)
 
+  def with_schedule(self, settings) -> 'Setup':
+    """This setup with the schedule (and the optimiser driven by it) of `settings.num_train_steps`: a budgeted run
+    fixes its length after its first steps. The optimiser state's structure does not depend on it."""
+    learning_rate_fn = optim.create_learning_rate_schedule(settings.optimizer, schedule_length(settings))
+    tx = optim.create_optimizer(settings.optimizer, learning_rate_fn, settings.param_rules,
+                                self.abstract_state.params)
+    # The optimiser is a static field of the state: the layouts carry it too (jit matches the trees' structure).
+    return dataclasses.replace(self, learning_rate_fn=learning_rate_fn, tx=tx,
+                               abstract_state=self.abstract_state.replace(tx=tx),
+                               state_sharding=self.state_sharding.replace(tx=tx))
+
   def init_state(self) -> TrainState:
     """The initial state, computed in its sharded layout (no device ever holds a replicated copy under fsdp).
 
@@ -132,6 +143,15 @@ class Setup:
     return state.replace(**dict(zip(names, placed)))
 
 
+# The schedule's length while num_train_steps is still 'auto' (a budgeted run before it has measured; inference):
+# its first steps are the warm-up's, which do not depend on the length.
+PROVISIONAL_STEPS = 10**9
+
+
+def schedule_length(settings) -> int:
+  return settings.num_train_steps if isinstance(settings.num_train_steps, int) else PROVISIONAL_STEPS
+
+
 def build(settings, num_classes: int, mesh: Mesh, *, sharding: Optional[str] = None) -> Setup:
   """Model, schedule, optimiser and the state's layout for `settings` (jaxseg.settings.Settings) on `mesh`.
 
@@ -143,7 +163,7 @@ def build(settings, num_classes: int, mesh: Mesh, *, sharding: Optional[str] = N
     sharding: overrides settings.sharding (inference restores replicated onto its own devices).
   """
   model = build_model(settings, num_classes)
-  learning_rate_fn = optim.create_learning_rate_schedule(settings.optimizer, settings.num_train_steps)
+  learning_rate_fn = optim.create_learning_rate_schedule(settings.optimizer, schedule_length(settings))
   image_shape = tuple(settings.input.crop_size) + (settings.model.in_channels,)
   rng = jax.random.key(settings.seed)
   params = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False))['params']

@@ -7,6 +7,7 @@ evaluation and checkpoint steps, never inside a plain training step.
 """
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -24,10 +25,11 @@ from jaxseg import reporting
 from jaxseg import sharding
 from jaxseg import startup
 from jaxseg import state as state_lib
+from jaxseg import time_budget
 from jaxseg.data import datasets
 from jaxseg.data import pipeline
 from jaxseg.models import AUXILIARY, ENCODER, normalize_images
-from jaxseg.settings import Settings
+from jaxseg.settings import AUTO, Settings
 from jaxseg.state import TrainState, variables_of
 
 log = logging.getLogger('jaxseg')
@@ -238,7 +240,7 @@ class NonFiniteLossError(FloatingPointError):
 # ---------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, start_time: Optional[float] = None) -> dict:
   """Trains (resuming from WORKDIR/checkpoints when there are any), evaluates, checkpoints.
 
   Every process of a multi-process run calls this with the same arguments.
@@ -248,19 +250,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Args:
     config: the experiment config (see configs/default.py).
     workdir: where checkpoints, logs and metrics go (shared by all hosts).
+    start_time: when the job started (time.time()), what config.time_budget counts from; default: now. run.py
+      passes the start of its process.
 
   Returns:
     The last evaluation's metrics ({} when pre-empted before any evaluation).
   """
+  start_time = time.time() if start_time is None else start_time
   # ---- Start-up: settings, workdir, data, recipe, model, state (restored or fresh). ----
   run = startup.open_run(config, workdir, mode='train')
   settings, spec, builder, setup, mesh = run.settings, run.spec, run.builder, run.setup, run.setup.mesh
+  workdir = run.workdir
   is_primary = jax.process_index() == 0
   log.info('Devices: %d in all, %d local (%s); processes: %d; state %s; workdir: %s', jax.device_count(),
            jax.local_device_count(), jax.devices()[0].platform, jax.process_count(), settings.sharding, run.workdir)
 
   # ---- Steps. ----
-  train_step_fn = make_train_step(settings, spec, setup, run.class_weights)
+  run_class_weights = run.class_weights
+  train_step_fn = make_train_step(settings, spec, setup, run_class_weights)
   evaluator = evaluate.Evaluator(spec, setup, settings.inference_options(processes=jax.process_count()))
 
   with contextlib.ExitStack() as closing:
@@ -281,19 +288,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_iter = sharding.prefetch(pipeline.as_numpy(train_ds), mesh, settings.input.prefetch_to_device)
 
     # ---- Train loop. ----
-    total = settings.num_train_steps
+    # A budgeted run (num_train_steps='auto') first trains to `measure_at`, timing its steps, then fixes the length.
+    measuring = settings.num_train_steps == AUTO
+    timed_from, measured_at = time_budget.measure_steps(start_step)
+    total = measured_at if measuring else settings.num_train_steps
     progress = reporting.Progress(total, start_step, settings.batch_size, enabled=is_primary)
     pending_metrics = []  # Device arrays of the steps since the last log: fetched together.
     skipped = 0  # Updates with a non-finite loss dropped so far (as last logged).
     eval_metrics = {}
     step = start_step
+    marks = {start_step: time.perf_counter()}  # Budgeted: when steps ended (the first one compiled), for timing.
     with PreemptionWatcher() as preemption:
       while step < total:
         batch = next(train_iter)
         state, step_metrics = train_step_fn(state, batch)
         pending_metrics.append(step_metrics)
         step += 1
-        is_last = step == total
+        if measuring and step in (start_step + 1, timed_from, measured_at):
+          jax.block_until_ready(step_metrics)
+          marks[step] = time.perf_counter()
+        is_last = step == total and not measuring
+
+        if measuring and step == measured_at:
+          # ---- Time budget: what the first steps cost fixes the schedule's length. ----
+          step_s = (marks[measured_at] - marks[timed_from]) / (measured_at - timed_from)
+          pause_start = time.perf_counter()
+          settings, setup, state = fix_schedule(
+              config, settings, setup, state, step, start_time=start_time, step_s=step_s,
+              compile_s=max(marks[start_step + 1] - marks[start_step] - step_s, 0.0),
+              evaluate_once=lambda: evaluator.run(state, eval_data), checkpoints=ckpts, workdir=workdir)
+          train_step_fn = make_train_step(settings, spec, setup, run_class_weights)
+          total = settings.num_train_steps
+          progress.total = total
+          progress.exclude(time.perf_counter() - pause_start)
+          measuring = False
+          is_last = step == total
 
         if step % settings.log_every_steps == 0 or is_last:
           fetched = jax.device_get(pending_metrics)
@@ -324,6 +353,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       'the same command again to resume.', step, total, ckpts.directory)
           break
   return eval_metrics
+
+
+def fix_schedule(config: ml_collections.ConfigDict, settings: Settings, setup: state_lib.Setup, state: TrainState,
+                 step: int, *, start_time: float, step_s: float, compile_s: float,
+                 evaluate_once: Callable[[], Any], checkpoints, workdir: str) -> tuple[Settings, state_lib.Setup, TrainState]:
+  """A budgeted run at its measuring step: times an evaluation and a checkpoint, chooses num_train_steps
+  (time_budget.plan; process 0's choice, for every process), logs it, saves it in WORKDIR/config.json and returns
+  the settings, setup and state on the schedule of that length (the train step is then compiled again)."""
+  evaluate_once()  # Compiles the evaluation: the second one is timed.
+  started = time.perf_counter()
+  evaluate_once()
+  eval_s = time.perf_counter() - started
+  started = time.perf_counter()
+  checkpoints.save(step, state)  # Also the point a run stopped from here on resumes from.
+  checkpoints.wait()
+  checkpoint_s = time.perf_counter() - started
+  measured = time_budget.Measurement(elapsed_s=time.time() - start_time, step_s=step_s, compile_s=compile_s,
+                                     eval_s=eval_s, checkpoint_s=checkpoint_s)
+  plan = time_budget.plan(settings.time_budget_s, step, measured, eval_every=settings.eval_every_steps,
+                          checkpoint_every=settings.checkpoint_every_steps,
+                          warmup_steps=settings.optimizer.warmup_steps)
+  num_train_steps = plan.num_train_steps
+  if jax.process_count() > 1:  # Machines differ a little: every process takes process 0's count.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    num_train_steps = int(multihost_utils.broadcast_one_to_all(np.int64(num_train_steps)))
+  settings = dataclasses.replace(settings, num_train_steps=num_train_steps)
+  if jax.process_index() == 0:
+    log.info('Time budget %s: num_train_steps=%d: %s.', config.time_budget, num_train_steps, plan.reason)
+    startup.write_config(workdir, config, settings)
+  setup = setup.with_schedule(settings)
+  return settings, setup, state.replace(tx=setup.tx)
 
 
 def check_finite(state: TrainState, policy: str, reported: int = 0) -> int:

@@ -16,7 +16,7 @@ LAYERS = [
     # 1: models, data, the optimiser, the mesh, the settings (the config read once).
     {'jaxseg.models*', 'jaxseg.data*', 'jaxseg.optim', 'jaxseg.sharding', 'jaxseg.settings'},
     # 2: the train state, its checkpoints, the auto recipe (settings from data statistics), the start-up path.
-    {'jaxseg.state', 'jaxseg.checkpoint', 'jaxseg.recipe', 'jaxseg.startup'},
+    {'jaxseg.state', 'jaxseg.checkpoint', 'jaxseg.recipe', 'jaxseg.time_budget', 'jaxseg.startup'},
     # 3: what runs a model: training, evaluation, prediction of arrays, export.
     {'jaxseg.train', 'jaxseg.evaluate', 'jaxseg.inference', 'jaxseg.export'},
     # 4: the entry points.

@@ -396,3 +396,374 @@ def test_invalid_config_raises():
   with pytest.raises(ConfigError, match="scale_range"):
     augment.train_augment(image, label, [0, 0], crop_size=(8, 8),
                           scale_range=(2.0, 1.0))
+
+
+# ---------------------------------------------------------------------------
+# The options added later (vflip, rot90, rotate_degrees, aspect_range, blur,
+# noise, cutout). Their draws come from sub-seeds split off the reserved one;
+# the transforms are again written out in numpy (and scipy for the blur).
+# ---------------------------------------------------------------------------
+
+
+def _extra_draws(seed, *, rotate_degrees=10.0, aspect_range=(1.0, 1.0),
+                 blur_sigma=(0.1, 2.0), noise_std=1.0, cutout_holes=0,
+                 crop_size=(1, 1)):
+  # pylint: disable=protected-access
+  seeds = tf.random.experimental.stateless_split(
+      tf.constant(seed, tf.int64), num=augment._NUM_SUBSEEDS)
+  extra = tf.random.experimental.stateless_split(
+      seeds[augment._SEED_RESERVED], num=augment._NUM_EXTRA_SUBSEEDS)
+  uniform = lambda i, lo=0.0, hi=1.0: float(tf.random.stateless_uniform(
+      [], extra[i], minval=lo, maxval=hi).numpy())
+  log_lo, log_hi = np.log(aspect_range)
+  return {
+      'log_aspect': uniform(augment._EXTRA_ASPECT, log_lo, log_hi),
+      'k': int(tf.random.stateless_uniform(
+          [], extra[augment._EXTRA_ROT90], minval=0, maxval=4,
+          dtype=tf.int32)),
+      'degrees': uniform(augment._EXTRA_ROTATE, -rotate_degrees,
+                         rotate_degrees),
+      'vflip': uniform(augment._EXTRA_VFLIP) < 0.5,
+      'blur_coin': uniform(augment._EXTRA_BLUR_COIN),
+      'sigma': uniform(augment._EXTRA_BLUR_SIGMA, *blur_sigma),
+      'noise_std': uniform(augment._EXTRA_NOISE_STD, 0.0, noise_std),
+      'centres': tf.random.stateless_uniform(
+          [cutout_holes, 2], extra[augment._EXTRA_CUTOUT], minval=0,
+          maxval=tf.int32.max, dtype=tf.int32).numpy() % np.array(crop_size),
+  }
+  # pylint: enable=protected-access
+
+
+def np_cutout_mask(centres, hole_h, hole_w, crop_h, crop_w):
+  mask = np.zeros((crop_h, crop_w), bool)
+  for cy, cx in centres:
+    top, left = cy - hole_h // 2, cx - hole_w // 2
+    mask[max(top, 0):max(top + hole_h, 0), max(left, 0):max(left + hole_w, 0)] = True
+  return mask
+
+
+def np_augment_geometry(image, label, seed, *, crop_size, scale_range=(1.0, 1.0),
+                        aspect_range=(1.0, 1.0), rot90=False, hflip=True,
+                        vflip=False, cutout_holes=0, cutout_size=0.25,
+                        ignore=IGNORE, multilabel=False):
+  """Scale and aspect, rot90, pad, crop, hflip, vflip, cutout (no rotation, no photometric): numpy.
+
+  `label` is [H, W], or [H, W, K] masks with `multilabel` (every mask moved alike).
+  """
+  del multilabel  # The label's rank says it.
+  crop_h, crop_w = crop_size
+  d = _draws(seed, scale_range=scale_range)
+  e = _extra_draws(seed, aspect_range=aspect_range, cutout_holes=cutout_holes,
+                   crop_size=crop_size)
+  image = np.asarray(image, np.float64)
+  label = np.asarray(label)
+  if tuple(scale_range) != (1.0, 1.0) or tuple(aspect_range) != (1.0, 1.0):
+    s = float(d['scale']) if tuple(scale_range) != (1.0, 1.0) else 1.0
+    sqrt_r = np.exp(0.5 * e['log_aspect'])
+    h, w = label.shape[:2]
+    new_h = max(int(np.round(h * s / sqrt_r)), 1)
+    new_w = max(int(np.round(w * s * sqrt_r)), 1)
+    image = np_resize_bilinear(image, new_h, new_w)
+    label = np_resize_nearest(label, new_h, new_w)
+  if rot90:
+    image, label = np.rot90(image, e['k']), np.rot90(label, e['k'])
+  h, w = label.shape[:2]
+  ph, pw = max(crop_h, h), max(crop_w, w)
+  image = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)))
+  label = np.pad(label, ((0, ph - h), (0, pw - w)) + ((0, 0),) * (label.ndim - 2),
+                 constant_values=ignore)
+  y, x = d['offset'] % (np.array([ph, pw]) - np.array([crop_h, crop_w]) + 1)
+  image = image[y:y + crop_h, x:x + crop_w]
+  label = label[y:y + crop_h, x:x + crop_w]
+  if hflip and d['coins'][0] < 0.5:
+    image, label = image[:, ::-1], label[:, ::-1]
+  if vflip and e['vflip']:
+    image, label = image[::-1], label[::-1]
+  if cutout_holes:
+    mask = np_cutout_mask(e['centres'], max(1, round(cutout_size * crop_h)),
+                          max(1, round(cutout_size * crop_w)), crop_h, crop_w)
+    image = np.where(mask[..., None], 0.0, image)
+    label = np.where(mask.reshape(mask.shape + (1,) * (label.ndim - 2)), ignore, label)
+  return image, label, e
+
+
+def np_rotate(x, degrees, fill, *, nearest):
+  """Rotation of x [H, W, ...] about its centre ((W-1)/2, (H-1)/2), pixel centres at integers, same size.
+
+  Output pixel p = (col, row) takes the input at c + R (p - c), R = [[cos, -sin], [sin, cos]] on (col, row): a
+  positive angle turns the content counter-clockwise on screen. Nearest rounds to the closest pixel; bilinear
+  weighs the 4 around (each outside one counts as `fill`). Returns (out, ambiguous): `ambiguous` marks the
+  pixels whose source lies within 1e-3 of a rounding tie, where float32 and float64 may pick differently.
+  """
+  h, w = x.shape[:2]
+  theta = np.deg2rad(degrees)
+  cos, sin = np.cos(theta), np.sin(theta)
+  rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing='ij')
+  cy, cx = (h - 1) / 2, (w - 1) / 2
+  src_x = cx + cos * (cols - cx) - sin * (rows - cy)
+  src_y = cy + sin * (cols - cx) + cos * (rows - cy)
+  x = x.astype(np.float64)
+  tail = x.shape[2:]
+
+  def read(yy, xx):
+    inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    got = x[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)]
+    return np.where(inside.reshape(inside.shape + (1,) * len(tail)), got, fill)
+
+  if nearest:
+    near = lambda v: np.abs(v - np.floor(v) - 0.5) < 1e-3
+    ambiguous = near(src_x) | near(src_y)
+    yy = np.floor(src_y + 0.5).astype(np.int64)
+    xx = np.floor(src_x + 0.5).astype(np.int64)
+    return read(yy, xx), ambiguous
+  y0, x0 = np.floor(src_y), np.floor(src_x)
+  wy, wx = src_y - y0, src_x - x0
+  wy = wy.reshape(wy.shape + (1,) * len(tail))
+  wx = wx.reshape(wx.shape + (1,) * len(tail))
+  y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
+  top = read(y0, x0) * (1 - wx) + read(y0, x0 + 1) * wx
+  bottom = read(y0 + 1, x0) * (1 - wx) + read(y0 + 1, x0 + 1) * wx
+  return top * (1 - wy) + bottom * wy, np.zeros((h, w), bool)
+
+
+def _bits(label, k=3):
+  """Multi-label masks [H, W, K] of a class-index label: mask k is bit k of the class id; ignore stays ignore."""
+  bits = (label[..., None] >> np.arange(k)) & 1
+  return np.where(label[..., None] == IGNORE, IGNORE, bits).astype(np.int32)
+
+
+def test_rot90_vflip_aspect_cutout_match_numpy_non_square_crop():
+  image, label = _label_like(30, 44)
+  kwargs = dict(crop_size=(24, 36), scale_range=(0.75, 1.25), aspect_range=(0.8, 1.25), rot90=True, vflip=True,
+                cutout_holes=2, cutout_size=0.2)
+  ks, vflips = set(), set()
+  for i in range(8):
+    out_image, out_label = _run(image, label, [7, i], **kwargs)
+    want_image, want_label, e = np_augment_geometry(image, label, [7, i], **kwargs)
+    assert out_label.shape == (24, 36) and out_image.shape == (24, 36, 3)
+    np.testing.assert_array_equal(out_label, want_label)
+    np.testing.assert_allclose(out_image, want_image, atol=1e-3)
+    ks.add(e['k'])
+    vflips.add(e['vflip'])
+  assert len(ks) >= 3 and vflips == {True, False}
+
+
+def test_rot90_and_vflip_for_some_seeds_and_not_others():
+  image, label = _label_like(32, 32)
+  seen = set()
+  for i in range(12):
+    _, out_label = _run(image, label, [3, i], crop_size=(32, 32), hflip=False, rot90=True, vflip=True)
+    e = _extra_draws([3, i])
+    want = np.rot90(label, e['k'])
+    np.testing.assert_array_equal(out_label, want[::-1] if e['vflip'] else want)
+    seen.add((e['k'], e['vflip']))
+  assert len(seen) >= 5  # Both flips, several turns, identity among them or not.
+  # Off by default: the label comes back as it went in.
+  np.testing.assert_array_equal(_run(image, label, [3, 0], crop_size=(32, 32), hflip=False)[1], label)
+
+
+def test_rotation_matches_numpy_and_fills_with_ignore():
+  image, label = _label_like(41, 57, block=8, ignore_frac=0.0)
+  angles = []
+  for i in range(6):
+    out_image, out_label = _run(image, label, [11, i], crop_size=(41, 57), hflip=False, rotate_degrees=30.0)
+    degrees = _extra_draws([11, i], rotate_degrees=30.0)['degrees']
+    want_label, ambiguous = np_rotate(label, degrees, IGNORE, nearest=True)
+    want_image, _ = np_rotate(image, degrees, 0.0, nearest=False)
+    assert ambiguous.mean() < 0.02
+    np.testing.assert_array_equal(out_label[~ambiguous], want_label[~ambiguous])
+    np.testing.assert_allclose(out_image, want_image, atol=0.05)
+    # The corners come from outside the image: ignore in the label, 0 in the image.
+    if abs(degrees) > 5:
+      for corner in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+        assert out_label[corner] == IGNORE and not out_image[corner].any()
+    angles.append(degrees)
+  assert min(angles) < -5 and max(angles) > 5
+
+
+def test_rotation_positive_quarter_turn_is_counter_clockwise_as_np_rot90():
+  # The sign convention: 90 degrees about the centre of a square is an exact turn, as np.rot90.
+  image, label = _label_like(9, 9)
+  out_image, out_label = augment._rotate(  # pylint: disable=protected-access
+      tf.constant(image), tf.constant(label[..., None]), tf.constant(np.pi / 2, tf.float32), IGNORE)
+  np.testing.assert_array_equal(out_label.numpy()[..., 0], np.rot90(label))
+  np.testing.assert_allclose(out_image.numpy(), np.rot90(image), atol=1e-2)  # cos(pi/2) is -4e-8 in float32.
+
+
+def test_rotation_of_zero_degrees_adds_no_op():
+  spec = (tf.TensorSpec([None, None, 3], tf.float32), tf.TensorSpec([None, None], tf.int32))
+  ops = {}
+  for degrees in (0.0, 5.0):
+    fn = tf.function(lambda img, lbl, d=degrees: augment.train_augment(
+        img, lbl, tf.constant([0, 0], tf.int64), crop_size=(8, 8), rotate_degrees=d), input_signature=spec)
+    ops[degrees] = {op.type for op in fn.get_concrete_function().graph.get_operations()}
+  assert 'ImageProjectiveTransformV3' in ops[5.0] and 'ImageProjectiveTransformV3' not in ops[0.0]
+
+
+def test_aspect_jitter_changes_sides_by_the_drawn_ratio():
+  # A large crop pads the resized image: the padding shows its height and width.
+  image, label = _label_like(40, 40, ignore_frac=0.0)
+  ratios = []
+  for i in range(6):
+    _, out_label = _run(image, label, [2, i], crop_size=(96, 96), hflip=False, scale_range=(0.75, 1.25),
+                        aspect_range=(0.5, 2.0))
+    s = float(_draws([2, i], scale_range=(0.75, 1.25))['scale'])
+    r = np.exp(_extra_draws([2, i], aspect_range=(0.5, 2.0))['log_aspect'])
+    new_h, new_w = int(np.round(40 * s / np.sqrt(r))), int(np.round(40 * s * np.sqrt(r)))
+    valid = out_label != IGNORE
+    np.testing.assert_array_equal(valid.any(1), np.arange(96) < new_h)
+    np.testing.assert_array_equal(valid.any(0), np.arange(96) < new_w)
+    np.testing.assert_array_equal(out_label[:new_h, :new_w], np_resize_nearest(label, new_h, new_w))
+    assert 0.5 - 0.05 <= new_w / new_h <= 2.0 + 0.05  # The aspect range, up to rounding.
+    ratios.append(new_w / new_h)
+  assert min(ratios) < 0.9 and max(ratios) > 1.1
+  # With aspect_range (1, 1) the scale alone: both sides alike.
+  _, out_label = _run(image, label, [2, 0], crop_size=(96, 96), hflip=False, scale_range=(0.75, 1.25))
+  valid = out_label != IGNORE
+  assert valid.any(1).sum() == valid.any(0).sum()
+
+
+def test_blur_matches_scipy_gaussian_filter_and_leaves_the_label():
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  image = rng.uniform(0, 255, size=(20, 26, 3)).astype(np.float32)
+  label = rng.integers(0, 20, size=(20, 26)).astype(np.int32)
+  sigma = 1.3
+  out_image, out_label = _run(image, label, [1, 0], crop_size=(20, 26), hflip=False, blur_prob=1.0,
+                              blur_sigma=(sigma, sigma))
+  # Kernel radius ceil(3 * sigma) = 4; edge padding is scipy's mode='nearest'.
+  want = scipy.ndimage.gaussian_filter(image.astype(np.float64), sigma, mode='nearest', radius=4, axes=(0, 1))
+  np.testing.assert_allclose(out_image, want, atol=1e-3)
+  np.testing.assert_array_equal(out_label, label)
+  # blur_prob 0.5: blurred (with its drawn sigma) exactly when the coin says so.
+  blurred = []
+  for i in range(6):
+    out_image, out_label = _run(image, label, [1, i], crop_size=(20, 26), hflip=False, blur_prob=0.5,
+                                blur_sigma=(0.5, 1.5))
+    e = _extra_draws([1, i], blur_sigma=(0.5, 1.5))
+    want = (scipy.ndimage.gaussian_filter(image.astype(np.float64), e['sigma'], mode='nearest', radius=5,
+                                          axes=(0, 1)) if e['blur_coin'] < 0.5 else image)
+    np.testing.assert_allclose(out_image, want, atol=1e-3)
+    np.testing.assert_array_equal(out_label, label)
+    blurred.append(e['blur_coin'] < 0.5)
+  assert any(blurred) and not all(blurred)
+
+
+def test_noise_has_the_drawn_std_and_leaves_the_label():
+  image = np.full((32, 32, 3), 128.0, np.float32)
+  label = np.random.default_rng(0).integers(0, 20, size=(32, 32)).astype(np.int32)
+  stds = []
+  for i in range(5):
+    out_image, out_label = _run(image, label, [8, i], crop_size=(32, 32), hflip=False, noise_std=20.0)
+    want_std = _extra_draws([8, i], noise_std=20.0)['noise_std']
+    residual = out_image.astype(np.float64) - 128.0
+    assert want_std <= 20.0
+    np.testing.assert_allclose(residual.std(), want_std, rtol=0.06)
+    assert abs(residual.mean()) < 0.1 * want_std + 0.1
+    np.testing.assert_array_equal(out_label, label)
+    stds.append(residual.std())
+  assert max(stds) - min(stds) > 2.0  # The std is drawn per example.
+  # Clipped to [0, 255].
+  out_image, _ = _run(np.full((32, 32, 3), 250.0, np.float32), label, [8, 0], crop_size=(32, 32), noise_std=20.0)
+  assert out_image.max() == 255.0 and out_image.min() < 250.0
+
+
+def test_cutout_sets_image_0_and_label_ignore_over_rectangles():
+  rng = np.random.default_rng(5)
+  image = rng.uniform(1, 255, size=(32, 48, 3)).astype(np.float32)
+  label = rng.integers(0, 20, size=(32, 48)).astype(np.int32)
+  for i in range(4):
+    out_image, out_label = _run(image, label, [4, i], crop_size=(32, 48), hflip=False, cutout_holes=3,
+                                cutout_size=0.25)
+    centres = _extra_draws([4, i], cutout_holes=3, crop_size=(32, 48))['centres']
+    mask = np_cutout_mask(centres, 8, 12, 32, 48)  # 0.25 x 32, 0.25 x 48.
+    assert mask.any()
+    np.testing.assert_array_equal(out_label, np.where(mask, IGNORE, label))
+    np.testing.assert_array_equal(out_image, np.where(mask[..., None], 0.0, image))
+  # One hole: a single rectangle, 8 x 12 unless clipped by the crop's border.
+  full = 0
+  for i in range(8):
+    _, out_label = _run(image, label, [4, i], crop_size=(32, 48), hflip=False, cutout_holes=1, cutout_size=0.25)
+    rows, cols = np.nonzero(out_label == IGNORE)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert len(rows) == height * width and height <= 8 and width <= 12
+    full += (height, width) == (8, 12)
+  assert full >= 4
+
+
+def test_multilabel_masks_move_with_the_image():
+  image, label = _label_like(24, 40, ignore_frac=0.0)
+  masks = _bits(label)
+  kwargs = dict(crop_size=(24, 32), rot90=True, vflip=True, multilabel=True)
+  for i in range(4):
+    out_image, out_masks = _run(image, masks, [6, i], **kwargs)
+    want_image, want_masks, _ = np_augment_geometry(image, masks, [6, i], **kwargs)
+    assert out_masks.shape == (24, 32, 3)
+    np.testing.assert_array_equal(out_masks, want_masks)
+    np.testing.assert_allclose(out_image, want_image, atol=1e-3)
+  # Rotation: every mask sampled nearest, as the label would be.
+  out_image, out_masks = _run(image, masks, [6, 0], crop_size=(24, 40), hflip=False, rotate_degrees=20.0,
+                              multilabel=True)
+  degrees = _extra_draws([6, 0], rotate_degrees=20.0)['degrees']
+  want_masks, ambiguous = np_rotate(masks, degrees, IGNORE, nearest=True)
+  np.testing.assert_array_equal(out_masks[~ambiguous], want_masks[~ambiguous])
+  assert (out_masks == IGNORE).all(-1).any()  # Outside the image: ignore in every mask.
+
+
+def test_invalid_new_options_raise_naming_the_option():
+  image, label = _label_like(8, 8)
+  bad = [('rotate_degrees', -1.0), ('rotate_degrees', float('nan')), ('blur_prob', 1.5), ('blur_prob', -0.1),
+         ('blur_sigma', (0.0, 1.0)), ('blur_sigma', (2.0, 1.0)), ('noise_std', -1.0), ('cutout_holes', -1),
+         ('cutout_holes', 1.5), ('cutout_size', 0.0), ('cutout_size', 1.5), ('aspect_range', (0.0, 1.0)),
+         ('aspect_range', (1.5, 1.0))]
+  for name, value in bad:
+    with pytest.raises(ConfigError, match=name):
+      augment.train_augment(image, label, [0, 0], crop_size=(8, 8), **{name: value})
+
+
+def test_all_options_in_dataset_map_give_static_shapes():
+  sizes = [(30, 50), (70, 20), (17, 91)]
+
+  def gen():
+    for h, w in sizes:
+      yield _label_like(h, w)
+
+  ds = tf.data.Dataset.from_generator(gen, output_signature=(
+      tf.TensorSpec([None, None, 3], tf.float32), tf.TensorSpec([None, None], tf.int32)))
+  kwargs = dict(crop_size=(24, 40), scale_range=(0.5, 2.0), aspect_range=(0.75, 1.33), photometric=True,
+                vflip=True, rot90=True, rotate_degrees=15.0, blur_prob=0.5, noise_std=8.0, cutout_holes=2)
+  mapped = ds.enumerate().map(
+      lambda i, ex: augment.train_augment(ex[0], ex[1], tf.stack([tf.constant(1, tf.int64), i]), **kwargs))
+  image_spec, label_spec = mapped.element_spec
+  assert image_spec.shape.as_list() == [24, 40, 3] and label_spec.shape.as_list() == [24, 40]
+  out = list(mapped.as_numpy_iterator())
+  assert len(out) == 3
+  for image, label in out:
+    assert 0 <= image.min() and image.max() <= 255
+    assert set(np.unique(label)) <= set(range(20)) | {IGNORE}  # Nearest: class ids, never blends.
+
+
+def test_config_input_fields_reach_settings():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from jaxseg import settings as settings_lib  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  got = settings_lib.from_config(config).input
+  assert (got.vflip, got.rot90, got.rotate_degrees, got.aspect_range, got.blur_prob, got.blur_sigma, got.noise_std,
+          got.cutout_holes, got.cutout_size) == (False, False, 0.0, (1.0, 1.0), 0.0, (0.1, 2.0), 0.0, 0, 0.25)
+  values = dict(vflip=True, rot90=True, rotate_degrees=12.5, aspect_range=(0.75, 1.25), blur_prob=0.3,
+                blur_sigma=(0.5, 1.5), noise_std=6.0, cutout_holes=2, cutout_size=0.125)
+  for name, value in values.items():
+    config.input[name] = value
+  got = settings_lib.from_config(config).input
+  assert {name: getattr(got, name) for name in values} == values
+  # A config.json written before these fields existed still loads, with the defaults.
+  old = default.get_config()
+  for name in values:
+    del old.input[name]
+  assert settings_lib.from_config(old).input.cutout_holes == 0
+  for name, value in [('rotate_degrees', -5.0), ('blur_prob', 2.0), ('blur_sigma', (0.0, 1.0)), ('noise_std', -1.0),
+                      ('cutout_holes', -1), ('cutout_size', 0.0), ('aspect_range', (2.0, 1.0)), ('vflip', 1)]:
+    config = default.get_config()
+    config.input[name] = value
+    with pytest.raises(ConfigError, match=f'config.input.{name}'):
+      settings_lib.from_config(config)

@@ -131,6 +131,75 @@ def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_t
 
 
 # ---------------------------------------------------------------------------
+# A budgeted run with copy-paste: SIGTERM and SIGKILL after the schedule was chosen; the resumed runs continue
+# the chosen schedule (WORKDIR/config.json) and end as a run told that length from the start ends.
+# ---------------------------------------------------------------------------
+
+
+def _chosen_steps(workdir):
+  try:
+    with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+      steps = json.load(f)['num_train_steps']
+  except (OSError, ValueError, KeyError):
+    return None
+  return steps if isinstance(steps, int) else None
+
+
+@pytest.mark.slow  # About 2 minutes: CI's slow leg runs it.
+def test_a_budgeted_copy_paste_run_resumes_its_chosen_schedule_exactly(shapes_data_dir, tmp_path):
+  budget = {'num_train_steps': 'auto', 'time_budget': '40s', 'optimizer.warmup_steps': 40,
+            'input.copy_paste_prob': 0.5, 'input.rotate_degrees': 10.0, 'input.scale_range': (0.75, 1.25)}
+  overrides = dict(RESUME_CONFIG, eval_every_steps=100, **budget)
+  workdir = tmp_path / 'interrupted'
+  spec = {'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': overrides}
+
+  # 1. SIGTERM once the schedule is chosen and 10 steps past the measuring (step 31, time_budget.measure_steps).
+  proc = fw.launch(spec, devices=DEVICES, log_path=tmp_path / 'interrupted.log')
+  try:
+    fw.wait_until(lambda: _chosen_steps(workdir) and len(fw.logged_steps(workdir)) >= 41, [proc], timeout=400,
+                  what='the chosen schedule and step 41')
+    proc.send_signal(signal.SIGTERM)
+    fw.wait_all([proc], timeout=120)
+  finally:
+    fw.stop([proc])
+  out = fw.output(proc)
+  assert proc.returncode == 0, out[-3000:]
+  steps = _chosen_steps(workdir)
+  assert re.search(rf'Time budget 40s: num_train_steps={steps}: .* s a step', out), out[-3000:]
+  _, stopped = load_checkpoint(workdir)
+  assert 41 <= stopped < steps - 20, (stopped, steps)  # Room for a periodic save after the resumption.
+
+  # 2. Resumed (no new measuring: the chosen length), then SIGKILL inside the second periodic save after it.
+  killed_at = (stopped // 10 + 2) * 10
+  proc = fw.kill_while_saving(spec, killed_at, devices=DEVICES, log_path=tmp_path / 'resumed.log')
+  assert proc.returncode == -signal.SIGKILL
+  resumed = fw.output(proc)
+  assert f'Resuming from the checkpoint at step {stopped}' in resumed
+  assert f'continuing the schedule chosen when this run started: num_train_steps={steps}' in resumed
+  assert 'Time budget 40s: num_train_steps' not in resumed
+
+  # 3. Restarted to the end.
+  rc, restarted = _run(spec, tmp_path / 'restarted.log')
+  assert rc == 0, restarted[-3000:]
+  assert f'Resuming from the checkpoint at step {killed_at - 10}' in restarted
+  assert _chosen_steps(workdir) == steps
+
+  # The same run told num_train_steps from the start (its measuring steps lie in the 40-step warm-up).
+  straight = dict(spec, workdir=str(tmp_path / 'straight'),
+                  overrides=dict(overrides, num_train_steps=steps, time_budget=''))
+  rc, first = _run(straight, tmp_path / 'straight.log')
+  assert rc == 0, first[-3000:]
+  a, _ = load_checkpoint(tmp_path / 'straight')
+  b, step = load_checkpoint(workdir)
+  assert step == steps
+  for key in COMPARED:
+    diff = max_abs_diff(a[key], b[key])
+    print(f'budgeted run of {steps} steps, SIGTERM at {stopped}, SIGKILL in the save of {killed_at}, restarted: '
+          f'{key} differs from the run given num_train_steps={steps} by {diff:.3g}')
+    assert diff < 1e-5, (key, diff)
+
+
+# ---------------------------------------------------------------------------
 # A corrupted newest checkpoint.
 # ---------------------------------------------------------------------------
 

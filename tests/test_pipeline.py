@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from jaxseg.data import augment
+from jaxseg.data import copy_paste
 from jaxseg.data import datasets
 from jaxseg.data import folder
 from jaxseg.data import pipeline
@@ -146,15 +147,50 @@ def test_two_processes_yield_the_global_batches_of_one(folder_dataset):
       np.testing.assert_array_equal(one[step]['label'][j], want_label.numpy())
 
 
-@pytest.mark.parametrize('process_index,process_count', [(0, 1), (1, 2)])
-def test_resuming_continues_the_unbroken_run(folder_dataset, process_index, process_count):
+def _pasting(input_config):
+  input_config.copy_paste_prob = 1.0
+  input_config.copy_paste_scale_range = (0.5, 2.0)
+  return input_config
+
+
+@pytest.mark.parametrize('process_index,process_count,pasting', [(0, 1, False), (1, 2, False), (1, 2, True)])
+def test_resuming_continues_the_unbroken_run(folder_dataset, process_index, process_count, pasting):
   builder, spec, _ = folder_dataset
   kwargs = dict(global_batch=4, process_index=process_index, process_count=process_count)
-  unbroken = _train_batches(builder, spec, _input(augmenting=True), steps=6, **kwargs)
-  resumed = _train_batches(builder, spec, _input(augmenting=True), steps=3, start_step=3, **kwargs)
+  make_input = (lambda: _pasting(_input(augmenting=True))) if pasting else (lambda: _input(augmenting=True))
+  unbroken = _train_batches(builder, spec, make_input(), steps=6, **kwargs)
+  resumed = _train_batches(builder, spec, make_input(), steps=3, start_step=3, **kwargs)
   for want, got in zip(unbroken[3:], resumed):
     for key in ('image', 'label'):
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_copy_paste_pastes_each_positions_donor_before_augmenting(folder_dataset):
+  """With copy-paste on and no other augmentation, position k's example is the documented donor's objects
+  pasted onto the documented example (donor_index, the Generator of (seed, k)), by the numpy core."""
+  builder, spec, examples = folder_dataset
+  input_config = _input(augmenting=False)
+  input_config.copy_paste_prob = 1.0
+  input_config.copy_paste_scale_range = (1.0, 1.0)
+  batches = _train_batches(builder, spec, input_config, steps=3, global_batch=4)
+  changed = 0
+  for step, batch in enumerate(batches):
+    for j in range(4):
+      k = step * 4 + j
+      index = _example_at(k, NUM_TRAIN)
+      [donor] = copy_paste.donor_index(SEED, np.array([k]), NUM_TRAIN, exclude=np.array([index]))
+      assert donor != index
+      image, mask = examples['train'][index]
+      donor_image, donor_mask = examples['train'][donor]
+      label = np.where(mask == 255, 255, mask).astype(np.int32)
+      want_image, want_label = copy_paste.paste_objects(
+          image, label, donor_image, donor_mask.astype(np.int32),
+          np.random.default_rng([SEED, k, copy_paste.PASTE_SALT]), object_classes=(1, 2), ignore_label=255,
+          scale_range=(1.0, 1.0), object_prob=0.5)
+      np.testing.assert_array_equal(batch['image'][j], want_image)
+      np.testing.assert_array_equal(batch['label'][j], want_label)
+      changed += not np.array_equal(want_label, label)
+  assert changed >= 6  # Pastes happened (random masks: every donor has objects).
 
 
 def test_each_process_reads_only_its_share_of_training(shapes_data_dir, monkeypatch):

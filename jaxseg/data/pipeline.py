@@ -17,7 +17,8 @@ and perm_e = numpy's default_rng([seed, e]).permutation(n). Step s takes
 positions s * global_batch .. (s + 1) * global_batch - 1, and position k goes
 to process k % process_count. Resuming at step s starts the stream at
 position s * global_batch, so an interrupted run continues exactly where it
-was.
+was. Augmentation (copy-paste's donor and draws included) is a pure function of
+(seed, k) too.
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxseg.data import augment
+from jaxseg.data import copy_paste
 from jaxseg.data.datasets import ARRAY_RECORD, DatasetSpec
 
 # Explicit tf.data parallelism (autotuning is off, see _options): map functions on
@@ -164,30 +166,52 @@ def train_dataset(builder, spec: DatasetSpec, input_config, *, global_batch: int
   start = start_step * global_batch  # A multiple of process_count: this process's first position is start + index.
   crop_size = tuple(input_config.crop_size)
 
+  pasting = input_config.copy_paste_prob > 0
+  object_classes = input_config.copy_paste_object_classes or tuple(
+      range(0 if spec.multilabel else 1, spec.num_classes))
+
   def epoch_indices(epoch):
-    """The example indices at this process's positions in `epoch`, from `start` on."""
+    """[2, n]: the example indices at this process's positions in `epoch`, from `start` on, and their donors."""
     first = max(epoch * num_examples, start)
     positions = np.arange(first + (process_index - first) % process_count, (epoch + 1) * num_examples,
                           process_count)
-    return _epoch_order(seed, int(epoch), num_examples)[positions - epoch * num_examples]
+    indices = _epoch_order(seed, int(epoch), num_examples)[positions - epoch * num_examples]
+    donors = copy_paste.donor_index(seed, positions, num_examples, exclude=indices) if pasting else indices
+    return np.stack([indices, donors])
 
   @no_autograph
   def epoch_stream(epoch):
-    indices = tf.numpy_function(epoch_indices, [epoch], tf.int64, stateful=False)
-    return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(indices, [None]))
+    pairs = tf.numpy_function(epoch_indices, [epoch], tf.int64, stateful=False)
+    return tf.data.Dataset.from_tensor_slices(tf.transpose(tf.ensure_shape(pairs, [2, None])))
 
   @no_autograph
-  def preprocess(j, example):
+  def preprocess(j, read):
     k = start + process_index + process_count * j  # The position of this process's j-th example.
+    example_seed = tf.stack([tf.constant(seed, tf.int64), k])
+    example, donor = read if pasting else (read, None)
     image, label = decode_example(example, spec)
+    if pasting:
+      donor_image, donor_label = decode_example(donor, spec)
+      image, label = copy_paste.copy_paste(
+          image, label, donor_image, donor_label, example_seed, object_classes=object_classes,
+          ignore_label=spec.ignore_label, multilabel=spec.multilabel,
+          scale_range=tuple(input_config.copy_paste_scale_range), object_prob=input_config.copy_paste_object_prob,
+          prob=input_config.copy_paste_prob)
     image, label = augment.train_augment(
-        tf.cast(image, tf.float32), label, tf.stack([tf.constant(seed, tf.int64), k]),
+        tf.cast(image, tf.float32), label, example_seed,
         crop_size=crop_size, scale_range=tuple(input_config.scale_range), hflip=input_config.hflip,
-        photometric=input_config.photometric, ignore_label=spec.ignore_label, multilabel=spec.multilabel)
+        photometric=input_config.photometric, ignore_label=spec.ignore_label, multilabel=spec.multilabel,
+        vflip=input_config.vflip, rot90=input_config.rot90, rotate_degrees=input_config.rotate_degrees,
+        aspect_range=tuple(input_config.aspect_range), blur_prob=input_config.blur_prob,
+        blur_sigma=tuple(input_config.blur_sigma), noise_std=input_config.noise_std,
+        cutout_holes=input_config.cutout_holes, cutout_size=input_config.cutout_size)
     return {'image': tf.cast(tf.round(image), tf.uint8), 'label': tf.cast(label, tf.uint8)}
 
-  indices = tf.data.Dataset.range(start // num_examples, 2**62).flat_map(epoch_stream)
-  ds = records(builder, spec, spec.train_split, indices).enumerate()
+  pairs = tf.data.Dataset.range(start // num_examples, 2**62).flat_map(epoch_stream)
+  ds = records(builder, spec, spec.train_split, pairs.map(lambda pair: pair[0]))
+  if pasting:  # Each example's copy-paste donor, read alongside.
+    ds = tf.data.Dataset.zip((ds, records(builder, spec, spec.train_split, pairs.map(lambda pair: pair[1]))))
+  ds = ds.enumerate()
   ds = ds.map(preprocess, num_parallel_calls=PARALLEL_CALLS, deterministic=True)
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
   return ds.prefetch(PREFETCH).with_options(_options())
