@@ -23,19 +23,25 @@ log = logging.getLogger('jaxseg')
 
 UNTIMED_STEPS = 10  # After the compiling step: the input pipeline filled its buffers meanwhile (tf.data and device
                     # prefetch), so these steps would look faster than the steady state.
-TIMED_STEPS = 20    # Then timed.
+TIMED_STEPS = 20    # Then at least this many are timed,
+MAX_TIMED_STEPS = 100  # and at most this many: up to the warm-up's end, or the first evaluation or checkpoint.
 RESERVE = 0.05      # The part of the budget kept for noise: a step or evaluation slower than measured.
 
 
-def measure_steps(start_step: int) -> tuple[int, int]:
+def measure_steps(start_step: int, *, warmup_steps: int, eval_every: int, checkpoint_every: int) -> tuple[int, int]:
   """(the step the timing starts from, the step at which a fresh run has measured enough to choose).
 
-  With a warm-up longer than the second (config.optimizer.warmup_steps > 31; the recipes have 100) these steps
-  follow the learning rates of the final schedule exactly (the warm-up does not depend on the length), so a
-  budgeted run trains as a run given its chosen num_train_steps would.
+  The timing runs from UNTIMED_STEPS after the compiling step to the end of the warm-up (config.optimizer.
+  warmup_steps; the recipes have 100), at least TIMED_STEPS and at most MAX_TIMED_STEPS steps, and stops before
+  the first evaluation or checkpoint. A longer window averages out more of a shared machine's noise: a 2-core VM's
+  50-step rates vary by +-15%, so 20 steps alone can miss the steady rate by more than the RESERVE. Within the
+  warm-up (which does not depend on the length) these steps follow the learning rates of the final schedule exactly,
+  so a budgeted run trains as a run given its chosen num_train_steps would.
   """
   timed_from = start_step + 1 + UNTIMED_STEPS
-  return timed_from, timed_from + TIMED_STEPS
+  next_event = min((start_step // every + 1) * every for every in (eval_every, checkpoint_every))
+  end = min(warmup_steps, next_event, timed_from + MAX_TIMED_STEPS)
+  return timed_from, max(end, timed_from + TIMED_STEPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +98,22 @@ def plan(budget_s: float, at_step: int, m: Measurement, *, eval_every: int, chec
     reason += (f'; the schedule ends within its {warmup_steps}-step warm-up (give a longer config.time_budget or '
                'fewer config.optimizer.warmup_steps)')
   return Plan(n, reason)
+
+
+def out_of_time(elapsed_s: float, budget_s: float, step: int, total: int, m: Measurement, *, recent_step_s: float,
+                check_every: int, eval_every: int, checkpoint_every: int) -> bool:
+  """Whether a budgeted run must end at `step`, before its schedule's `total`, to end within its budget: true when
+  the steps to the next check (`check_every` on, at most `total`) at the recent step time, their evaluations and
+  checkpoints, and a final evaluation and checkpoint would end past `budget_s`.
+
+  A plan is only as good as the first steps' timing: a shared machine that slows down later (by a quarter, seen on
+  2-core VMs) would overrun the budget. Stopping early ends the run on time, near the end of the cosine decay where
+  the learning rate is small, with the final checkpoint from which the same command finishes the schedule.
+  """
+  ahead = min(step + check_every, total)
+  recent = dataclasses.replace(m, step_s=max(recent_step_s, 0.0))
+  # cost_s ends with an evaluation and a checkpoint at `ahead` (periodic or final): stopping there costs no more.
+  return elapsed_s + cost_s(ahead, step, recent, eval_every=eval_every, checkpoint_every=checkpoint_every) > budget_s
 
 
 def chosen_on_resume(settings: Settings, previous: Optional[Settings], has_checkpoint: bool) -> Settings:

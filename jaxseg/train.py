@@ -288,9 +288,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, start
     train_iter = sharding.prefetch(pipeline.as_numpy(train_ds), mesh, settings.input.prefetch_to_device)
 
     # ---- Train loop. ----
-    # A budgeted run (num_train_steps='auto') first trains to `measure_at`, timing its steps, then fixes the length.
+    # A budgeted run (num_train_steps='auto') first trains to `measured_at`, timing its steps, then fixes the length.
     measuring = settings.num_train_steps == AUTO
-    timed_from, measured_at = time_budget.measure_steps(start_step)
+    timed_from, measured_at = time_budget.measure_steps(
+        start_step, warmup_steps=settings.optimizer.warmup_steps, eval_every=settings.eval_every_steps,
+        checkpoint_every=settings.checkpoint_every_steps)
     total = measured_at if measuring else settings.num_train_steps
     progress = reporting.Progress(total, start_step, settings.batch_size, enabled=is_primary)
     pending_metrics = []  # Device arrays of the steps since the last log: fetched together.
@@ -298,6 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, start
     eval_metrics = {}
     step = start_step
     marks = {start_step: time.perf_counter()}  # Budgeted: when steps ended (the first one compiled), for timing.
+    measured = None  # Budgeted, once the schedule is fixed: what this machine measured (the deadline's costs).
     with PreemptionWatcher() as preemption:
       while step < total:
         batch = next(train_iter)
@@ -313,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, start
           # ---- Time budget: what the first steps cost fixes the schedule's length. ----
           step_s = (marks[measured_at] - marks[timed_from]) / (measured_at - timed_from)
           pause_start = time.perf_counter()
-          settings, setup, state = fix_schedule(
+          settings, setup, state, measured = fix_schedule(
               config, settings, setup, state, step, start_time=start_time, step_s=step_s,
               compile_s=max(marks[start_step + 1] - marks[start_step] - step_s, 0.0),
               evaluate_once=lambda: evaluator.run(state, eval_data), checkpoints=ckpts, workdir=workdir)
@@ -331,6 +334,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, start
           loss = float(np.mean([m['loss'] for m in fetched if np.isfinite(m['loss'])] or [np.nan]))
           lr = float(fetched[-1]['learning_rate'])
           images_per_sec = progress.update(step, loss, lr)
+          if measured is not None and not is_last and out_of_time(
+              time.time() - start_time, settings.time_budget_s, step, total, measured,
+              recent_step_s=settings.batch_size / images_per_sec, check_every=settings.log_every_steps,
+              eval_every=settings.eval_every_steps, checkpoint_every=settings.checkpoint_every_steps):
+            log.warning('Time budget %s: stopping at step %d of %d, with its final evaluation and checkpoint: '
+                        'this machine now runs slower than measured (%.3g s a step against %.3g). Run the same '
+                        'command again to finish the schedule.', config.time_budget, step, total,
+                        settings.batch_size / images_per_sec, measured.step_s)
+            total = progress.total = step
+            is_last = True
           writer.write(step, 'train', {'loss': loss, 'learning_rate': lr, 'images_per_sec': images_per_sec})
 
         pause_start = time.perf_counter()
@@ -357,10 +370,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, start
 
 def fix_schedule(config: ml_collections.ConfigDict, settings: Settings, setup: state_lib.Setup, state: TrainState,
                  step: int, *, start_time: float, step_s: float, compile_s: float,
-                 evaluate_once: Callable[[], Any], checkpoints, workdir: str) -> tuple[Settings, state_lib.Setup, TrainState]:
+                 evaluate_once: Callable[[], Any], checkpoints, workdir: str
+                 ) -> tuple[Settings, state_lib.Setup, TrainState, time_budget.Measurement]:
   """A budgeted run at its measuring step: times an evaluation and a checkpoint, chooses num_train_steps
   (time_budget.plan; process 0's choice, for every process), logs it, saves it in WORKDIR/config.json and returns
-  the settings, setup and state on the schedule of that length (the train step is then compiled again)."""
+  the settings, setup and state on the schedule of that length (the train step is then compiled again), and what
+  was measured."""
   evaluate_once()  # Compiles the evaluation: the second one is timed.
   started = time.perf_counter()
   evaluate_once()
@@ -383,7 +398,16 @@ def fix_schedule(config: ml_collections.ConfigDict, settings: Settings, setup: s
     log.info('Time budget %s: num_train_steps=%d: %s.', config.time_budget, num_train_steps, plan.reason)
     startup.write_config(workdir, config, settings)
   setup = setup.with_schedule(settings)
-  return settings, setup, state.replace(tx=setup.tx)
+  return settings, setup, state.replace(tx=setup.tx), measured
+
+
+def out_of_time(*args, **kwargs) -> bool:
+  """time_budget.out_of_time, decided by process 0 for every process (their clocks differ a little)."""
+  stop = time_budget.out_of_time(*args, **kwargs)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    stop = bool(multihost_utils.broadcast_one_to_all(np.bool_(stop)))
+  return stop
 
 
 def check_finite(state: TrainState, policy: str, reported: int = 0) -> int:

@@ -153,7 +153,7 @@ def test_a_budgeted_copy_paste_run_resumes_its_chosen_schedule_exactly(shapes_da
   workdir = tmp_path / 'interrupted'
   spec = {'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': overrides}
 
-  # 1. SIGTERM once the schedule is chosen and 10 steps past the measuring (step 31, time_budget.measure_steps).
+  # 1. SIGTERM once the schedule is chosen, past the measuring (steps 11-40, the warm-up: time_budget.measure_steps).
   proc = fw.launch(spec, devices=DEVICES, log_path=tmp_path / 'interrupted.log')
   try:
     fw.wait_until(lambda: _chosen_steps(workdir) and len(fw.logged_steps(workdir)) >= 41, [proc], timeout=400,

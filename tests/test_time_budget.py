@@ -47,6 +47,20 @@ def test_auto_needs_a_budget_and_a_number_on_the_command_line_reads_as_one():
   assert settings_lib.from_config(_config(num_train_steps='5000', time_budget='5m')).num_train_steps == 5000
 
 
+@pytest.mark.parametrize('start, warmup, eval_every, checkpoint_every, expected', [
+    (0, 100, 500, 500, (11, 100)),     # The recipes: steps 11..100 timed, the whole warm-up after the compile's.
+    (0, 40, 200, 200, (11, 40)),       # A shorter warm-up ends the window,
+    (0, 100, 50, 500, (11, 50)),       # as does the first evaluation (its time would count as a step's),
+    (0, 100, 500, 60, (11, 60)),       # or checkpoint.
+    (0, 0, 500, 500, (11, 31)),        # No warm-up: 20 steps, the minimum.
+    (0, 1000, 5000, 5000, (11, 111)),  # A long warm-up: at most 100 timed.
+    (240, 100, 500, 500, (251, 271)),  # Resumed before the choice, past the warm-up: the minimum again.
+])
+def test_measuring_window_by_hand(start, warmup, eval_every, checkpoint_every, expected):
+  assert time_budget.measure_steps(start, warmup_steps=warmup, eval_every=eval_every,
+                                   checkpoint_every=checkpoint_every) == expected
+
+
 M = time_budget.Measurement(elapsed_s=100.0, step_s=0.5, compile_s=5.0, eval_s=10.0, checkpoint_s=2.0)
 
 
@@ -97,8 +111,45 @@ def test_a_budgeted_run_chooses_logs_saves_and_trains_its_length(shapes_data_dir
   chosen = json.load(open(tmp_path / 'config.json', encoding='utf-8'))
   steps = chosen['num_train_steps']
   assert isinstance(steps, int) and steps > 31 and chosen['time_budget'] == '30s'
-  lines = [r.getMessage() for r in records if r.getMessage().startswith('Time budget 30s')]
+  lines = [r.getMessage() for r in records if r.getMessage().startswith('Time budget 30s: num_train_steps')]
   assert len(lines) == 1 and f'num_train_steps={steps}:' in lines[0] and 's a step' in lines[0], lines
   _, last = load_checkpoint(tmp_path)
-  assert last == steps
-  assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())[-1] == steps
+  assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())[-1] == last
+  # The whole schedule, unless this (shared, loaded) machine slowed down after measuring and the run said it stopped.
+  stops = [r.getMessage() for r in records if 'stopping at step' in r.getMessage()]
+  assert last == steps and not stops or stops and f'stopping at step {last} of {steps}' in stops[0], (last, stops)
+
+
+def test_out_of_time_by_hand():
+  m = time_budget.Measurement(elapsed_s=0.0, step_s=0.5, compile_s=5.0, eval_s=10.0, checkpoint_s=2.0)
+  kwargs = dict(check_every=50, eval_every=200, checkpoint_every=200)
+  # At step 100 of 1000, 1 s a step lately: the next check is step 150, reached in 50 s, plus a final evaluation
+  # and checkpoint there (12 s): 62 s from now.
+  assert not time_budget.out_of_time(537.9, 600.0, 100, 1000, m, recent_step_s=1.0, **kwargs)
+  assert time_budget.out_of_time(538.1, 600.0, 100, 1000, m, recent_step_s=1.0, **kwargs)
+  # At step 150: step 200's evaluation and checkpoint are periodic, and end the run there just the same: 50 + 12.
+  assert not time_budget.out_of_time(537.9, 600.0, 150, 1000, m, recent_step_s=1.0, **kwargs)
+  assert time_budget.out_of_time(538.1, 600.0, 150, 1000, m, recent_step_s=1.0, **kwargs)
+  # 20 steps before the end: only those remain (20 s + 12 s).
+  assert not time_budget.out_of_time(567.9, 600.0, 980, 1000, m, recent_step_s=1.0, **kwargs)
+  assert time_budget.out_of_time(568.1, 600.0, 980, 1000, m, recent_step_s=1.0, **kwargs)
+
+
+def test_a_run_that_slows_down_after_its_plan_still_ends_within_its_budget(shapes_data_dir, tmp_path, monkeypatch):
+  """A plan far too long (as if the machine slowed down 1000-fold after measuring): the run stops within its
+  budget, at a logging step, with its final evaluation and checkpoint, and keeps the planned length for a rerun."""
+  real_plan = time_budget.plan
+  monkeypatch.setattr(time_budget, 'plan', lambda *a, **k: time_budget.Plan(10**6, real_plan(*a, **k).reason))
+  fields = {'num_train_steps': 'auto', 'time_budget': '25s', 'optimizer.warmup_steps': 40, 'eval_every_steps': 200,
+            'checkpoint_every_steps': 200, 'log_every_steps': 10}
+  started = time.time()
+  with jaxseg_log_records() as records:
+    result = train.train_and_evaluate(tiny_unet_config(shapes_data_dir, **fields), str(tmp_path), start_time=started)
+  elapsed = time.time() - started
+  assert elapsed < 25 + 5, elapsed  # The final evaluation and checkpoint may take a little longer than measured.
+  stops = [r.getMessage() for r in records if 'stopping at step' in r.getMessage()]
+  _, last = load_checkpoint(tmp_path)
+  assert len(stops) == 1 and f'Time budget 25s: stopping at step {last} of 1000000' in stops[0], stops
+  assert last % 10 == 0 and last > 40
+  assert 'mean_iou' in result  # The final evaluation ran.
+  assert json.load(open(tmp_path / 'config.json', encoding='utf-8'))['num_train_steps'] == 10**6
