@@ -104,7 +104,7 @@ def out_of_time(elapsed_s: float, budget_s: float, step: int, total: int, m: Mea
                 check_every: int, eval_every: int, checkpoint_every: int) -> bool:
   """Whether a budgeted run must end at `step`, before its schedule's `total`, to end within its budget: true when
   the steps to the next check (`check_every` on, at most `total`) at the recent step time, their evaluations and
-  checkpoints, and a final evaluation and checkpoint would end past `budget_s`.
+  checkpoints, and a final evaluation and checkpoint would end past `budget_s` less half the RESERVE.
 
   A plan is only as good as the first steps' timing: a shared machine that slows down later (by a quarter, seen on
   2-core VMs) would overrun the budget. Stopping early ends the run on time, near the end of the cosine decay where
@@ -113,7 +113,9 @@ def out_of_time(elapsed_s: float, budget_s: float, step: int, total: int, m: Mea
   ahead = min(step + check_every, total)
   recent = dataclasses.replace(m, step_s=max(recent_step_s, 0.0))
   # cost_s ends with an evaluation and a checkpoint at `ahead` (periodic or final): stopping there costs no more.
-  return elapsed_s + cost_s(ahead, step, recent, eval_every=eval_every, checkpoint_every=checkpoint_every) > budget_s
+  # Half the reserve stays for what follows the final checkpoint (writing it out, the process's exit).
+  ends_at = elapsed_s + cost_s(ahead, step, recent, eval_every=eval_every, checkpoint_every=checkpoint_every)
+  return ends_at > budget_s * (1 - RESERVE / 2)
 
 
 def chosen_on_resume(settings: Settings, previous: Optional[Settings], has_checkpoint: bool) -> Settings:
