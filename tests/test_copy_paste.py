@@ -38,6 +38,19 @@ def _bbox(mask):
   return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
 
 
+def _translated_paste(image, label, donor_image, donor_label, group, changed):
+  """The reference paste at scale 1: the donor's `group` pixels copied, unscaled, to where `changed` (the pasted
+  region of the output) starts; returns the expected (image, label)."""
+  r0, r1, c0, c1 = _bbox(group)
+  t0, _, u0, _ = _bbox(changed)
+  expected_image, expected_label = image.copy(), label.copy()
+  inside = group[r0:r1, c0:c1]
+  window = np.s_[t0:t0 + r1 - r0, u0:u0 + c1 - c0]
+  expected_label[window][inside] = donor_label[r0:r1, c0:c1][inside]
+  expected_image[window][inside] = donor_image[r0:r1, c0:c1][inside]
+  return expected_image, expected_label
+
+
 def _paste(image, label, donor_image, donor_label, seed, **options):
   options.setdefault('ignore_label', IGNORE)
   return cp.paste_objects(image, label, donor_image, donor_label, np.random.default_rng(seed), **options)
@@ -64,13 +77,8 @@ def test_unit_scale_pastes_a_translated_copy_of_the_objects(seed):
   assert out_image.dtype == np.uint8 and out_label.dtype == np.int32 and out_label.shape == label.shape
 
   group = (donor_label == 1) | (donor_label == 2)
-  r0, r1, c0, c1 = _bbox(group)
-  t0, _, u0, _ = _bbox(out_label != TARGET_CLASS)
-  expected_image, expected_label = image.copy(), label.copy()
-  inside = group[r0:r1, c0:c1]
-  window = np.s_[t0:t0 + r1 - r0, u0:u0 + c1 - c0]
-  expected_label[window][inside] = donor_label[r0:r1, c0:c1][inside]
-  expected_image[window][inside] = donor_image[r0:r1, c0:c1][inside]
+  expected_image, expected_label = _translated_paste(image, label, donor_image, donor_label, group,
+                                                     out_label != TARGET_CLASS)
   np.testing.assert_array_equal(out_label, expected_label)
   np.testing.assert_array_equal(out_image, expected_image)
 
@@ -232,13 +240,7 @@ def test_multilabel_pastes_every_mask_of_the_objects():
     changed = (out_label != 0).any(-1)
     group = {int(a.sum()): a, int(b.sum()): b, int((a | b).sum()): a | b}[int(changed.sum())]
     seen.add(int(group.sum()))
-    r0, r1, c0, c1 = _bbox(group)
-    t0, _, u0, _ = _bbox(changed)
-    expected_image, expected_label = image.copy(), label.copy()
-    inside = group[r0:r1, c0:c1]
-    window = np.s_[t0:t0 + r1 - r0, u0:u0 + c1 - c0]
-    expected_label[window][inside] = donor_label[r0:r1, c0:c1][inside]
-    expected_image[window][inside] = donor_image[r0:r1, c0:c1][inside]
+    expected_image, expected_label = _translated_paste(image, label, donor_image, donor_label, group, changed)
     np.testing.assert_array_equal(out_label, expected_label)
     np.testing.assert_array_equal(out_image, expected_image)
     assert not (out_label[..., 0] == IGNORE).any()

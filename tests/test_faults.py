@@ -50,6 +50,31 @@ COMPARED = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats
 COMPILE_LINE = re.compile(r'Finished XLA compilation of (\S+) in ([0-9.]+) sec')
 
 
+def _sigterm_when(spec, ready, what, log_path, env=None) -> str:
+  """Launches the run of `spec`, sends it SIGTERM once `ready()`, and returns its output after a clean exit."""
+  proc = fw.launch(spec, devices=DEVICES, log_path=log_path, env=env)
+  try:
+    fw.wait_until(ready, [proc], timeout=400, what=what)
+    proc.send_signal(signal.SIGTERM)
+    fw.wait_all([proc], timeout=120)
+  finally:
+    fw.stop([proc])
+  out = fw.output(proc)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _assert_same_final_state(straight_dir, workdir, steps, what):
+  """The interrupted run's last checkpoint is at `steps` and equals the uninterrupted run's (to 1e-5)."""
+  a, _ = load_checkpoint(straight_dir)
+  b, step = load_checkpoint(workdir)
+  assert step == steps
+  for key in COMPARED:
+    diff = max_abs_diff(a[key], b[key])
+    print(f'{what}: {key} differs from the uninterrupted run of {steps} steps by {diff:.3g}')
+    assert diff < 1e-5, (key, diff)
+
+
 @pytest.mark.slow  # 51 s: CI's slow leg runs it (the default set keeps test_bench_learning's SIGTERM stop).
 def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_the_restart(shapes_data_dir,
                                                                                             tmp_path):
@@ -68,16 +93,9 @@ def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_t
   # 1. SIGTERM: a checkpoint at the current step, a clean exit.
   workdir = tmp_path / 'interrupted'
   spec = dict(spec, workdir=str(workdir))
-  proc = fw.launch(spec, devices=DEVICES, log_path=tmp_path / 'interrupted.log', env=env)
-  try:
-    # Past the periodic checkpoint at step 10, so the pre-emption checkpoint is a step of its own.
-    fw.wait_until(lambda: len(fw.logged_steps(workdir)) >= 11, [proc], timeout=400, what='step 11')
-    proc.send_signal(signal.SIGTERM)
-    fw.wait_all([proc], timeout=120)
-  finally:
-    fw.stop([proc])
-  out = fw.output(proc)
-  assert proc.returncode == 0, out[-3000:]
+  # Past the periodic checkpoint at step 10, so the pre-emption checkpoint is a step of its own.
+  out = _sigterm_when(spec, lambda: len(fw.logged_steps(workdir)) >= 11, 'step 11', tmp_path / 'interrupted.log',
+                      env)
   saved, stopped = load_checkpoint(workdir)
   assert max_abs_diff(saved['ema_params'], saved['params']) > 1e-4  # Mid-run, the average is not the weights.
   assert f'Pre-empted (SIGTERM): checkpoint at step {stopped} of {STEPS} saved' in out
@@ -120,14 +138,8 @@ def test_sigterm_then_kill_9_mid_save_each_resume_exactly_and_the_cache_serves_t
   assert killed_run == list(range(stopped + 1, stopped + 1 + len(killed_run))) and killed_run[-1] >= killed_at
   assert logged[restart:] == list(range(killed_at - 9, STEPS + 1))
 
-  a, _ = load_checkpoint(tmp_path / 'straight')
-  b, step = load_checkpoint(workdir)
-  assert step == STEPS
-  for key in COMPARED:
-    diff = max_abs_diff(a[key], b[key])
-    print(f'SIGTERM at step {stopped}, SIGKILL in the save of step {killed_at}, restarted: {key} differs from '
-          f'the uninterrupted run by {diff:.3g}')
-    assert diff < 1e-5, (key, diff)
+  _assert_same_final_state(tmp_path / 'straight', workdir, STEPS,
+                           f'SIGTERM at step {stopped}, SIGKILL in the save of step {killed_at}, restarted')
 
 
 # ---------------------------------------------------------------------------
@@ -154,16 +166,8 @@ def test_a_budgeted_copy_paste_run_resumes_its_chosen_schedule_exactly(shapes_da
   spec = {'data_dir': shapes_data_dir, 'workdir': str(workdir), 'overrides': overrides}
 
   # 1. SIGTERM once the schedule is chosen, past the measuring (steps 11-40, the warm-up: time_budget.measure_steps).
-  proc = fw.launch(spec, devices=DEVICES, log_path=tmp_path / 'interrupted.log')
-  try:
-    fw.wait_until(lambda: _chosen_steps(workdir) and len(fw.logged_steps(workdir)) >= 41, [proc], timeout=400,
-                  what='the chosen schedule and step 41')
-    proc.send_signal(signal.SIGTERM)
-    fw.wait_all([proc], timeout=120)
-  finally:
-    fw.stop([proc])
-  out = fw.output(proc)
-  assert proc.returncode == 0, out[-3000:]
+  out = _sigterm_when(spec, lambda: _chosen_steps(workdir) and len(fw.logged_steps(workdir)) >= 41,
+                      'the chosen schedule and step 41', tmp_path / 'interrupted.log')
   steps = _chosen_steps(workdir)
   assert re.search(rf'Time budget 40s: num_train_steps={steps}: .* s a step', out), out[-3000:]
   _, stopped = load_checkpoint(workdir)
@@ -189,14 +193,9 @@ def test_a_budgeted_copy_paste_run_resumes_its_chosen_schedule_exactly(shapes_da
                   overrides=dict(overrides, num_train_steps=steps, time_budget=''))
   rc, first = _run(straight, tmp_path / 'straight.log')
   assert rc == 0, first[-3000:]
-  a, _ = load_checkpoint(tmp_path / 'straight')
-  b, step = load_checkpoint(workdir)
-  assert step == steps
-  for key in COMPARED:
-    diff = max_abs_diff(a[key], b[key])
-    print(f'budgeted run of {steps} steps, SIGTERM at {stopped}, SIGKILL in the save of {killed_at}, restarted: '
-          f'{key} differs from the run given num_train_steps={steps} by {diff:.3g}')
-    assert diff < 1e-5, (key, diff)
+  _assert_same_final_state(tmp_path / 'straight', workdir, steps,
+                           f'budgeted run of {steps} steps, SIGTERM at {stopped}, SIGKILL in the save of {killed_at}, '
+                           'restarted')
 
 
 # ---------------------------------------------------------------------------
